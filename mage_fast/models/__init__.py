@@ -1,0 +1,7 @@
+from .checkpoint import CheckpointError, describe_state_dict, load_checkpoint, read_state_dict
+from .mage import (MAGE, MODEL_FACTORIES, mage_vit_base_patch16, mage_vit_large_patch16, mage_vit_tiny)
+from .vqgan import OFFICIAL_VQGAN_CONFIG, VQModel
+
+__all__ = ["MAGE", "MODEL_FACTORIES", "mage_vit_base_patch16", "mage_vit_large_patch16", "mage_vit_tiny",
+           "VQModel", "OFFICIAL_VQGAN_CONFIG", "load_checkpoint", "read_state_dict", "describe_state_dict",
+           "CheckpointError"]

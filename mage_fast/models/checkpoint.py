@@ -1,0 +1,172 @@
+"""Loading official and mage_fast checkpoints, with errors that say what the file is."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+StateDict = Mapping[str, torch.Tensor]
+
+# (embed_dim, depth) -> encoder heads; decoder width -> decoder heads, for the known sizes.
+_ENCODER_HEADS = {(768, 12): 12, (1024, 24): 16, (64, 2): 4}
+_DECODER_HEADS = {768: 16, 1024: 16, 32: 2}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_state_dict(src: Union[str, os.PathLike, Mapping], map_location="cpu") -> dict:
+    """A state dict from ``{'model': sd}``, ``{'state_dict': sd}``, a bare state dict, or a path to one."""
+    if isinstance(src, (str, os.PathLike)):
+        if not os.path.isfile(src):
+            raise FileNotFoundError(f"checkpoint not found: {src}")
+        try:
+            obj = torch.load(src, map_location=map_location, weights_only=True)
+        except Exception as e:  # not a torch file, or pickled objects beyond tensors
+            raise CheckpointError(f"{src} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    else:
+        obj = src
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"expected a dict checkpoint, got {type(obj).__name__}")
+    for wrapper in ("model", "state_dict", "module"):
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f"no tensors found in the checkpoint (top-level keys: {list(obj)[:8]})")
+    if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def describe_state_dict(sd: StateDict) -> str:
+    """A human description of what a state dict holds (MAGE size, classifier, tokenizer, ...)."""
+    if "token_emb.word_embeddings.weight" in sd:
+        dim = sd["token_emb.word_embeddings.weight"].shape[1]
+        depth = len({k.split(".")[1] for k in sd if re.match(r"blocks\.\d+\.", k)})
+        name = {(768, 12): "ViT-B", (1024, 24): "ViT-L"}.get((dim, depth), f"width {dim}, depth {depth}")
+        has_vq = any(k.startswith("vqgan.") for k in sd)
+        if "head.weight" in sd or "fc_norm.weight" in sd:
+            return f"a fine-tuned / linear-probe MAGE classifier ({name}), not a generative MAGE"
+        return f"a pre-trained MAGE {name}" + ("" if has_vq else " without tokenizer weights")
+    if "head.weight" in sd or "fc_norm.weight" in sd:
+        pos = sd.get("pos_embed")
+        npos = pos.shape[1] if pos is not None and pos.dim() == 3 else "?"
+        return f"an image classifier (ViT with head/fc_norm, {npos}-position pos_embed), not a generative MAGE"
+    if "quantize.embedding.weight" in sd or "vqgan.quantize.embedding.weight" in sd:
+        key = "quantize.embedding.weight" if "quantize.embedding.weight" in sd else "vqgan.quantize.embedding.weight"
+        n, d = sd[key].shape
+        return f"a VQGAN tokenizer ({n} codes of dim {d})"
+    return f"an unrecognised state dict ({len(sd)} tensors, e.g. {list(sd)[:3]})"
+
+
+def _describe_model(model: nn.Module) -> str:
+    return describe_state_dict(model.state_dict()).replace("a pre-trained", "a")
+
+
+def _compare(model: nn.Module, sd: StateDict) -> tuple[list, list, list]:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    misshaped = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
+    return missing, unexpected, misshaped
+
+
+def _mismatch_message(model: nn.Module, sd: StateDict, missing, unexpected, misshaped) -> str:
+    def few(xs):
+        return ", ".join(map(str, xs[:5])) + (f", ... ({len(xs)} in all)" if len(xs) > 5 else "")
+    lines = [f"checkpoint does not fit the model: the file holds {describe_state_dict(sd)}; the model is "
+             f"{_describe_model(model)}."]
+    if missing:
+        lines.append(f"  missing keys: {few(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys: {few(unexpected)}")
+    if misshaped:
+        lines.append("  mis-shaped keys (file vs model): " + few([f"{k} {a} vs {b}" for k, a, b in misshaped]))
+    return "\n".join(lines)
+
+
+def load_state_dict_strict(model: nn.Module, sd: StateDict) -> None:
+    missing, unexpected, misshaped = _compare(model, sd)
+    if missing or unexpected or misshaped:
+        raise CheckpointError(_mismatch_message(model, sd, missing, unexpected, misshaped))
+    model.load_state_dict(sd, strict=True)
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike, Mapping], map_location="cpu") -> nn.Module:
+    """Load a checkpoint into ``model`` strictly and return the model.
+
+    Accepts ``{'model': sd}`` (official MAGE), ``{'state_dict': sd}`` or a bare state dict. A
+    tokenizer-only checkpoint (``encoder.*``, ``decoder.*``, ``quantize.*``) loaded into a MAGE
+    fills ``model.vqgan``. A file that does not fit raises :class:`CheckpointError` naming the
+    missing, unexpected and mis-shaped keys and what the file looks like.
+
+    Example:
+        >>> load_checkpoint(model, "mage-vitb-1600.pth")  # doctest: +SKIP
+    """
+    sd = read_state_dict(path, map_location)
+    is_tokenizer = "quantize.embedding.weight" in sd and not any(k.startswith("token_emb.") for k in sd)
+    if is_tokenizer and hasattr(model, "vqgan"):
+        load_state_dict_strict(model.vqgan, sd)
+    else:
+        load_state_dict_strict(model, sd)
+    return model
+
+
+def load_tokenizer(vqgan: nn.Module, path) -> None:
+    sd = read_state_dict(path)
+    if any(k.startswith("vqgan.") for k in sd):  # a full MAGE checkpoint: take its tokenizer
+        sd = {k[len("vqgan."):]: v for k, v in sd.items() if k.startswith("vqgan.")}
+    load_state_dict_strict(vqgan, sd)
+
+
+def infer_config(sd: StateDict) -> dict:
+    """MAGE constructor arguments that rebuild the model a MAGE state dict came from."""
+    if "token_emb.word_embeddings.weight" not in sd:
+        raise CheckpointError(f"cannot build a MAGE from {describe_state_dict(sd)}")
+    dim = sd["token_emb.word_embeddings.weight"].shape[1]
+    depth = len({k.split(".")[1] for k in sd if re.match(r"blocks\.\d+\.", k)})
+    ddim = sd["decoder_embed.weight"].shape[0]
+    ddepth = len({k.split(".")[1] for k in sd if re.match(r"decoder_blocks\.\d+\.", k)})
+    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    cfg = dict(embed_dim=dim, depth=depth, decoder_embed_dim=ddim, decoder_depth=ddepth, mlp_ratio=mlp_ratio)
+    if (dim, depth) in _ENCODER_HEADS:
+        cfg["num_heads"] = _ENCODER_HEADS[(dim, depth)]
+    if ddim in _DECODER_HEADS:
+        cfg["decoder_num_heads"] = _DECODER_HEADS[ddim]
+    if "vqgan.quantize.embedding.weight" in sd:
+        n_embed, e_dim = sd["vqgan.quantize.embedding.weight"].shape
+        ch = sd["vqgan.encoder.conv_in.weight"].shape[0]
+        levels = sorted({int(k.split(".")[3]) for k in sd if k.startswith("vqgan.encoder.down.")})
+        ch_mult = tuple(sd[f"vqgan.encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
+        nrb = len({k.split(".")[5] for k in sd if k.startswith("vqgan.encoder.down.0.block.")})
+        z = sd["vqgan.encoder.conv_out.weight"].shape[0]
+        cfg["vqgan_config"] = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=nrb, z_channels=z, embed_dim=e_dim,
+                                   n_embed=int(n_embed))
+        grid = int(round((sd["token_emb.position_embeddings.weight"].shape[0] - 1) ** 0.5))
+        cfg["img_size"] = grid * 2 ** (len(ch_mult) - 1)
+    patch = sd.get("patch_embed.proj.weight")
+    if patch is not None:
+        cfg["patch_size"] = patch.shape[-1]
+    return cfg
+
+
+def build_from_checkpoint(path, map_location="cpu", **overrides) -> nn.Module:
+    from functools import partial
+    from .mage import MAGE
+    sd = read_state_dict(path, map_location)
+    cfg = infer_config(sd)
+    cfg.update(overrides)
+    for k in ("num_heads", "decoder_num_heads"):
+        if k not in cfg:
+            raise CheckpointError(f"cannot infer {k} for {describe_state_dict(sd)}; pass {k}=...")
+    cfg.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+    cfg.setdefault("vqgan_ckpt_path", None)
+    model = MAGE(**cfg)
+    load_state_dict_strict(model, sd)
+    return model

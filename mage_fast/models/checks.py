@@ -1,0 +1,37 @@
+"""Input validation shared by the models: clear errors instead of silently wrong numbers."""
+from __future__ import annotations
+
+import torch
+
+# Images are expected in [0, 1]; values beyond this margin mean 0-255 or mean/std inputs.
+RANGE_MARGIN = 0.25
+
+
+def check_images(imgs: torch.Tensor, size: int | tuple[int, int] | None, *, check_range: bool = True,
+                 channels: int = 3) -> None:
+    if not isinstance(imgs, torch.Tensor):
+        raise TypeError(f"expected images as a torch.Tensor (B, {channels}, H, W), got {type(imgs).__name__}")
+    if imgs.dim() != 4 or imgs.shape[1] != channels:
+        raise ValueError(f"expected images of shape (B, {channels}, H, W), got {tuple(imgs.shape)}")
+    if not imgs.is_floating_point():
+        raise TypeError(f"expected float images in [0, 1], got dtype {imgs.dtype} "
+                        f"(convert uint8 with imgs.float() / 255)")
+    if size is not None:
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        if tuple(imgs.shape[2:]) != hw:
+            raise ValueError(f"expected {hw[0]}x{hw[1]} images, got {imgs.shape[2]}x{imgs.shape[3]}")
+    if check_range and imgs.numel():
+        lo, hi = torch.aminmax(imgs.detach())
+        lo, hi = float(lo), float(hi)
+        if lo < -RANGE_MARGIN or hi > 1 + RANGE_MARGIN or lo != lo or hi != hi:
+            raise ValueError(f"expected image values in [0, 1] (no mean/std normalisation), got min {lo:.3g} "
+                             f"max {hi:.3g}")
+
+
+def check_token_ids(ids: torch.Tensor, num: int, what: str = "token ids") -> None:
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{what} must be an integer tensor, got {ids.dtype}")
+    if ids.numel():
+        lo, hi = torch.aminmax(ids)
+        if int(lo) < 0 or int(hi) >= num:
+            raise ValueError(f"{what} must lie in [0, {num}), got values in [{int(lo)}, {int(hi)}]")

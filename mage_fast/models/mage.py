@@ -1,0 +1,299 @@
+"""MAGE (Masked Generative Encoder): a drop-in for the official ``models_mage``.
+
+Same constructor, parameter names, state-dict keys and numbers as the official
+``MaskedGenerativeEncoderViT``; the reference arithmetic is plain PyTorch, and the hot spots
+(attention, token drop/restore, codebook lookup, loss) go through :mod:`mage_fast.ops` so faster
+backends plug in behind the same module.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..modules.embeddings import BertEmbeddings, MlmLayer
+from ..modules.transformer import Block
+from ..ops.mlm_loss import masked_ce
+from ..ops.token_drop import gather_tokens, keep_index, scatter_tokens
+from .checks import check_images, check_token_ids
+from .vqgan import OFFICIAL_VQGAN_CONFIG, VQModel
+
+NUM_LEGACY_CLASSES = 1000
+DROPOUT = 0.1
+
+
+class _PatchEmbed(nn.Module):
+    """Kept for checkpoint compatibility: the official model has it, forward never uses it."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.reshape(-1, 1).double() * omega
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """(1 + grid*grid, dim) fixed 2-D sin-cos embedding with a zero row for the class slot."""
+    gh, gw = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="xy")
+    emb = torch.cat([_sincos_1d(dim // 2, gw), _sincos_1d(dim // 2, gh)], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], 0).float()
+
+
+class MAGE(nn.Module):
+    """Masked Generative Encoder with its VQGAN tokenizer.
+
+    Args (the official constructor's, same defaults):
+        img_size, patch_size, in_chans: image geometry (``patch_embed`` is kept only for keys).
+        embed_dim, depth, num_heads: encoder width, depth, heads.
+        decoder_embed_dim, decoder_depth, decoder_num_heads: decoder.
+        mlp_ratio, norm_layer: block MLP ratio and norm (the factories use LayerNorm eps 1e-6).
+        norm_pix_loss: accepted for compatibility; MAGE's loss is over tokens.
+        mask_ratio_min, mask_ratio_max, mask_ratio_mu, mask_ratio_std: the truncated normal the
+            training mask ratio is drawn from; ``ceil(L * mask_ratio_min)`` tokens are dropped.
+        vqgan_ckpt_path: tokenizer checkpoint loaded at construction; ``None`` builds without.
+        vqgan_config: tokenizer sizes with the official names (``ch``, ``ch_mult``,
+            ``num_res_blocks``, ``z_channels``, ``embed_dim``, ``n_embed``); default the official.
+
+    Example:
+        >>> m = MAGE(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=2,
+        ...          decoder_num_heads=2, vqgan_ckpt_path=None,
+        ...          vqgan_config=dict(ch=32, num_res_blocks=1, z_channels=32, embed_dim=32))
+        >>> loss, imgs, mask = m(torch.rand(2, 3, 256, 256))
+    """
+
+    def __init__(self, img_size: int = 256, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
+                 depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 512, decoder_depth: int = 8,
+                 decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_layer=nn.LayerNorm,
+                 norm_pix_loss: bool = False, mask_ratio_min: float = 0.5, mask_ratio_max: float = 1.0,
+                 mask_ratio_mu: float = 0.55, mask_ratio_std: float = 0.25,
+                 vqgan_ckpt_path: Optional[str] = "vqgan_jax_strongaug.ckpt", vqgan_config: Optional[dict] = None):
+        super().__init__()
+        vq_cfg = dict(OFFICIAL_VQGAN_CONFIG)
+        vq_cfg.update(vqgan_config or {})
+        vq_cfg["resolution"] = img_size
+        self.vqgan = VQModel(**vq_cfg, ckpt_path=vqgan_ckpt_path)
+        for p in self.vqgan.parameters():
+            p.requires_grad = False
+
+        self.img_size = img_size
+        self.token_grid = img_size // self.vqgan.downsample
+        self.seq_len = self.token_grid ** 2  # image tokens; the sequence has one more (class slot)
+        self.codebook_size = self.vqgan.n_embed
+        vocab_size = self.codebook_size + NUM_LEGACY_CLASSES + 1
+        self.fake_class_label = self.codebook_size + 1100 - 1024
+        self.mask_token_label = vocab_size - 1
+        self.token_emb = BertEmbeddings(vocab_size, embed_dim, self.seq_len + 1, dropout=DROPOUT)
+
+        if not 0.0 <= mask_ratio_min <= mask_ratio_max <= 1.0:
+            raise ValueError(f"need 0 <= mask_ratio_min <= mask_ratio_max <= 1, got {mask_ratio_min}, {mask_ratio_max}")
+        self.mask_ratio_min, self.mask_ratio_max = mask_ratio_min, mask_ratio_max
+        self.mask_ratio_mu, self.mask_ratio_std = mask_ratio_mu, mask_ratio_std
+
+        self.patch_embed = _PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        n_pos = self.patch_embed.num_patches + 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                                           drop=DROPOUT, attn_drop=DROPOUT) for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.pad_with_cls_token = True
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n_pos, decoder_embed_dim), requires_grad=False)
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + 1, decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
+                                                   norm_layer=norm_layer, drop=DROPOUT, attn_drop=DROPOUT)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+        self.mlm_layer = MlmLayer(decoder_embed_dim, embed_dim, vocab_size)
+        self.norm_pix_loss = norm_pix_loss
+        self.label_smoothing = 0.1
+        self.initialize_weights()
+
+    @property
+    def check_input_range(self) -> bool:
+        """Whether images are checked to lie in [0, 1]. The check costs a host sync; a trainer may
+        turn it off after the first batch."""
+        return self.vqgan.check_input_range
+
+    @check_input_range.setter
+    def check_input_range(self, value: bool) -> None:
+        self.vqgan.check_input_range = bool(value)
+
+    # ------------------------------------------------------------------ init
+    def initialize_weights(self):
+        grid = int(self.patch_embed.num_patches ** 0.5)
+        self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], grid).unsqueeze(0))
+        self.decoder_pos_embed.data.copy_(sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid).unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.normal_(self.decoder_pos_embed_learned, std=0.02)
+        for name, m in self.named_modules():
+            if name.startswith("vqgan"):
+                continue
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ tokens
+    @torch.no_grad()
+    def tokenize(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) in [0, 1] -> code ids (B, L) int64, row-major."""
+        check_images(imgs, self.img_size, check_range=False)  # vqgan.encode checks the range
+        _, _, (_, _, idx) = self.vqgan.encode(imgs)
+        return idx.view(imgs.shape[0], -1).long()
+
+    def sample_masks(self, bsz: int, device, generator: Optional[torch.Generator] = None):
+        """Training masks without host syncs: one ratio per batch from the truncated normal, then
+        per-sample uniform noise; the ``ceil(L * mask_ratio_min)`` smallest are dropped and the
+        ``ceil(L * ratio)`` smallest masked. Returns (drop, all) as (B, L) bool."""
+        L = self.seq_len
+        normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+        a = normal.cdf(torch.tensor((self.mask_ratio_min - self.mask_ratio_mu) / self.mask_ratio_std))
+        b = normal.cdf(torch.tensor((self.mask_ratio_max - self.mask_ratio_mu) / self.mask_ratio_std))
+        u = torch.rand((), dtype=torch.float64, device=device, generator=generator)
+        ratio = self.mask_ratio_mu + self.mask_ratio_std * torch.special.ndtri(a.to(device) + u * (b - a).to(device))
+        num_masked = torch.ceil(L * ratio.clamp(self.mask_ratio_min, self.mask_ratio_max))
+        num_dropped = math.ceil(L * self.mask_ratio_min)
+        noise = torch.rand(bsz, L, device=device, generator=generator)
+        rank = noise.argsort(dim=1).argsort(dim=1)
+        return rank < num_dropped, rank < num_masked
+
+    def _with_class_slot(self, t: torch.Tensor, value) -> torch.Tensor:
+        return torch.cat([torch.full_like(t[:, :1], value), t], dim=1)
+
+    # ------------------------------------------------------------------ official API
+    def forward_encoder(self, x: torch.Tensor, token_drop_mask: Optional[torch.Tensor] = None,
+                        token_all_mask: Optional[torch.Tensor] = None):
+        """Images -> (latent (B, K, D), gt_indices (B, L), token_drop_mask, token_all_mask).
+
+        Masks are (B, L+1) float with the class slot at 0, as the official ones. Pass both masks
+        (either (B, L) or (B, L+1)) to use given masks instead of drawing them.
+        """
+        gt_indices = self.tokenize(x)
+        B, L = gt_indices.shape
+        if token_drop_mask is None or token_all_mask is None:
+            drop, allm = self.sample_masks(B, x.device)
+        else:
+            drop, allm = (m[:, -L:].bool() for m in (token_drop_mask, token_all_mask))
+            if not bool((drop <= allm).all()):
+                raise ValueError("every dropped token must also be masked (token_drop_mask <= token_all_mask)")
+        ids = torch.where(allm, self.mask_token_label, gt_indices)
+        ids = self._with_class_slot(ids, self.fake_class_label)
+        drop = self._with_class_slot(drop, False)
+        allm = self._with_class_slot(allm, False)
+        num_keep = ids.shape[1] - (math.ceil(L * self.mask_ratio_min) if token_drop_mask is None
+                                   else int(drop[0].sum()))
+        keep = keep_index(drop, num_keep)  # (B, K)
+        h = self.token_emb(torch.gather(ids, 1, keep), positions=keep)
+        for blk in self.blocks:
+            h = blk(h)
+        h = self.norm(h)
+        return h, gt_indices, drop.float(), allm.float()
+
+    def forward_decoder(self, x: torch.Tensor, token_drop_mask: torch.Tensor, token_all_mask: torch.Tensor,
+                        codes_only: bool = False) -> torch.Tensor:
+        """Encoder output (B, K, D) -> logits (B, L+1, vocab), or (B, L, codebook) with ``codes_only``."""
+        x = self.decoder_embed(x)  # (B, K, Dd)
+        allm = token_all_mask.bool()
+        if x.shape[1] == allm.shape[1]:  # nothing dropped (generation)
+            x = torch.where(allm.unsqueeze(-1), x[:, :1], x) + self.decoder_pos_embed_learned
+        else:
+            keep = keep_index(token_drop_mask, x.shape[1])
+            x = scatter_tokens(x, keep, allm, self.decoder_pos_embed_learned)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        word_embeddings = self.token_emb.word_embeddings.weight.detach()
+        if codes_only:
+            return self.mlm_layer(x[:, 1:], word_embeddings, num_outputs=self.codebook_size)
+        return self.mlm_layer(x, word_embeddings)
+
+    def forward_loss(self, gt_indices: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Label-smoothed (0.1) cross entropy over the code logits, averaged over masked positions."""
+        return masked_ce(logits[:, 1:, : self.codebook_size], gt_indices, mask[:, 1:], self.label_smoothing)
+
+    def forward(self, imgs: torch.Tensor, token_drop_mask: Optional[torch.Tensor] = None,
+                token_all_mask: Optional[torch.Tensor] = None):
+        """Training forward: returns ``(loss, imgs, token_all_mask)`` as the official model."""
+        latent, gt_indices, drop, allm = self.forward_encoder(imgs, token_drop_mask, token_all_mask)
+        logits = self.forward_decoder(latent, drop, allm)
+        return self.forward_loss(gt_indices, logits, allm), imgs, allm
+
+    # ------------------------------------------------------------------ inference helpers
+    def encode_ids(self, ids: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """Full sequences (B, L+1) of token ids, no dropping -> encoder output (B, L+1, D)."""
+        h = self.token_emb(ids)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.norm(h) if final_norm else h
+
+    def code_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """One decoding step's network pass. ids: (B, L) image ids with ``mask_token_label`` where
+        unknown -> (B, L, codebook_size) logits (only the columns and rows sampling reads)."""
+        full = self._with_class_slot(ids, self.fake_class_label)
+        return self.forward_decoder(self.encode_ids(full), None, full == self.mask_token_label, codes_only=True)
+
+    def forward_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full sequences (B, L+1) -> (encoder output, logits (B, L+1, vocab)), no dropping."""
+        check_token_ids(ids, self.mask_token_label + 1)
+        enc = self.encode_ids(ids)
+        allm = ids == self.mask_token_label
+        return enc, self.forward_decoder(enc, torch.zeros_like(allm), allm)
+
+    @torch.no_grad()
+    def probe_features(self, imgs: torch.Tensor, fc_norm: Optional[nn.Module] = None) -> torch.Tensor:
+        """Official linear-probe features: all tokens, no mask, no final norm, mean over the image
+        tokens, then ``fc_norm`` (default: a fresh LayerNorm, eps 1e-6, i.e. identity affine)."""
+        ids = self._with_class_slot(self.tokenize(imgs), self.fake_class_label)
+        h = self.encode_ids(ids, final_norm=False)[:, 1:].mean(dim=1)
+        if fc_norm is None:
+            return nn.functional.layer_norm(h, h.shape[-1:], eps=1e-6)
+        return fc_norm(h)
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location="cpu", **overrides) -> "MAGE":
+        """Build the model a checkpoint holds (ViT-B, ViT-L or a custom size) and load it strictly."""
+        from .checkpoint import build_from_checkpoint
+        return build_from_checkpoint(path, map_location=map_location, **overrides)
+
+
+def mage_vit_base_patch16(**kwargs) -> MAGE:
+    return MAGE(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=8,
+                decoder_num_heads=16, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+def mage_vit_large_patch16(**kwargs) -> MAGE:
+    return MAGE(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024, decoder_depth=8,
+                decoder_num_heads=16, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+TINY_VQGAN = dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, z_channels=32, embed_dim=32, n_embed=1024)
+
+
+def mage_vit_tiny(**kwargs) -> MAGE:
+    """The size of the official-parity fixture (encoder 64/2/4, decoder 32/2/2, VQGAN ch 32)."""
+    kwargs.setdefault("vqgan_config", TINY_VQGAN)
+    kwargs.setdefault("vqgan_ckpt_path", None)
+    return MAGE(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+MODEL_FACTORIES = {"vit_base": mage_vit_base_patch16, "vit_large": mage_vit_large_patch16, "tiny": mage_vit_tiny}

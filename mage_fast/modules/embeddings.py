@@ -1,0 +1,52 @@
+"""Token embedding and MLM head with the official parameter names."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BertEmbeddings(nn.Module):
+    """word embedding + learned position embedding -> LayerNorm(eps 1e-6) -> dropout."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, max_position_embeddings: int, dropout: float = 0.1):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+        self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("position_ids", torch.arange(max_position_embeddings).expand((1, -1)))
+        nn.init.normal_(self.word_embeddings.weight, std=0.02)
+        nn.init.normal_(self.position_embeddings.weight, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids: (B, L) int64 -> (B, L, D). ``positions`` (B, L) embeds a gathered subset of
+        positions (token dropping before the embedding instead of after: same rows, less work)."""
+        if positions is None:
+            positions = self.position_ids[:, : input_ids.shape[1]]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        return self.dropout(self.LayerNorm(x))
+
+
+class MlmLayer(nn.Module):
+    """fc -> GELU -> LayerNorm(eps 1e-5) -> product with the tied word embedding + bias."""
+
+    def __init__(self, feat_emb_dim: int, word_emb_dim: int, vocab_size: int):
+        super().__init__()
+        self.fc = nn.Linear(feat_emb_dim, word_emb_dim)
+        self.gelu = nn.GELU()
+        self.ln = nn.LayerNorm(word_emb_dim)
+        self.bias = nn.Parameter(torch.zeros(1, 1, vocab_size))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.gelu(self.fc(x)))
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor, num_outputs: Optional[int] = None) -> torch.Tensor:
+        """x: (B, L, Dd), word_embeddings: (V, D) -> logits (B, L, V), or only the first
+        ``num_outputs`` columns (the codes) when given, which is all that sampling reads."""
+        h = self.hidden(x)
+        if num_outputs is None:
+            return h @ word_embeddings.t() + self.bias
+        return F.linear(h, word_embeddings[:num_outputs], self.bias[0, 0, :num_outputs])

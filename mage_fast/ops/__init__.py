@@ -1,0 +1,12 @@
+"""Public ops. Each has a plain-torch reference (the CPU fallback and test oracle) and optional
+faster backends chosen per call by :mod:`mage_fast.ops.dispatch`."""
+from .attention import attention, attention_official, attention_sdpa
+from .codebook import codebook_nn, codebook_nn_ref
+from .decode_step import decode_step, decode_step_ref, image_keys
+from .dispatch import Op, force_backend
+from .mlm_loss import masked_ce, masked_ce_ref
+from .token_drop import gather_tokens, keep_index, scatter_tokens
+
+__all__ = ["attention", "attention_official", "attention_sdpa", "codebook_nn", "codebook_nn_ref",
+           "decode_step", "decode_step_ref", "image_keys", "Op", "force_backend", "gather_tokens",
+           "keep_index", "scatter_tokens", "masked_ce", "masked_ce_ref"]

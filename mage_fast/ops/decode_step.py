@@ -1,0 +1,118 @@
+"""One step of MaskGIT/MAGE iterative decoding with counter-based random numbers.
+
+For every position still masked: draw a code from softmax(logits) by Gumbel-max, take
+log p(code), add ``noise_scale`` times a second Gumbel draw (the annealed confidence noise);
+known positions get +inf. The ``mask_len`` lowest-confidence positions of each row (ties broken
+by position) are masked again.
+
+Random numbers are a pure function of (per-image key, step, position, code), a 32-bit
+integer hash, so every backend (torch, Triton, C++, CUDA) draws the same numbers, an image never
+depends on the batch it is in, and no generator state lives inside the decoding loop.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dispatch import Op
+
+_M32 = 0xFFFFFFFF
+_STREAM_SAMPLE = 0x9E3779B9
+_STREAM_CONF = 0x7F4A7C15
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche hash on int64 tensors holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def counter_uniform(key: torch.Tensor, stream: int, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1), fp32, from 32-bit keys and counters (int64 tensors, broadcast together).
+
+    h = mix(mix(mix(key ^ stream) + row) + col); u = (h >> 8 + 0.5) / 2^24.
+    """
+    h = mix32((key ^ stream) & _M32)
+    h = mix32((h + row) & _M32)
+    h = mix32((h + col) & _M32)
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    return -torch.log(-torch.log(u))
+
+
+def decode_step_ref(logits: torch.Tensor, ids: torch.Tensor, key: torch.Tensor, step: int,
+                    mask_len: int, noise_scale: float, mask_id: int):
+    """Plain-torch decode step.
+
+    logits: (B, N, C) float (any strides); ids: (B, N) int64, ``mask_id`` where unknown;
+    key: (B,) int64 in [0, 2^32), one per image. Returns (sampled (B, N), next_ids (B, N)):
+    ``sampled`` has every position filled, ``next_ids`` has ``mask_len`` of them re-masked.
+    """
+    B, N, C = logits.shape
+    dev = logits.device
+    logits = logits.float()  # precision raised: sampling and log-softmax in fp32
+    k = key.view(B, 1, 1)
+    row = (step * N + torch.arange(N, device=dev)).view(1, N, 1)
+    col = torch.arange(C, device=dev).view(1, 1, C)
+    g = gumbel_from_uniform(counter_uniform(k, _STREAM_SAMPLE, row, col))  # (B, N, C)
+    sample = torch.argmax(logits + g, dim=-1)  # (B, N)
+    unknown = ids == mask_id
+    sampled = torch.where(unknown, sample, ids)
+    logp = logits.gather(-1, sample.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    g2 = gumbel_from_uniform(counter_uniform(key.view(B, 1), _STREAM_CONF, row.view(1, N), torch.zeros(1, 1, dtype=torch.long, device=dev)))
+    conf = torch.where(unknown, logp + noise_scale * g2, torch.full_like(logp, float("inf")))
+    order = torch.sort(conf, dim=1, stable=True).indices[:, :mask_len]  # (B, mask_len)
+    remask = torch.zeros_like(unknown).scatter(1, order, True)
+    next_ids = torch.where(remask, torch.full_like(ids, mask_id), sampled)
+    return sampled, next_ids
+
+
+decode_step_op = Op("decode_step", decode_step_ref)
+
+
+def decode_step(logits: torch.Tensor, ids: torch.Tensor, key: torch.Tensor, step: int, mask_len: int,
+                noise_scale: float, mask_id: int):
+    """Fused sampling + confidence + re-masking for one iterative-decoding step.
+
+    Args:
+        logits: (B, N, C) code logits at the N image positions (a strided view is fine).
+        ids: (B, N) int64 current ids, ``mask_id`` at unknown positions.
+        key: (B,) int64 per-image random key in [0, 2^32) (see :func:`image_keys`).
+        step: step number, part of the random-number counter.
+        mask_len: how many positions to mask again (0 <= mask_len < number unknown).
+        noise_scale: multiplier of the confidence Gumbel noise (``temperature * (1 - ratio)``).
+        mask_id: the [MASK] token id.
+
+    Returns:
+        ``(sampled, next_ids)``, both (B, N) int64.
+
+    Example:
+        >>> ids = torch.full((1, 4), 9); key = torch.tensor([7])
+        >>> s, n = decode_step(torch.randn(1, 4, 3), ids, key, 0, 2, 1.0, 9)
+        >>> int((n == 9).sum())
+        2
+    """
+    if logits.dim() != 3 or ids.shape != logits.shape[:2] or key.shape != (logits.shape[0],):
+        raise ValueError(f"decode_step expects logits (B, N, C), ids (B, N), key (B,); got "
+                         f"{tuple(logits.shape)}, {tuple(ids.shape)}, {tuple(key.shape)}")
+    if not 0 <= mask_len < logits.shape[1]:
+        raise ValueError(f"mask_len must be in [0, {logits.shape[1]}), got {mask_len}")
+    return decode_step_op(logits, ids, key, step, mask_len, noise_scale, mask_id)
+
+
+def image_keys(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """Per-image 32-bit keys from a seed and global image indices (B,) int64.
+
+    Each key is drawn from a ``torch.Generator`` seeded by (seed, index), on the indices' device,
+    so image i of seed s is the same whatever batch it is generated in.
+    """
+    keys = []
+    for i in index.tolist():
+        g = torch.Generator(device=index.device)
+        g.manual_seed((int(seed) * 0x9E3779B97F4A7C15 + int(i)) % (2**63))
+        keys.append(torch.randint(0, 2**32, (1,), generator=g, device=index.device))
+    return torch.cat(keys)
