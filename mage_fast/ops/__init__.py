@@ -10,3 +10,7 @@ from .token_drop import gather_tokens, keep_index, scatter_tokens
 __all__ = ["attention", "attention_official", "attention_sdpa", "codebook_nn", "codebook_nn_ref",
            "decode_step", "decode_step_ref", "image_keys", "Op", "force_backend", "gather_tokens",
            "keep_index", "scatter_tokens", "masked_ce", "masked_ce_ref"]
+
+from .. import backends as _backends  # noqa: E402  (registers optional backends on the ops above)
+
+_backends.register_all()
