@@ -157,10 +157,17 @@ def infer_config(sd: StateDict) -> dict:
 
 
 def build_from_checkpoint(path, map_location="cpu", **overrides) -> nn.Module:
+    """Build and strictly load the MAGE a checkpoint holds. A ``config`` dict saved beside the
+    weights (mage_fast's own checkpoints) gives the constructor arguments; otherwise they are
+    inferred from the tensor shapes (official ViT-B / ViT-L)."""
     from functools import partial
     from .mage import MAGE
-    sd = read_state_dict(path, map_location)
+    raw = torch.load(path, map_location=map_location, weights_only=True) if isinstance(path, (str, os.PathLike)) \
+        else path
+    sd = read_state_dict(raw)
     cfg = infer_config(sd)
+    if isinstance(raw, Mapping) and isinstance(raw.get("config"), Mapping):
+        cfg.update(raw["config"])
     cfg.update(overrides)
     for k in ("num_heads", "decoder_num_heads"):
         if k not in cfg:
