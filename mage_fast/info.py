@@ -1,0 +1,103 @@
+"""`python -m mage_fast info`: versions, device, compiled extension, and which backend each op picks."""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+import subprocess
+
+import torch
+
+from . import __version__
+from .ops.dispatch import Op
+
+
+def _example_args(device: torch.device) -> dict:
+    """Representative calls per op (real MAGE shapes, small batch) for backend selection."""
+    f32 = dict(device=device, dtype=torch.float32)
+    half = torch.bfloat16 if device.type == "cuda" else torch.float32
+    L = 257
+    return {
+        "codebook_nn": ((torch.randn(256, 256, **f32), torch.randn(1024, 256, **f32), "l2"), {}),
+        "decode_step": ((torch.randn(2, 256, 1024, **f32), torch.full((2, 256), 2024, device=device),
+                         torch.zeros(2, dtype=torch.long, device=device), 0, 255, 6.0, 2024), {}),
+        "gather_tokens": ((torch.randn(2, L, 768, **f32), torch.zeros(2, 129, dtype=torch.long, device=device)), {}),
+        "scatter_tokens": ((torch.randn(2, 129, 768, **f32), torch.zeros(2, 129, dtype=torch.long, device=device),
+                            torch.zeros(2, L, dtype=torch.bool, device=device), torch.zeros(1, L, 768, **f32)), {}),
+        "attention": ((*(torch.randn(2, 12, L, 64, device=device, dtype=half) for _ in range(3)),),
+                      dict(dropout_p=0.0, causal=False, scale=None)),
+        "masked_ce": ((torch.randn(2, 256, 1024, **f32), torch.zeros(2, 256, dtype=torch.long, device=device),
+                       torch.ones(2, 256, **f32), 0.1), {}),
+    }
+
+
+def versions() -> dict:
+    out = {"mage_fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "cuda (torch build)": torch.version.cuda or "none"}
+    # Read from package metadata: importing deepspeed or DALI just to print a version is slow.
+    for label, dists in (("numpy", ("numpy",)), ("triton", ("triton",)), ("deepspeed", ("deepspeed",)),
+                         ("nvidia-dali", ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110")),
+                         ("flash-attn", ("flash-attn", "flash_attn_4", "flash-attn-4")), ("xformers", ("xformers",))):
+        out[label] = "not installed"
+        for dist in dists:
+            try:
+                out[label] = f"{importlib.metadata.version(dist)}" + ("" if dist == dists[0] else f" ({dist})")
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=__file__.rsplit("/", 2)[0]).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def backend_table(device: torch.device) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    examples = _example_args(device)
+    rows = []
+    for name, op in sorted(Op.registry.items()):
+        if name in examples:
+            args, kwargs = examples[name]
+            verdicts = op.explain(*args, **kwargs)
+            chosen = next((b for b, v in verdicts if v == "selected"), "none")
+        else:
+            verdicts = [(b.name, "registered (no example call to probe)") for b in op.backends]
+            chosen = "?"
+        rows.append((name, chosen, verdicts))
+    return rows
+
+
+def report() -> str:
+    from . import backends
+    lines = ["mage_fast environment", "=" * 21]
+    for k, v in versions().items():
+        lines.append(f"{k:>18}: {v}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for dev in devices:
+        lines.append(f"{'device':>18}: {device_description(dev)}")
+    try:
+        from . import _ext  # provided by the compiled-extension build
+        lines.append(f"{'compiled ext':>18}: {_ext.status()}")
+    except Exception as e:
+        lines.append(f"{'compiled ext':>18}: unavailable ({type(e).__name__}: {e})")
+    for name, err in backends.load_errors.items():
+        lines.append(f"{'backend ' + name:>18}: failed to load ({err})")
+    for dev in devices:
+        lines.append("")
+        lines.append(f"op backends on {dev.type} (first accepted wins):")
+        for name, chosen, verdicts in backend_table(dev):
+            lines.append(f"  {name:<16} -> {chosen}")
+            for b, v in verdicts:
+                lines.append(f"      {b:<10} {v}")
+    return "\n".join(lines)
