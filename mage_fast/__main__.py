@@ -1,4 +1,4 @@
-"""Command line: ``python -m mage_fast {generate,info}``."""
+"""mage_fast command line: generate, inpaint, edit, outpaint, info."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,10 @@ def cmd_generate(args) -> int:
 
     if args.num_images < 1 or args.batch_size < 1:
         raise SystemExit("error: --num-images and --batch-size must be >= 1")
+    if args.rng == "official" and (args.class_id is not None or args.schedule != "cosine"
+                                   or args.temperature_annealing != "linear"):
+        print("note: class conditioning / non-official schedules use rng=torch")
+        args.rng = "torch"
     dev = _device(args.device)
     try:
         model, ckpt = load_model(args.ckpt, args.model)
@@ -66,8 +70,18 @@ def cmd_generate(args) -> int:
         # rng=official: batch b is seeded with (seed + b) at full batch size, as the official script.
         # rng=torch: one seed, images keyed by their global index (independent of --batch-size).
         seed = args.seed + b if args.rng == "official" else args.seed
-        imgs = mage_fast.generate(model, args.batch_size if args.rng == "official" else n, num_iter=args.num_iter,
-                                  temperature=args.temperature, seed=seed, rng=args.rng, first_index=start)[:n]
+        bs = args.batch_size if args.rng == "official" else n
+        want_trace = args.process and b == 0
+        out = mage_fast.generate(model, bs, num_iter=args.num_iter, temperature=args.temperature, seed=seed,
+                                 rng=args.rng, first_index=start, schedule=args.schedule,
+                                 temperature_annealing=args.temperature_annealing,
+                                 class_ids=None if args.class_id is None else torch.tensor([args.class_id]),
+                                 guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
+                                 return_trace=want_trace)
+        imgs = (out[0] if want_trace else out)[:n]
+        if want_trace:
+            path = save_process(model, out[1], os.path.join(args.out, "process.png"), rows=min(n, 4))
+            print(f"decoding process: {path}")
         save_pngs(imgs, args.out, first_index=start)
         grid_imgs.extend(to_uint8(imgs)[: max(0, args.grid - len(grid_imgs))])
     grid = save_grid(grid_imgs, os.path.join(args.out, "grid.png"))
@@ -76,10 +90,109 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def save_process(model, trace: dict, path: str, rows: int = 4, max_cols: int = 8) -> str:
+    """Rows = images, columns = steps (evenly chosen): the step's predicted image with the tokens
+    still masked after it shaded grey; last column: when each token was fixed (blue early,
+    yellow late, grey given)."""
+    import numpy as np
+    import torch
+
+    from mage_fast.images import save_grid, shade_tokens, step_heatmap, to_uint8
+    steps = trace["ids"].shape[0]
+    cols = sorted(set(np.linspace(0, steps - 1, min(max_cols, steps)).round().astype(int).tolist()))
+    g, mask_id = model.token_grid, model.mask_token_label
+    tiles = []
+    for r in range(rows):
+        sampled = torch.stack([trace["sampled"][c, r] for c in cols])
+        z = model.vqgan.quantize.get_codebook_entry(sampled, (len(cols), g, g, model.vqgan.quantize.e_dim))
+        with torch.no_grad():
+            pics = to_uint8(model.vqgan.decode(z))
+        for j, c in enumerate(cols):
+            tiles.append(shade_tokens(pics[j], (trace["ids"][c, r] == mask_id).view(g, g).cpu().numpy()))
+        tiles.append(step_heatmap(trace["fixed_at"][r].view(g, g).cpu().numpy(), steps + trace["start_step"],
+                                  pics.shape[1]))
+    return save_grid(tiles, path, ncol=len(cols) + 1)
+
+
+def _edit_common(args, mode: str) -> int:
+    import torch
+
+    import mage_fast
+    from mage_fast.editing import box_to_pixel_mask, inpaint, outpaint
+    from mage_fast.images import load_image, save_grid, save_pngs, shade_tokens, to_uint8
+
+    dev = _device(args.device)
+    model, _ = load_model(args.ckpt, args.model)
+    model = model.to(dev).eval()
+    S = model.img_size
+    if not os.path.isfile(args.image):
+        raise SystemExit(f"error: image not found: {args.image}")
+    img = load_image(args.image, S).to(dev)
+    kw = dict(num_samples=args.num_samples, num_iter=args.num_iter, temperature=args.temperature, seed=args.seed,
+              schedule=args.schedule, class_id=args.class_id, guidance_scale=args.guidance)
+    try:
+        if mode == "outpaint":
+            res = outpaint(model, img, _parse_box(args.keep_box), **kw)
+        else:
+            if args.mask:
+                from mage_fast.images import Image
+                import numpy as np
+                m = Image.open(args.mask).convert("L").resize((S, S), Image.NEAREST)
+                region = torch.from_numpy(np.asarray(m) > 127)
+            elif args.box:
+                region = box_to_pixel_mask(_parse_box(args.box), S)
+            else:
+                raise SystemExit("error: give --box x0,y0,x1,y1 or --mask MASK.png")
+            res = inpaint(model, img, region, grow=args.grow, **kw)
+    except (ValueError, mage_fast.CheckpointError) as e:
+        raise SystemExit(f"error: {e}")
+    os.makedirs(args.out, exist_ok=True)
+    save_pngs(res["images"], args.out)
+    orig = to_uint8(img[None])[0]
+    tiles = [orig, shade_tokens(orig, res["token_mask"].cpu().numpy())] + list(to_uint8(res["images"]))
+    grid = save_grid(tiles, os.path.join(args.out, "before_after.png"), ncol=len(tiles))
+    print(f"{mode}: regenerated {int(res['token_mask'].sum())} of {model.seq_len} tokens from schedule step "
+          f"{res['start_step']}; wrote {args.num_samples} results and {grid} (original | region | results)")
+    return 0
+
+
+def _parse_box(text: str):
+    try:
+        box = [int(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise SystemExit(f"error: a box is x0,y0,x1,y1 in pixels, got {text!r}")
+    return box
+
+
+def cmd_inpaint(args) -> int:
+    return _edit_common(args, "inpaint")
+
+
+def cmd_edit(args) -> int:
+    if args.class_id is None:
+        raise SystemExit("error: edit needs --class-id (the class to paint into the region)")
+    return _edit_common(args, "edit")
+
+
+def cmd_outpaint(args) -> int:
+    return _edit_common(args, "outpaint")
+
+
 def cmd_info(_args) -> int:
     from mage_fast.info import report
     print(report())
     return 0
+
+
+def _decoding_args(p, with_annealing: bool = True) -> None:
+    from mage_fast.sampling import SCHEDULES, TEMPERATURE_ANNEALING
+    p.add_argument("--schedule", default="cosine", choices=sorted(SCHEDULES), help="mask schedule")
+    if with_annealing:
+        p.add_argument("--temperature-annealing", default="linear", choices=sorted(TEMPERATURE_ANNEALING))
+    p.add_argument("--class-id", type=int, default=None, help="class label (class-conditional models)")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale")
 
 
 def main(argv=None) -> int:
@@ -97,8 +210,32 @@ def main(argv=None) -> int:
     g.add_argument("--rng", choices=("official", "torch"), default="official")
     g.add_argument("--device", default="auto")
     g.add_argument("--grid", type=int, default=64, help="how many images go into grid.png")
+    g.add_argument("--process", action="store_true", help="also write process.png: decoding step by step")
     g.add_argument("--out", default="outputs/generate")
+    _decoding_args(g)
+    g.add_argument("--guidance-schedule", default="constant", choices=("constant", "linear"))
     g.set_defaults(fn=cmd_generate)
+    for name, fn, helptext in (("inpaint", cmd_inpaint, "regenerate a box or mask of an image"),
+                               ("edit", cmd_edit, "inpaint with a new class for the region (class-conditional)"),
+                               ("outpaint", cmd_outpaint, "regenerate everything outside --keep-box")):
+        e = sub.add_parser(name, help=helptext)
+        e.add_argument("--image", required=True)
+        if name == "outpaint":
+            e.add_argument("--keep-box", required=True, help="x0,y0,x1,y1 in pixels of the model's image size")
+        else:
+            e.add_argument("--box", help="x0,y0,x1,y1 in pixels of the model's image size")
+            e.add_argument("--mask", help="a mask image, white = regenerate")
+            e.add_argument("--grow", type=int, default=1, help="tokens added around the region")
+        e.add_argument("--ckpt", default=None)
+        e.add_argument("--model", default=None)
+        e.add_argument("--num-samples", type=int, default=4)
+        e.add_argument("--num-iter", type=int, default=12)
+        e.add_argument("--temperature", type=float, default=4.5)
+        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--device", default="auto")
+        e.add_argument("--out", default=f"outputs/{name}")
+        _decoding_args(e, with_annealing=False)
+        e.set_defaults(fn=fn)
     i = sub.add_parser("info", help="versions, device and the backend each op uses")
     i.set_defaults(fn=cmd_info)
     args = p.parse_args(argv)

@@ -45,3 +45,33 @@ def make_grid(images: Sequence[np.ndarray], ncol: int | None = None, pad: int = 
 def save_grid(images: Sequence[np.ndarray], path: str, ncol: int | None = None) -> str:
     Image.fromarray(make_grid(images, ncol)).save(path)
     return path
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """An image file -> (3, size, size) float in [0, 1]: RGB, centre-cropped to a square, resized
+    with bicubic filtering (PIL), as the official evaluation preprocessing does."""
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    if s != size:
+        im = im.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def shade_tokens(img: np.ndarray, token_mask: np.ndarray, level: int = 128, alpha: float = 0.75) -> np.ndarray:
+    """(H, W, 3) uint8 with the cells of ``token_mask`` (grid, grid) bool shaded grey."""
+    g = token_mask.shape[0]
+    cell = img.shape[0] // g
+    m = np.kron(token_mask.astype(np.float32), np.ones((cell, cell), np.float32))[..., None]
+    return (img * (1 - alpha * m) + level * alpha * m).astype(np.uint8)
+
+
+def step_heatmap(fixed_at: np.ndarray, num_steps: int, size: int) -> np.ndarray:
+    """(grid, grid) step at which each token was fixed (-1 = given) -> (size, size, 3) uint8:
+    dark blue = early, yellow = late, grey = given."""
+    g = fixed_at.shape[0]
+    t = np.clip(fixed_at / max(1, num_steps - 1), 0, 1)
+    rgb = np.stack([255 * t, 64 + 160 * t, 200 * (1 - t)], -1)
+    rgb[fixed_at < 0] = 160
+    return np.kron(rgb, np.ones((size // g, size // g, 1))).astype(np.uint8)

@@ -11,22 +11,71 @@ from .ops.decode_step import decode_step, image_keys
 
 RNG_MODES = ("official", "torch")
 
+# Fraction of tokens still masked after a fraction r of the steps (MaskGIT's gamma functions).
+SCHEDULES = {
+    "cosine": lambda r: math.cos(math.pi / 2.0 * r),  # official
+    "linear": lambda r: 1.0 - r,
+    "arccos": lambda r: math.acos(min(1.0, r)) / (math.pi / 2.0),
+    "square": lambda r: 1.0 - r * r,
+    "sqrt": lambda r: 1.0 - math.sqrt(r),
+    "exp": lambda r: (math.exp(-6.0 * r) - math.exp(-6.0)) / (1.0 - math.exp(-6.0)),
+}
+# Multiplier of the confidence-noise temperature at step ratio r.
+TEMPERATURE_ANNEALING = {
+    "linear": lambda r: 1.0 - r,  # official
+    "constant": lambda r: 1.0,
+    "cosine": lambda r: math.cos(math.pi / 2.0 * r),
+    "none": lambda r: 0.0,
+}
+GUIDANCE_SCHEDULES = {
+    "constant": lambda r: 1.0,
+    "linear": lambda r: r,  # guidance grows as tokens are fixed (MUSE style)
+}
 
-def mask_schedule(num_iter: int, seq_len: int = 256) -> list[int]:
+
+def _lookup(table: dict, name: str, what: str):
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; choose from {sorted(table)}")
+    return table[name]
+
+
+def mask_schedule(num_iter: int, seq_len: int = 256, schedule: str = "cosine") -> list[int]:
     """How many tokens stay masked after each step (the official cosine schedule and clamps):
-    ``mask_len_t = clamp(floor(L cos(pi/2 (t+1)/T)), 1, unknown_t - 1)``.
+    ``mask_len_t = clamp(floor(L gamma((t+1)/T)), 1, unknown_t - 1)``.
 
     >>> mask_schedule(20)[:4], mask_schedule(20)[-1]
     ([255, 252, 248, 243], 1)
     """
+    return schedule_from(num_iter, seq_len, seq_len, schedule)[1]
+
+
+def schedule_from(num_iter: int, seq_len: int, num_unknown: int, schedule: str = "cosine") -> tuple[int, list[int]]:
+    """Where to start decoding when ``num_unknown`` of ``seq_len`` tokens are masked, and how many
+    stay masked after each remaining step.
+
+    The full schedule masks m_0 = L, m_{t+1} = mask_len_t tokens before each step; decoding starts
+    at the last step t0 whose m_t0 >= num_unknown and runs the remaining steps with the official
+    clamps. Returns (t0, [mask_len_t0, ..., mask_len_{T-1}]).
+    """
     if num_iter < 1:
         raise ValueError(f"num_iter must be >= 1, got {num_iter}")
-    unknown, out = seq_len, []
-    for t in range(num_iter):
-        m = math.floor(seq_len * math.cos(math.pi / 2.0 * (t + 1) / num_iter))
-        unknown = max(1, min(unknown - 1, m))
+    if not 1 <= num_unknown <= seq_len:
+        raise ValueError(f"num_unknown must be in [1, {seq_len}], got {num_unknown}")
+    gamma = _lookup(SCHEDULES, schedule, "mask schedule")
+
+    def target(t):
+        return math.floor(seq_len * gamma((t + 1) / num_iter))
+
+    full, unknown = [seq_len], seq_len
+    for t in range(num_iter - 1):
+        unknown = max(1, min(unknown - 1, target(t)))
+        full.append(unknown)
+    start = max(t for t in range(num_iter) if full[t] >= num_unknown)
+    out, unknown = [], num_unknown
+    for t in range(start, num_iter):
+        unknown = max(1, min(unknown - 1, target(t)))
         out.append(unknown)
-    return out
+    return start, out
 
 
 def _decode_images(model, ids: torch.Tensor) -> torch.Tensor:
@@ -82,11 +131,26 @@ def official_gen_image(model, bsz: int, seed: int, num_iter: int = 12, choice_te
     return _decode_images(model, sampled)
 
 
+def _cfg_logits(model, ids, class_tokens, scale: float):
+    """Classifier-free guidance: one batched pass over (conditional, unconditional);
+    returns ``l_c + scale * (l_c - l_u)`` (scale 0 = plain conditional)."""
+    if scale == 0.0:
+        return model.code_logits(ids, class_tokens)
+    fake = torch.full_like(class_tokens, model.fake_class_label)
+    both = model.code_logits(torch.cat([ids, ids]), torch.cat([class_tokens, fake]))
+    cond, uncond = both.float().chunk(2)
+    return cond + scale * (cond - uncond)
+
+
 @torch.no_grad()
 def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float = 4.5, seed: int = 0,
              rng: str = "official", return_ids: bool = False, first_index: int = 0, progress: bool = False,
-             autocast_dtype: Optional[torch.dtype] = None):
-    """Unconditional MAGE generation by iterative decoding.
+             autocast_dtype: Optional[torch.dtype] = None, schedule: str = "cosine",
+             temperature_annealing: str = "linear", class_ids: Optional[torch.Tensor] = None,
+             guidance_scale: float = 0.0, guidance_schedule: str = "constant",
+             init_ids: Optional[torch.Tensor] = None, return_trace: bool = False):
+    """MAGE generation by iterative decoding: unconditional, class-conditional, or from partly
+    known tokens (inpainting, outpainting, editing).
 
     Args:
         model: a :class:`mage_fast.MAGE` (in eval mode for deterministic dropout-free sampling).
@@ -96,17 +160,30 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         seed: random seed.
         rng: ``"official"`` reproduces the official sampler's numbers exactly (torch's global RNG
             for the categorical draw, NumPy's global RNG for the Gumbel noise; both reseeded
-            here, as the official does). ``"torch"`` uses counter-based random numbers keyed
-            per image from a ``torch.Generator`` on the model's device: no NumPy, no host sync
-            in the loop, and image i depends only on ``seed`` and ``first_index + i``.
+            here, as the official does); it supports only the official options. ``"torch"`` uses
+            counter-based random numbers keyed per image from a ``torch.Generator`` on the
+            model's device: no NumPy, no host sync in the loop, and image i depends only on
+            ``seed`` and ``first_index + i``.
         return_ids: also return the (B, L) token ids.
-        first_index: global index of the first image (``rng="torch"`` only), for batching a run.
+        first_index: global index of the first image (``rng="torch"``), for batching a run.
         progress: show a progress bar over the steps.
         autocast_dtype: run the network passes under autocast (e.g. ``torch.bfloat16`` on GPU).
+        schedule: mask schedule, one of :data:`SCHEDULES` (official: ``"cosine"``).
+        temperature_annealing: how the confidence noise decays, one of
+            :data:`TEMPERATURE_ANNEALING` (official: ``"linear"``, i.e. ``temperature * (1 - t/T)``).
+        class_ids: (B,) class labels for class-conditional generation (the class token takes the
+            fake class token's place); ``None`` = unconditional.
+        guidance_scale: classifier-free guidance ``s``: logits ``l_c + s_t (l_c - l_u)``.
+        guidance_schedule: ``"constant"`` (s_t = s) or ``"linear"`` (s_t = s (t+1)/T).
+        init_ids: (B, L) starting ids, ``model.mask_token_label`` where tokens are to be generated
+            (the same count in every row); decoding starts at the matching schedule step.
+        return_trace: also return a dict with ``ids`` (steps, B, L) after each step (masked
+            positions = mask id), ``sampled`` (steps, B, L), and ``fixed_at`` (B, L): the step at
+            which each token was fixed (-1 for given tokens).
 
     Returns:
-        images (B, 3, S, S), the tokenizer's decode (not clamped, as the official), and the ids
-        when ``return_ids``.
+        images (B, 3, S, S), the tokenizer's decode (not clamped, as the official); then the
+        ids when ``return_ids``; then the trace when ``return_trace``.
 
     Example:
         >>> imgs = generate(model, 8, num_iter=20, temperature=6.0, rng="torch")  # doctest: +SKIP
@@ -115,28 +192,79 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         raise ValueError(f"rng must be one of {RNG_MODES}, got {rng!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    anneal = _lookup(TEMPERATURE_ANNEALING, temperature_annealing, "temperature annealing")
+    guide = _lookup(GUIDANCE_SCHEDULES, guidance_schedule, "guidance schedule")
+    _lookup(SCHEDULES, schedule, "mask schedule")
     dev = next(model.parameters()).device
     L, mask_id = model.seq_len, model.mask_token_label
-    ids = torch.full((batch_size, L), mask_id, dtype=torch.long, device=dev)
-    steps = range(num_iter)
+    if init_ids is None:
+        ids = torch.full((batch_size, L), mask_id, dtype=torch.long, device=dev)
+        start, mask_lens = schedule_from(num_iter, L, L, schedule)
+    else:
+        if init_ids.shape != (batch_size, L):
+            raise ValueError(f"init_ids must have shape ({batch_size}, {L}), got {tuple(init_ids.shape)}")
+        ids = init_ids.to(dev).long()
+        counts = (ids == mask_id).sum(1)
+        n = int(counts[0])
+        if not bool((counts == n).all()):
+            raise ValueError(f"every row of init_ids must have the same number of masked tokens, got {counts.tolist()}")
+        if n == 0:
+            raise ValueError("init_ids has no masked token to generate")
+        check_known = torch.where(ids == mask_id, 0, ids)
+        if int(check_known.min()) < 0 or int(check_known.max()) >= model.codebook_size:
+            raise ValueError(f"known tokens in init_ids must be code ids in [0, {model.codebook_size})")
+        start, mask_lens = schedule_from(num_iter, L, n, schedule)
+    class_tokens = None
+    if class_ids is not None:
+        class_ids = torch.as_tensor(class_ids, device=dev).long().view(-1)
+        if class_ids.numel() == 1:
+            class_ids = class_ids.expand(batch_size)
+        if class_ids.shape != (batch_size,):
+            raise ValueError(f"class_ids must be one label or {batch_size} labels, got {tuple(class_ids.shape)}")
+        class_tokens = model.class_token_ids(class_ids)
+    elif guidance_scale != 0.0:
+        raise ValueError("guidance_scale needs class_ids (classifier-free guidance is for conditional sampling)")
+    official_options = (schedule == "cosine" and temperature_annealing == "linear" and class_ids is None
+                        and init_ids is None)
+    if rng == "official" and not official_options:
+        raise ValueError("rng='official' reproduces the official unconditional sampler only; use rng='torch' for "
+                         "other schedules, annealing, class conditioning or partial starts")
+
+    steps = range(start, num_iter)
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="decoding", leave=False)
     ac = torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    trace_ids, trace_sampled = [], []
     if rng == "official":
         torch.manual_seed(seed)
         np.random.seed(seed)
-        for step in steps:
-            with ac:
-                logits = model.code_logits(ids).float()
-            sampled, ids = _official_remask(ids, logits, step, num_iter, temperature, mask_id, L)
     else:
         keys = image_keys(seed, torch.arange(first_index, first_index + batch_size, device=dev))
-        schedule = mask_schedule(num_iter, L)
-        for step in steps:
-            with ac:
+    sampled = ids
+    for i, step in enumerate(steps):
+        r = (step + 1) / num_iter
+        with ac:
+            if class_tokens is None:
                 logits = model.code_logits(ids)
-            scale = temperature * (1.0 - (step + 1) / num_iter)
-            sampled, ids = decode_step(logits, ids, keys, step, schedule[step], scale, mask_id)
+            else:
+                logits = _cfg_logits(model, ids, class_tokens, guidance_scale * guide(r))
+        if rng == "official":
+            sampled, ids = _official_remask(ids, logits.float(), step, num_iter, temperature, mask_id, L)
+        else:
+            sampled, ids = decode_step(logits, ids, keys, step, mask_lens[i], temperature * anneal(r), mask_id)
+        if return_trace:
+            trace_ids.append(ids)
+            trace_sampled.append(sampled)
     imgs = _decode_images(model, sampled)
-    return (imgs, sampled) if return_ids else imgs
+    out = (imgs,)
+    if return_ids:
+        out += (sampled,)
+    if return_trace:
+        tid = torch.stack(trace_ids)  # (steps, B, L)
+        known = tid != mask_id
+        first = torch.where(known.any(0), known.float().argmax(0), len(trace_ids) - 1)
+        fixed_at = torch.where(init_ids.to(dev) != mask_id, -1, first + start) if init_ids is not None \
+            else first + start
+        out += ({"ids": tid, "sampled": torch.stack(trace_sampled), "fixed_at": fixed_at, "start_step": start},)
+    return out[0] if len(out) == 1 else out

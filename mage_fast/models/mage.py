@@ -119,6 +119,9 @@ class MAGE(nn.Module):
         self.mlm_layer = MlmLayer(decoder_embed_dim, embed_dim, vocab_size)
         self.norm_pix_loss = norm_pix_loss
         self.label_smoothing = 0.1
+        # Class-conditional training (MaskGIT style): with labels, the class token replaces the fake
+        # class token, and is dropped back to it with this probability so one model does both.
+        self.class_dropout_prob = 0.1
         self.initialize_weights()
 
     @property
@@ -177,15 +180,40 @@ class MAGE(nn.Module):
         return rank < num_dropped, rank < num_masked
 
     def _with_class_slot(self, t: torch.Tensor, value) -> torch.Tensor:
+        """Prepend the class slot: ``value`` is an id or a (B,) tensor of ids."""
+        if isinstance(value, torch.Tensor):
+            return torch.cat([value.to(t.dtype).view(-1, 1), t], dim=1)
         return torch.cat([torch.full_like(t[:, :1], value), t], dim=1)
+
+    @property
+    def num_classes_max(self) -> int:
+        """Class labels that fit the vocabulary's legacy class range beside the fake class id."""
+        return NUM_LEGACY_CLASSES - 1
+
+    def class_token_ids(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class labels (B,) in [0, 999) -> vocabulary ids in the legacy class range, skipping the
+        fake class id (1100) that unconditional MAGE uses."""
+        check_token_ids(labels, self.num_classes_max, "class labels")
+        ids = self.codebook_size + labels.long()
+        return ids + (ids >= self.fake_class_label).long()
+
+    def _class_slot(self, labels: Optional[torch.Tensor], bsz: int, device) -> torch.Tensor | int:
+        if labels is None:
+            return self.fake_class_label
+        ids = self.class_token_ids(labels.to(device))
+        if self.training and self.class_dropout_prob > 0:
+            drop = torch.rand(bsz, device=device) < self.class_dropout_prob
+            ids = torch.where(drop, self.fake_class_label, ids)
+        return ids
 
     # ------------------------------------------------------------------ official API
     def forward_encoder(self, x: torch.Tensor, token_drop_mask: Optional[torch.Tensor] = None,
-                        token_all_mask: Optional[torch.Tensor] = None):
+                        token_all_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
         """Images -> (latent (B, K, D), gt_indices (B, L), token_drop_mask, token_all_mask).
 
         Masks are (B, L+1) float with the class slot at 0, as the official ones. Pass both masks
-        (either (B, L) or (B, L+1)) to use given masks instead of drawing them.
+        (either (B, L) or (B, L+1)) to use given masks instead of drawing them. ``labels`` (B,)
+        makes the step class-conditional (see ``class_dropout_prob``).
         """
         gt_indices = self.tokenize(x)
         B, L = gt_indices.shape
@@ -196,7 +224,7 @@ class MAGE(nn.Module):
             if not bool((drop <= allm).all()):
                 raise ValueError("every dropped token must also be masked (token_drop_mask <= token_all_mask)")
         ids = torch.where(allm, self.mask_token_label, gt_indices)
-        ids = self._with_class_slot(ids, self.fake_class_label)
+        ids = self._with_class_slot(ids, self._class_slot(labels, B, x.device))
         drop = self._with_class_slot(drop, False)
         allm = self._with_class_slot(allm, False)
         num_keep = ids.shape[1] - (math.ceil(L * self.mask_ratio_min) if token_drop_mask is None
@@ -231,9 +259,9 @@ class MAGE(nn.Module):
         return masked_ce(logits[:, 1:, : self.codebook_size], gt_indices, mask[:, 1:], self.label_smoothing)
 
     def forward(self, imgs: torch.Tensor, token_drop_mask: Optional[torch.Tensor] = None,
-                token_all_mask: Optional[torch.Tensor] = None):
+                token_all_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
         """Training forward: returns ``(loss, imgs, token_all_mask)`` as the official model."""
-        latent, gt_indices, drop, allm = self.forward_encoder(imgs, token_drop_mask, token_all_mask)
+        latent, gt_indices, drop, allm = self.forward_encoder(imgs, token_drop_mask, token_all_mask, labels)
         logits = self.forward_decoder(latent, drop, allm)
         return self.forward_loss(gt_indices, logits, allm), imgs, allm
 
@@ -245,10 +273,11 @@ class MAGE(nn.Module):
             h = blk(h)
         return self.norm(h) if final_norm else h
 
-    def code_logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def code_logits(self, ids: torch.Tensor, class_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One decoding step's network pass. ids: (B, L) image ids with ``mask_token_label`` where
-        unknown -> (B, L, codebook_size) logits (only the columns and rows sampling reads)."""
-        full = self._with_class_slot(ids, self.fake_class_label)
+        unknown -> (B, L, codebook_size) logits (only the columns and rows sampling reads).
+        ``class_tokens`` (B,) vocabulary ids for the class slot (default: the fake class)."""
+        full = self._with_class_slot(ids, self.fake_class_label if class_tokens is None else class_tokens)
         return self.forward_decoder(self.encode_ids(full), None, full == self.mask_token_label, codes_only=True)
 
     def forward_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
