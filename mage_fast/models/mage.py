@@ -62,6 +62,8 @@ class MAGE(nn.Module):
         vqgan_ckpt_path: tokenizer checkpoint loaded at construction; ``None`` builds without.
         vqgan_config: tokenizer sizes with the official names (``ch``, ``ch_mult``,
             ``num_res_blocks``, ``z_channels``, ``embed_dim``, ``n_embed``); default the official.
+        tokenizer: a ready tokenizer module with the ``VQModel`` interface (e.g. a ViT-VQGAN) used
+            instead of building the MaskGIT VQGAN; it is stored as ``vqgan`` and frozen.
 
     Example:
         >>> m = MAGE(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=2,
@@ -75,12 +77,20 @@ class MAGE(nn.Module):
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_layer=nn.LayerNorm,
                  norm_pix_loss: bool = False, mask_ratio_min: float = 0.5, mask_ratio_max: float = 1.0,
                  mask_ratio_mu: float = 0.55, mask_ratio_std: float = 0.25,
-                 vqgan_ckpt_path: Optional[str] = "vqgan_jax_strongaug.ckpt", vqgan_config: Optional[dict] = None):
+                 vqgan_ckpt_path: Optional[str] = "vqgan_jax_strongaug.ckpt", vqgan_config: Optional[dict] = None,
+                 tokenizer: Optional[nn.Module] = None):
         super().__init__()
-        vq_cfg = dict(OFFICIAL_VQGAN_CONFIG)
-        vq_cfg.update(vqgan_config or {})
-        vq_cfg["resolution"] = img_size
-        self.vqgan = VQModel(**vq_cfg, ckpt_path=vqgan_ckpt_path)
+        if tokenizer is not None:
+            for attr in ("encode", "decode", "quantize", "n_embed", "downsample"):
+                if not hasattr(tokenizer, attr):
+                    raise TypeError(f"tokenizer lacks {attr!r}: it must offer the VQModel interface (encode, decode, "
+                                    f"quantize.get_codebook_entry, n_embed, downsample)")
+            self.vqgan = tokenizer
+        else:
+            vq_cfg = dict(OFFICIAL_VQGAN_CONFIG)
+            vq_cfg.update(vqgan_config or {})
+            vq_cfg["resolution"] = img_size
+            self.vqgan = VQModel(**vq_cfg, ckpt_path=vqgan_ckpt_path)
         for p in self.vqgan.parameters():
             p.requires_grad = False
 
