@@ -118,3 +118,37 @@ def test_image_keys_deterministic_and_distinct():
     assert len(set(a.tolist())) == 8 and bool((a >= 0).all()) and bool((a < 2**32).all())
     assert torch.equal(a[3:5], image_keys(0, torch.arange(3, 5)))
     assert not torch.equal(a, image_keys(1, torch.arange(8)))
+
+
+def _py_mix32(x: int) -> int:
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def _py_uniform(key: int, stream: int, row: int, col: int) -> float:
+    m = 0xFFFFFFFF
+    h = _py_mix32((key ^ stream) & m)
+    h = _py_mix32((h + row) & m)
+    h = _py_mix32((h + col) & m)
+    return ((h >> 8) + 0.5) / 2 ** 24
+
+
+def test_counter_hash_matches_pure_python_definition():
+    """The RNG every backend must reproduce, checked against plain Python integers (no wrap-around)."""
+    from mage_fast.ops.decode_step import _STREAM_CONF, _STREAM_SAMPLE, mix32
+    xs = [0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 0xDEADBEEF, 12345678]
+    assert mix32(torch.tensor(xs)).tolist() == [_py_mix32(x) for x in xs]
+    keys = [0, 7, 2 ** 32 - 1, 0x80000000]
+    rows = [0, 1, 255, 19 * 256 + 13, 2 ** 31 + 5]
+    cols = [0, 1, 1023, 70000]
+    for stream in (_STREAM_SAMPLE, _STREAM_CONF):
+        k = torch.tensor(keys).view(-1, 1, 1)
+        r = torch.tensor(rows).view(1, -1, 1)
+        c = torch.tensor(cols).view(1, 1, -1)
+        got = counter_uniform(k, stream, r, c)
+        want = torch.tensor([[[_py_uniform(a, stream, b, d) for d in cols] for b in rows] for a in keys])
+        assert torch.equal(got, want.float())

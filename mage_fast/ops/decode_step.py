@@ -29,15 +29,36 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniform(key: torch.Tensor, stream: int, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """Uniforms in (0, 1), fp32, from 32-bit keys and counters (int64 tensors, broadcast together).
+def _signed32(v: int) -> int:
+    return v - (1 << 32) if v >= 1 << 31 else v
 
-    h = mix(mix(mix(key ^ stream) + row) + col); u = (h >> 8 + 0.5) / 2^24.
+
+_C1, _C2 = _signed32(0x7FEB352D), _signed32(0x846CA68B)
+
+
+def _mix32_i32(x: torch.Tensor) -> torch.Tensor:
+    """:func:`mix32` on int32 tensors holding the same 32 bits (two's complement wrap-around on
+    multiply and add; logical shifts by masking): a third of the int64 version's memory traffic."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _C1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _C2
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _as_i32(v: torch.Tensor) -> torch.Tensor:
+    return (v.to(torch.int64) & _M32).to(torch.int32)  # keeps the low 32 bits
+
+
+def counter_uniform(key: torch.Tensor, stream: int, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1), fp32, from 32-bit keys and counters (integer tensors, broadcast together).
+
+    h = mix(mix(mix(key ^ stream) + row) + col) (all mod 2^32); u = ((h >> 8) + 0.5) / 2^24.
     """
-    h = mix32((key ^ stream) & _M32)
-    h = mix32((h + row) & _M32)
-    h = mix32((h + col) & _M32)
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    h = _mix32_i32(_as_i32(key) ^ _signed32(stream))
+    h = _mix32_i32(h + _as_i32(row))
+    h = _mix32_i32(h + _as_i32(col))
+    return (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
 
 
 def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
