@@ -26,7 +26,8 @@ at::Tensor codebook_nn_cpu(const at::Tensor& z, const at::Tensor& codebook, c10:
               codebook.sizes());
   TORCH_CHECK(is_float_type(z) && is_float_type(codebook), "mage_fast::codebook_nn: float32/float16/bfloat16 only, got ",
               z.scalar_type(), " and ", codebook.scalar_type());
-  TORCH_CHECK(codebook.size(0) > 0, "mage_fast::codebook_nn: empty codebook");
+  TORCH_CHECK(codebook.size(0) > 0 && codebook.size(0) < (int64_t{1} << 31),
+              "mage_fast::codebook_nn: codebook size must be in [1, 2^31), got ", codebook.size(0));
   const cpu::Metric m = parse_metric(metric);
   // precision raised: fp16/bf16 inputs are converted to fp32, accumulation is fp32
   const at::Tensor zf = z.to(at::kFloat).contiguous();          // (N, D)
