@@ -3,8 +3,9 @@
     PYTHONPATH=. python benchmarks/cpu_ops_quick.py [--repeats 5] [--small]
 
 - codebook_nn at N=4096, K=16384, D=256 fp32: C++ vs torch cdist+argmin vs the reference formula,
-  and peak extra memory of each (traced with a probe allocator hook: bytes allocated by torch
-  beyond the inputs; the C++ kernel's own buffers are std::vector, counted from its formula).
+  and peak extra memory of each, two ways: torch allocations seen by the profiler, and the rise of
+  the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident
+  set before the call, which also counts the C++ kernel's own buffers.
 - decode_step at B=32, N=256, C=1024: C++ vs decode_step_ref.
 Median of --repeats runs after one warm-up; JSON to benchmarks/results/cpu_ops_quick.json.
 """
@@ -52,6 +53,21 @@ def peak_extra_bytes(fn):
     return peak
 
 
+def peak_rss_rise_bytes(fn):
+    """VmHWM after fn minus VmRSS before it (Linux; None elsewhere)."""
+    def field(name):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(name))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set to the current one
+        before = field("VmRSS:")
+        fn()
+        return field("VmHWM:") - before
+    except OSError:
+        return None
+
+
 def env_header():
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -83,12 +99,9 @@ def main():
     for name, fn in cases.items():
         t = timeit(fn, args.repeats)
         t["peak_extra_MiB_torch_alloc"] = peak_extra_bytes(fn) / 2**20
+        rss = peak_rss_rise_bytes(fn)
+        t["peak_rss_rise_MiB"] = None if rss is None else rss / 2**20
         if name == "cpp":
-            T = torch.get_num_threads()
-            kc = max(16, min(1024, (192 * 1024 // (4 * D)) // 16 * 16))
-            # std::vector buffers inside the kernel: bias (K) + per-thread packed block and bias block
-            # + partial minima (splits x N, float + int64) + the (N,) int64 output
-            t["kernel_buffers_MiB"] = (4 * K + T * 4 * kc * (D + 1) + T * 12 * N + 8 * N) / 2**20
             base = t["median_s"]
         t["gflops"] = 2 * N * K * D / t["median_s"] / 1e9
         row = {"op": "codebook_nn", "shape": f"N={N} K={K} D={D} fp32 l2", "impl": name, **t}
@@ -96,7 +109,8 @@ def main():
     for row in out["rows"]:
         row["speedup_of_cpp"] = row["median_s"] / base
         print(f"{row['op']:12s} {row['impl']:14s} median {row['median_s'] * 1e3:8.1f} ms  "
-              f"({row['gflops']:.0f} GFLOP/s)  peak torch alloc {row['peak_extra_MiB_torch_alloc']:.1f} MiB  "
+              f"({row['gflops']:.0f} GFLOP/s)  peak torch alloc {row['peak_extra_MiB_torch_alloc']:.1f} MiB, "
+              f"peak RSS rise {float('nan') if row['peak_rss_rise_MiB'] is None else row['peak_rss_rise_MiB']:.1f} MiB  "
               f"cpp is {row['speedup_of_cpp']:.2f}x faster")
 
     B, Nt, C = (4, 64, 128) if args.small else (32, 256, 1024)

@@ -26,12 +26,13 @@ _module: Optional[ModuleType] = None
 _tried = False
 
 
-def _newest_source_mtime() -> float:
-    """Newest mtime under the source tree's csrc/ (0 when installed without sources)."""
+def _newest_source_mtime(with_cuda: bool) -> float:
+    """Newest mtime of the sources compiled into this build (0 when installed without sources)."""
     csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"
     if not csrc.is_dir():
         return 0.0
-    return max((p.stat().st_mtime for p in csrc.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")),
+    dirs = [csrc, csrc / "cpu", csrc / "common"] + ([csrc / "cuda"] if with_cuda else [])
+    return max((p.stat().st_mtime for d in dirs for p in d.glob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")),
                default=0.0)
 
 
@@ -65,7 +66,7 @@ def load() -> Optional[ModuleType]:
         warnings.warn(f"mage_fast: compiled ops disabled: {problem}", RuntimeWarning, stacklevel=3)
         return None
     so_mtime = os.stat(mod.__file__).st_mtime
-    if _newest_source_mtime() > so_mtime:
+    if _newest_source_mtime(bool(getattr(mod, "with_cuda", False))) > so_mtime:
         warnings.warn("mage_fast: mage_fast._C is older than the sources in csrc/ (stale build, still used); "
                       "rebuild with `python setup.py build_ext --inplace`", RuntimeWarning, stacklevel=3)
         status = f"loaded from {mod.__file__} (stale: older than csrc/)"

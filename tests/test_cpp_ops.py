@@ -65,7 +65,10 @@ def _assert_nn_close(got, want, z, cb, metric, rel=1e-5):
     assert gap < rel, f"{diff.numel()} rows differ, relative distance gap up to {gap:.3g}"
 
 
-NN_SHAPES = [(1, 1, 1), (1, 17, 3), (3, 2053, 5), (7, 33, 5), (61, 257, 64), (97, 1031, 19), (130, 300, 300)]
+# the last two are big enough for two threads (the kernel stays on one below 2^26 multiply-adds per
+# thread): 12 rows split the codebook across threads, 1001 rows split the rows
+NN_SHAPES = [(1, 1, 1), (1, 17, 3), (3, 2053, 5), (7, 33, 5), (61, 257, 64), (97, 1031, 19), (130, 300, 300),
+             (12, 11003, 1024), (1001, 1103, 128)]
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
@@ -84,7 +87,8 @@ def test_codebook_nn_low_precision_inputs(dtype):
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("N,K,D", [(5, 1031, 7), (200, 97, 13)], ids=["few-rows-split-codes", "many-rows"])
+@pytest.mark.parametrize("N,K,D", [(5, 1031, 7), (200, 97, 13), (12, 11003, 1024)],
+                         ids=["few-rows", "many-rows", "two-threads-split-codes"])
 def test_codebook_nn_planted_ties_lowest_index(N, K, D, metric):
     """Integer inputs make fp32 distances exact: the result must equal the reference exactly, and a
     duplicated (cosine: doubled) code never wins over its lower-index original."""
@@ -159,7 +163,8 @@ def test_decode_step_low_precision_logits(dtype):
 
 # ---------------------------------------------------------------- token gather / scatter
 
-TD_SHAPES = [(1, 1, 1, 1), (2, 7, 3, 5), (3, 50, 13, 31), (4, 257, 64, 40)]  # B, L, K, D
+TD_SHAPES = [(1, 1, 1, 1), (2, 7, 3, 5), (3, 50, 13, 31), (4, 257, 64, 40), (16, 200, 150, 256)]  # B, L, K, D
+# (the last moves over 2 MiB: two threads)
 
 
 def _token_inputs(B, L, K, D, g):
@@ -239,6 +244,10 @@ def test_torch_compile_fullgraph():
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(*a)
     want = f(*a)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_extension_is_current():
+    assert "stale" not in _ext.status, f"{_ext.status}: rebuild with `python setup.py build_ext --inplace`"
 
 
 def test_dispatcher_selects_cpp_on_cpu_and_explains_declines():

@@ -126,8 +126,9 @@ void codebook_nn(const float* z, const float* codebook, int64_t N, int64_t K, in
   const MicroFn* micro = cosine ? kMicro<true> : kMicro<false>;
   const int64_t rows_per_task = kPanelsPerTask * NR;
   const int64_t row_tasks = (N + rows_per_task - 1) / rows_per_task;
-  // Enough threads for the work (a tiny call stays on one), and few rows: split the codebook too.
-  const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, (N * K * D) >> 20)));
+  // A thread per 2^26 multiply-adds at least (~1 ms): on a busy machine a fork-join region costs
+  // a scheduler time slice, so small calls stay on one thread. Few rows: split the codebook too.
+  const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, (N * K * D) >> 26)));
   const int64_t splits = row_tasks >= 2 * T ? 1 : std::max<int64_t>(1, std::min<int64_t>(T, K / 1024));
   const int64_t kc = std::max<int64_t>(MR, (256 * 1024 / (4 * std::max<int64_t>(D, 1))) / MR * MR);
 

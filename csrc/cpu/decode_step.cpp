@@ -21,7 +21,9 @@ void decode_step(const float* logits, int64_t sB, int64_t sN, const int64_t* ids
                  int64_t mask_id, int64_t* sampled, int64_t* next_ids, int num_threads) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   std::vector<float> conf(B * N);  // (B, N) confidence, +inf at known positions
-#pragma omp parallel num_threads(std::max(1, num_threads))
+  // a thread per 2^16 logits at least (~1 ms): small calls stay on one thread
+  const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, (B * N * C) >> 16)));
+#pragma omp parallel num_threads(T)
   {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < B * N; ++r) {

@@ -71,7 +71,9 @@ static void test_codebook_nn() {
   std::mt19937 rng(2);
   std::uniform_int_distribution<int> val(-3, 3);
   struct Shape { int64_t N, K, D; };
-  const Shape shapes[] = {{1, 1, 1}, {3, 37, 5}, {13, 1031, 7}, {50, 300, 300}};
+  // the last two are big enough for two threads (>= 2^26 multiply-adds per thread): few rows split
+  // the codebook across threads, many rows split the rows
+  const Shape shapes[] = {{1, 1, 1}, {3, 37, 5}, {13, 1031, 7}, {50, 300, 300}, {12, 11003, 1024}, {1001, 1103, 128}};
   for (const Shape& s : shapes)
     for (int metric = 0; metric < 2; ++metric) {
       std::vector<float> z(s.N * s.D), cb(s.K * s.D);
