@@ -233,17 +233,20 @@ def test_opcheck(name):
 
 
 def test_torch_compile_fullgraph():
+    """The public ops, through the dispatcher, trace into one graph with the fake implementations."""
+    from mage_fast.ops import codebook_nn, decode_step, gather_tokens, scatter_tokens
     args = _small_args()
 
-    def f(z, cb, x, index, all_mask, pos):
-        idx = ops.codebook_nn(z, cb, "cosine")
-        return idx, ops.scatter_tokens(ops.gather_tokens(x, index), index, all_mask, pos)
+    def f(z, cb, logits, ids, key, x, index, all_mask, pos):
+        idx = codebook_nn(z, cb, "cosine")
+        sampled, next_ids = decode_step(logits, ids, key, 1, 3, 1.0, 5)
+        return idx, sampled, next_ids, scatter_tokens(gather_tokens(x, index), index, all_mask, pos)
 
-    a = (*args["codebook_nn"][:2], args["gather_tokens"][0].detach(), *args["scatter_tokens"][1:])
-    a = (a[0], a[1], torch.randn(2, 9, 3), a[3], a[4], a[5].detach())
+    x, index, all_mask, pos = args["scatter_tokens"]
+    a = (*args["codebook_nn"][:2], *args["decode_step"][:3], torch.randn(2, 9, 3), index, all_mask, pos.detach())
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(*a)
     want = f(*a)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_extension_is_current():
