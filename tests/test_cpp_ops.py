@@ -292,3 +292,41 @@ print('ok')
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- CUDA kernels (where a GPU and a CUDA build exist)
+
+needs_cuda_ext = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.with_cuda()),
+                                    reason="needs a CUDA GPU and mage_fast._C built with CUDA")
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("N,K,D", NN_SHAPES, ids=[f"N{n}-K{k}-D{d}" for n, k, d in NN_SHAPES])
+def test_codebook_nn_cuda(N, K, D, metric):
+    g = torch.Generator().manual_seed(N * 1000 + K)
+    z, cb = torch.randn(N, D, generator=g), torch.randn(K, D, generator=g)
+    got = ops.codebook_nn(z.cuda(), cb.cuda(), metric).cpu()
+    _assert_nn_close(got, codebook_nn_ref(z, cb, metric), z, cb, metric)
+    if metric == "l2":  # integer inputs, planted duplicates: exact, the lower index wins
+        zi, ci = z.round(), cb.round()
+        ci[1::3] = ci[0:-1:3][: ci[1::3].shape[0]]
+        assert torch.equal(ops.codebook_nn(zi.cuda(), ci.cuda(), metric).cpu(), codebook_nn_ref(zi, ci, metric))
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("B,N,C,step,mask_len,noise,every", DS_CASES,
+                         ids=["1x1x1", "3x17x29", "2x64x1031", "4x256x16-noiseless", "counter-wrap"])
+def test_decode_step_cuda(B, N, C, step, mask_len, noise, every):
+    g = torch.Generator().manual_seed(B * N * C)
+    logits = torch.randn(B, N + 1, C + 3, generator=g)[:, 1:, :C] * 3
+    ids = torch.full((B, N), C, dtype=torch.long)
+    if every:
+        ids[:, ::every] = torch.randint(0, C, (B, (N + every - 1) // every), generator=g)
+    key = torch.tensor([0, 2**32 - 1, 12345, 7][:B] + [99] * max(0, B - 4), dtype=torch.long)
+    want = decode_step_ref(logits, ids, key, step, mask_len, noise, C)
+    got = ops.decode_step(logits.cuda(), ids.cuda(), key.cuda(), step, mask_len, noise, C)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    ties = ops.decode_step(torch.zeros(2, 37, 5, device="cuda"), torch.full((2, 37), 5, device="cuda"),
+                           torch.tensor([3, 4], device="cuda"), 1, 9, 0.0, 5)[1].cpu()
+    assert torch.equal((ties[0] == 5).nonzero().flatten(), torch.arange(9))
