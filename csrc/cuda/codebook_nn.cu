@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) nn_kernel(const float* __restrict__ 
     }
     const int64_t r = row0 + ty + 16 * i;
     if (tx == 0 && r < N)
-      atomicMin(packed + r, (static_cast<unsigned long long>(ordered_key(b)) << 32) | static_cast<uint32_t>(bi));
+      atomicMin(packed + r, static_cast<unsigned long long>(select_key(b, static_cast<uint32_t>(bi))));
   }
 }
 

@@ -3,17 +3,12 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "common/radix_select.h"  // ordered_key, select_key, in_bucket, radix_step
+
 namespace mage_fast {
 namespace cuda {
 
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
-
-// Monotone map of a float to uint32 (a < b  <=>  key(a) < key(b)); -0.0 is folded onto +0.0 so
-// that the two compare equal, as they do for torch.sort.
-__device__ __forceinline__ uint32_t ordered_key(float f) {
-  uint32_t u = __float_as_uint(f + 0.0f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -72,10 +72,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
-__device__ __forceinline__ uint64_t select_key(const float* conf, int64_t n) {
-  return (static_cast<uint64_t>(ordered_key(conf[n])) << 32) | static_cast<uint32_t>(n);
-}
-
 // conf, sampled: (B, N) -> next_ids: (B, N) with the mask_len smallest keys of each image masked.
 __global__ void select_kernel(const float* __restrict__ conf, const int64_t* __restrict__ sampled, int64_t B,
                               int64_t N, int64_t mask_len, int64_t mask_id, int64_t* __restrict__ next_ids) {
@@ -91,20 +87,14 @@ __global__ void select_kernel(const float* __restrict__ conf, const int64_t* __r
     for (int bit = 63; bit >= 0; --bit) {
       int cnt = 0;
       for (int64_t n = lane; n < N; n += 32) {
-        const uint64_t key = select_key(cf, n);
-        const bool same_high = bit == 63 || ((key ^ prefix) >> (bit + 1)) == 0;
-        cnt += same_high && !((key >> bit) & 1u);
+        cnt += in_bucket(select_key(cf[n], static_cast<uint32_t>(n)), prefix, bit);
       }
-      cnt = warp_sum_int(cnt);
-      if (k > cnt) {
-        prefix |= uint64_t{1} << bit;
-        k -= cnt;
-      }
+      radix_step(prefix, k, bit, warp_sum_int(cnt));
     }
     threshold = prefix;
   }
   for (int64_t n = lane; n < N; n += 32) {
-    const bool remask = mask_len > 0 && select_key(cf, n) <= threshold;
+    const bool remask = mask_len > 0 && select_key(cf[n], static_cast<uint32_t>(n)) <= threshold;
     next_ids[b * N + n] = remask ? mask_id : sampled[b * N + n];
   }
 }

@@ -9,6 +9,7 @@
 #include <random>
 #include <vector>
 
+#include "common/radix_select.h"
 #include "common/rng.h"
 #include "common/select.h"
 #include "cpu/kernels.h"
@@ -65,6 +66,43 @@ static void test_select() {
       std::sort(want.begin(), want.end());
       CHECK(got == want, "select n=%lld k=%lld trial %d", (long long)n, (long long)k, trial);
     }
+}
+
+// The CUDA decode step's selection (a warp counts in_bucket keys, radix_step narrows the prefix), run
+// sequentially: it must re-mask the same positions as the CPU selection and the stable sort.
+static void test_radix_select() {
+  const float specials[] = {-INFINITY, -1.5f, -0.0f, 0.0f, 1e-30f, 2.0f, INFINITY};
+  for (int i = 0; i < 7; ++i)
+    for (int j = 0; j < 7; ++j) {
+      const float a = specials[i], b = specials[j];
+      CHECK((a < b) == (ordered_key(a) < ordered_key(b)) && (a == b) == (ordered_key(a) == ordered_key(b)),
+            "ordered_key order of %g and %g", a, b);
+    }
+  std::mt19937 rng(4);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int64_t n = 1 + rng() % 300;
+    std::vector<float> v(n);
+    for (auto& x : v) {
+      const unsigned r = rng() % 10;
+      x = r == 0 ? INFINITY : r == 1 ? -0.0f : r == 2 ? 0.0f : std::ldexp(float(int(rng() % 64) - 32), -2);
+    }
+    const int64_t k = rng() % (n + 1);
+    std::vector<int32_t> order(n);
+    select_k_smallest(v.data(), n, k, order.data());
+    std::vector<bool> want(n, false), got(n, false);
+    for (int64_t i = 0; i < k; ++i) want[order[i]] = true;
+    if (k > 0) {
+      uint64_t prefix = 0;
+      int64_t kk = k;
+      for (int bit = 63; bit >= 0; --bit) {
+        int64_t count = 0;
+        for (int64_t i = 0; i < n; ++i) count += in_bucket(select_key(v[i], uint32_t(i)), prefix, bit);
+        radix_step(prefix, kk, bit, count);
+      }
+      for (int64_t i = 0; i < n; ++i) got[i] = select_key(v[i], uint32_t(i)) <= prefix;
+    }
+    CHECK(got == want, "radix select n=%lld k=%lld trial %d", (long long)n, (long long)k, trial);
+  }
 }
 
 static void test_codebook_nn() {
@@ -162,6 +200,7 @@ static void test_decode_step_invariants() {
 int main() {
   test_hash();
   test_select();
+  test_radix_select();
   test_codebook_nn();
   test_token_drop();
   test_decode_step_invariants();
