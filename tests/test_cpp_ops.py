@@ -315,6 +315,21 @@ def test_codebook_nn_cuda(N, K, D, metric):
 
 
 @needs_cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("N,K,D", [(1, 17, 3), (97, 1031, 19), (130, 300, 300), (1001, 1103, 128)],
+                         ids=["N1", "N97", "N130", "N1001"])
+def test_codebook_nn_cuda_tensor_cores(N, K, D, dtype):
+    g = torch.Generator().manual_seed(N + K)
+    z, cb = torch.randn(N, D, generator=g).to(dtype), torch.randn(K, D, generator=g).to(dtype)
+    for metric in ("l2", "cosine"):
+        got = ops.codebook_nn(z.cuda(), cb.cuda(), metric).cpu()
+        _assert_nn_close(got, codebook_nn_ref(z, cb, metric), z.float(), cb.float(), metric)
+    zi, ci = z.float().round().to(dtype), cb.float().round().to(dtype)  # exact: planted duplicates, lowest index
+    ci[1::3] = ci[0:-1:3][: ci[1::3].shape[0]]
+    assert torch.equal(ops.codebook_nn(zi.cuda(), ci.cuda(), "l2").cpu(), codebook_nn_ref(zi, ci, "l2"))
+
+
+@needs_cuda_ext
 @pytest.mark.parametrize("B,N,C,step,mask_len,noise,every", DS_CASES,
                          ids=["1x1x1", "3x17x29", "2x64x1031", "4x256x16-noiseless", "counter-wrap"])
 def test_decode_step_cuda(B, N, C, step, mask_len, noise, every):

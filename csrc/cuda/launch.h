@@ -19,6 +19,11 @@ size_t mage_fast_cuda_codebook_nn_workspace(int64_t N, int64_t K);
 int mage_fast_cuda_codebook_nn(const float* z, const float* codebook, int64_t N, int64_t K, int64_t D, int metric,
                                void* workspace, int64_t* out, void* stream);
 
+/* Tensor-core variant: z (N, D) and codebook (K, D) both fp16 (bf16 = 0) or both bf16 (bf16 = 1),
+ * fp32 accumulation; otherwise as mage_fast_cuda_codebook_nn. Needs sm_80 or newer. */
+int mage_fast_cuda_codebook_nn_16bit(const void* z, const void* codebook, int bf16, int64_t N, int64_t K, int64_t D,
+                                     int metric, void* workspace, int64_t* out, void* stream);
+
 /* logits: (B, N, C) fp32 with strides (sB, sN, 1); ids, sampled, next_ids: (B, N) int64 contiguous;
  * key: (B,) int64; conf: (B, N) fp32 workspace. 0 <= mask_len <= N. */
 int mage_fast_cuda_decode_step(const float* logits, int64_t sB, int64_t sN, const int64_t* ids, const int64_t* key,

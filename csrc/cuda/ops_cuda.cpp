@@ -2,6 +2,7 @@
 // conversion, workspace allocation, then the C launchers of csrc/cuda/*.cu on the current stream.
 // Compiled only in CUDA builds (setup.py with a CUDA torch and nvcc; CMake with MAGE_FAST_CUDA=ON).
 #include <ATen/ATen.h>
+#include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -13,6 +14,12 @@ namespace {
 
 void check_launch(int err, const char* op) {
   TORCH_CHECK(err == 0, "mage_fast::", op, " CUDA launch failed: ", mage_fast_cuda_error_string(err));
+}
+
+int compute_capability_major(int device) {
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  return major;
 }
 
 bool is_float_type(const at::Tensor& t) {
@@ -29,16 +36,26 @@ at::Tensor codebook_nn_cuda(const at::Tensor& z, const at::Tensor& codebook, c10
   TORCH_CHECK(codebook.size(0) > 0 && codebook.size(0) < (int64_t{1} << 31),
               "mage_fast::codebook_nn: codebook size must be in [1, 2^31), got ", codebook.size(0));
   const c10::cuda::CUDAGuard guard(z.device());
-  // precision raised: fp16/bf16 inputs are converted to fp32, accumulation is fp32
-  const at::Tensor zf = z.to(at::kFloat).contiguous();         // (N, D)
-  const at::Tensor cf = codebook.to(at::kFloat).contiguous();  // (K, D)
-  const int64_t N = zf.size(0), K = cf.size(0), D = zf.size(1);
+  const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
   at::Tensor out = at::empty({N}, z.options().dtype(at::kLong));  // (N,)
   at::Tensor ws = at::empty({static_cast<int64_t>(mage_fast_cuda_codebook_nn_workspace(N, K))},
                             z.options().dtype(at::kByte));
+  const void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  const bool tensor_cores = z.scalar_type() == codebook.scalar_type() && z.scalar_type() != at::kFloat &&
+                            compute_capability_major(z.get_device()) >= 8;
+  if (tensor_cores) {  // fp16/bf16 products are exact in the fp32 accumulators
+    const at::Tensor zc = z.contiguous(), cc = codebook.contiguous();  // (N, D), (K, D)
+    check_launch(mage_fast_cuda_codebook_nn_16bit(zc.data_ptr(), cc.data_ptr(), z.scalar_type() == at::kBFloat16, N, K,
+                                                  D, metric == "cosine", ws.data_ptr(), out.data_ptr<int64_t>(),
+                                                  const_cast<void*>(stream)),
+                 "codebook_nn");
+    return out;
+  }
+  // precision raised: mixed or pre-sm_80 16-bit inputs are converted to fp32, accumulation is fp32
+  const at::Tensor zf = z.to(at::kFloat).contiguous();         // (N, D)
+  const at::Tensor cf = codebook.to(at::kFloat).contiguous();  // (K, D)
   check_launch(mage_fast_cuda_codebook_nn(zf.data_ptr<float>(), cf.data_ptr<float>(), N, K, D, metric == "cosine",
-                                          ws.data_ptr(), out.data_ptr<int64_t>(),
-                                          c10::cuda::getCurrentCUDAStream().stream()),
+                                          ws.data_ptr(), out.data_ptr<int64_t>(), const_cast<void*>(stream)),
                "codebook_nn");
   return out;
 }
