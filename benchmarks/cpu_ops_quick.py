@@ -1,6 +1,6 @@
 """Quick CPU timings of the C++ ops against their references (the issue's two targets).
 
-    PYTHONPATH=. python benchmarks/cpu_ops_quick.py [--repeats 5] [--small]
+    PYTHONPATH=. python benchmarks/cpu_ops_quick.py [--repeats 5] [--small] [--threads T]
 
 - codebook_nn at N=4096, K=16384, D=256 fp32: C++ vs torch cdist+argmin vs the reference formula,
   and peak extra memory of each, two ways: torch allocations seen by the profiler, and the rise of
@@ -83,7 +83,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke run)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = {"env": env_header(), "rows": []}
     print(json.dumps(out["env"]))
@@ -132,7 +135,7 @@ def main():
 
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
-    path = res / ("cpu_ops_quick_small.json" if args.small else "cpu_ops_quick.json")
+    path = res / (f"cpu_ops_quick{'_small' if args.small else ''}{f'_t{args.threads}' if args.threads else ''}.json")
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
 
