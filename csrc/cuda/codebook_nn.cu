@@ -139,6 +139,9 @@ __global__ void __launch_bounds__(kTcThreads) nn_tc_kernel(const T* __restrict__
                                                            const float* __restrict__ coef, int64_t N, int64_t K,
                                                            int64_t D, int cosine, int64_t codes_per_split,
                                                            unsigned long long* __restrict__ packed) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bf16 fragments need sm_80; the binding only launches this kernel on sm_80 or newer
+#else
   using namespace nvcuda;
   __shared__ __align__(32) T As[TBM * TLD];      // (TBM rows, TBK) z slice
   __shared__ __align__(32) T Bs[TBN * TLD];      // (TBN codes, TBK) code slice = col-major (TBK, TBN)
@@ -210,6 +213,7 @@ __global__ void __launch_bounds__(kTcThreads) nn_tc_kernel(const T* __restrict__
   const int64_t r = row0 + my_row;
   if (my_half == 0 && r < N)
     atomicMin(packed + r, static_cast<unsigned long long>(select_key(best, static_cast<uint32_t>(besti))));
+#endif
 }
 
 __global__ void finalize_kernel(const unsigned long long* __restrict__ packed, int64_t N, int64_t* __restrict__ out) {
