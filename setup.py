@@ -41,9 +41,9 @@ def extensions():
               "(install torch first and use `pip install --no-build-isolation`)")
         return [], {}
     os.environ.setdefault("MAX_JOBS", _max_jobs())
-    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-march=x86-64-v2", "-mavx2", "-mfma"]
+    cxx = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-march=x86-64-v2", "-mavx2", "-mfma"]
     if os.uname().machine != "x86_64":
-        cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
+        cxx = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     want_cuda = (os.environ.get("MAGE_FAST_SKIP_CUDA") != "1" and cu and torch.version.cuda is not None
                  and CUDA_HOME is not None)
@@ -52,7 +52,7 @@ def extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         cpp_cuda = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         ext = CUDAExtension(sources=cpp + cpp_cuda + cu, define_macros=[("MAGE_FAST_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "--use_fast_math", "-std=c++17"]},
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-std=c++20", "--fmad=false"]},
                             **common)
     else:
         ext = CppExtension(sources=cpp, extra_compile_args={"cxx": cxx}, **common)

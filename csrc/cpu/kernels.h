@@ -1,0 +1,36 @@
+// CPU kernels of mage_fast, free of torch headers: plain pointers, OpenMP and AVX2/FMA where the
+// compiler targets it. The torch bindings (csrc/ops.cpp) check arguments and call these; the
+// native test (csrc/tests/test_native.cpp) calls them directly.
+#pragma once
+#include <cstdint>
+
+namespace mage_fast {
+namespace cpu {
+
+enum class Metric : int { kL2 = 0, kCosine = 1 };
+
+// z: (N, D) fp32 row-major; codebook: (K, D) fp32 row-major -> out: (N,) int64, the index of the
+// nearest code (l2: smallest |e|^2 - 2 z.e; cosine: largest z.e/|e|), ties to the lowest index.
+// Extra memory: one packed block of codes per thread plus O(N) partial results.
+void codebook_nn(const float* z, const float* codebook, int64_t N, int64_t K, int64_t D, Metric metric,
+                 int64_t* out, int num_threads);
+
+// One decode step. logits: (B, N, C) fp32 with strides (sB, sN, 1); ids, sampled, next_ids:
+// (B, N) int64 contiguous; key: (B,) int64 (low 32 bits used). 0 <= mask_len < N.
+void decode_step(const float* logits, int64_t sB, int64_t sN, const int64_t* ids, const int64_t* key,
+                 int64_t B, int64_t N, int64_t C, int64_t step, int64_t mask_len, float noise_scale,
+                 int64_t mask_id, int64_t* sampled, int64_t* next_ids, int num_threads);
+
+// x: (B, L, row_bytes) contiguous; index: (B, K) int64 -> out: (B, K, row_bytes).
+// Returns the number of out-of-range indices (those rows are left unwritten).
+int64_t gather_rows(const void* x, const int64_t* index, int64_t B, int64_t L, int64_t K, int64_t row_bytes,
+                    void* out, int num_threads);
+
+// x: (B, K, D) fp32; index: (B, K) int64; all_mask: (B, L) bool; pos: (L, D) fp32 -> out: (B, L, D),
+// out[b, l] = (all_mask[b, l] or l not in index[b] ? x[b, 0] : x[b, k with index[b, k] == l]) + pos[l].
+// Returns the number of out-of-range indices.
+int64_t scatter_tokens(const float* x, const int64_t* index, const bool* all_mask, const float* pos, int64_t B,
+                       int64_t K, int64_t L, int64_t D, float* out, int num_threads);
+
+}  // namespace cpu
+}  // namespace mage_fast

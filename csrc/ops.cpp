@@ -1,0 +1,125 @@
+// torch.library schemas and CPU bindings of mage_fast's compiled ops (namespace mage_fast).
+// Thin: argument checks, dtype/layout normalisation, then the torch-free kernels in csrc/cpu.
+// CUDA implementations of the same schemas live in csrc/cuda/ops_cuda.cpp (CUDA builds only).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+namespace mage_fast {
+namespace {
+
+cpu::Metric parse_metric(c10::string_view metric) {
+  if (metric == "l2") return cpu::Metric::kL2;
+  if (metric == "cosine") return cpu::Metric::kCosine;
+  TORCH_CHECK(false, "mage_fast::codebook_nn: metric must be 'l2' or 'cosine', got '", std::string(metric), "'");
+}
+
+bool is_float_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+at::Tensor codebook_nn_cpu(const at::Tensor& z, const at::Tensor& codebook, c10::string_view metric) {
+  TORCH_CHECK(z.dim() == 2 && codebook.dim() == 2 && z.size(1) == codebook.size(1),
+              "mage_fast::codebook_nn: expects z (N, D) and codebook (K, D), got ", z.sizes(), " and ",
+              codebook.sizes());
+  TORCH_CHECK(is_float_type(z) && is_float_type(codebook), "mage_fast::codebook_nn: float32/float16/bfloat16 only, got ",
+              z.scalar_type(), " and ", codebook.scalar_type());
+  TORCH_CHECK(codebook.size(0) > 0 && codebook.size(0) < (int64_t{1} << 31),
+              "mage_fast::codebook_nn: codebook size must be in [1, 2^31), got ", codebook.size(0));
+  const cpu::Metric m = parse_metric(metric);
+  // precision raised: fp16/bf16 inputs are converted to fp32, accumulation is fp32
+  const at::Tensor zf = z.to(at::kFloat).contiguous();          // (N, D)
+  const at::Tensor cf = codebook.to(at::kFloat).contiguous();   // (K, D)
+  at::Tensor out = at::empty({z.size(0)}, z.options().dtype(at::kLong));  // (N,)
+  cpu::codebook_nn(zf.data_ptr<float>(), cf.data_ptr<float>(), zf.size(0), cf.size(0), zf.size(1), m,
+                   out.data_ptr<int64_t>(), at::get_num_threads());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_step_cpu(const at::Tensor& logits, const at::Tensor& ids,
+                                                   const at::Tensor& key, int64_t step, int64_t mask_len,
+                                                   double noise_scale, int64_t mask_id) {
+  TORCH_CHECK(logits.dim() == 3, "mage_fast::decode_step: logits must be (B, N, C), got ", logits.sizes());
+  const int64_t B = logits.size(0), N = logits.size(1), C = logits.size(2);
+  TORCH_CHECK(ids.sizes() == at::IntArrayRef({B, N}) && ids.scalar_type() == at::kLong,
+              "mage_fast::decode_step: ids must be int64 (B, N) = (", B, ", ", N, "), got ", ids.scalar_type(), " ",
+              ids.sizes());
+  TORCH_CHECK(key.sizes() == at::IntArrayRef({B}) && key.scalar_type() == at::kLong,
+              "mage_fast::decode_step: key must be int64 (B,), got ", key.scalar_type(), " ", key.sizes());
+  TORCH_CHECK(is_float_type(logits), "mage_fast::decode_step: float logits only, got ", logits.scalar_type());
+  TORCH_CHECK(C > 0, "mage_fast::decode_step: no classes (C = 0)");
+  TORCH_CHECK(0 <= mask_len && mask_len <= N, "mage_fast::decode_step: mask_len must be in [0, N], got ", mask_len);
+  // precision raised: sampling and log-softmax in fp32; a strided view is read in place when the
+  // class dimension is contiguous
+  at::Tensor lf = logits.to(at::kFloat);  // (B, N, C)
+  if (lf.stride(2) != 1) lf = lf.contiguous();
+  const at::Tensor idc = ids.contiguous(), keyc = key.contiguous();
+  at::Tensor sampled = at::empty({B, N}, ids.options());   // (B, N)
+  at::Tensor next_ids = at::empty({B, N}, ids.options());  // (B, N)
+  cpu::decode_step(lf.data_ptr<float>(), lf.stride(0), lf.stride(1), idc.data_ptr<int64_t>(), keyc.data_ptr<int64_t>(),
+                   B, N, C, step, mask_len, static_cast<float>(noise_scale), mask_id, sampled.data_ptr<int64_t>(),
+                   next_ids.data_ptr<int64_t>(), at::get_num_threads());
+  return {sampled, next_ids};
+}
+
+at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& index) {
+  TORCH_CHECK(x.dim() == 3 && index.dim() == 2 && index.size(0) == x.size(0),
+              "mage_fast::gather_tokens: expects x (B, L, D) and index (B, K), got ", x.sizes(), " and ", index.sizes());
+  TORCH_CHECK(index.scalar_type() == at::kLong, "mage_fast::gather_tokens: index must be int64, got ",
+              index.scalar_type());
+  const at::Tensor xc = x.contiguous(), ic = index.contiguous();
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = index.size(1);
+  at::Tensor out = at::empty({B, K, D}, x.options());  // (B, K, D)
+  const int64_t bad = cpu::gather_rows(xc.data_ptr(), ic.data_ptr<int64_t>(), B, L, K, D * x.element_size(),
+                                       out.data_ptr(), at::get_num_threads());
+  TORCH_CHECK(bad == 0, "mage_fast::gather_tokens: ", bad, " indices outside [0, ", L, ")");
+  return out;
+}
+
+at::Tensor scatter_tokens_cpu(const at::Tensor& x, const at::Tensor& index, const at::Tensor& all_mask,
+                              const at::Tensor& pos_embed) {
+  TORCH_CHECK(x.dim() == 3 && index.dim() == 2 && all_mask.dim() == 2 && pos_embed.dim() == 3,
+              "mage_fast::scatter_tokens: expects x (B, K, D), index (B, K), all_mask (B, L), pos_embed (1, L, D)");
+  const int64_t B = x.size(0), K = x.size(1), D = x.size(2), L = all_mask.size(1);
+  TORCH_CHECK(index.size(0) == B && index.size(1) == K && all_mask.size(0) == B,
+              "mage_fast::scatter_tokens: batch/keep sizes disagree: x ", x.sizes(), ", index ", index.sizes(),
+              ", all_mask ", all_mask.sizes());
+  TORCH_CHECK(pos_embed.size(0) == 1 && pos_embed.size(1) == L && pos_embed.size(2) == D,
+              "mage_fast::scatter_tokens: pos_embed must be (1, ", L, ", ", D, "), got ", pos_embed.sizes());
+  TORCH_CHECK(K > 0, "mage_fast::scatter_tokens: x needs the class slot (K >= 1)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && pos_embed.scalar_type() == at::kFloat,
+              "mage_fast::scatter_tokens: float32 x and pos_embed only, got ", x.scalar_type(), " and ",
+              pos_embed.scalar_type());
+  TORCH_CHECK(index.scalar_type() == at::kLong && all_mask.scalar_type() == at::kBool,
+              "mage_fast::scatter_tokens: index must be int64 and all_mask bool, got ", index.scalar_type(), " and ",
+              all_mask.scalar_type());
+  const at::Tensor xc = x.contiguous(), ic = index.contiguous(), mc = all_mask.contiguous(),
+                   pc = pos_embed.contiguous();
+  at::Tensor out = at::empty({B, L, D}, x.options());  // (B, L, D)
+  const int64_t bad = cpu::scatter_tokens(xc.data_ptr<float>(), ic.data_ptr<int64_t>(), mc.data_ptr<bool>(),
+                                          pc.data_ptr<float>(), B, K, L, D, out.data_ptr<float>(),
+                                          at::get_num_threads());
+  TORCH_CHECK(bad == 0, "mage_fast::scatter_tokens: ", bad, " indices outside [0, ", L, ")");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mage_fast, m) {
+  m.def("codebook_nn(Tensor z, Tensor codebook, str metric) -> Tensor");
+  m.def("decode_step(Tensor logits, Tensor ids, Tensor key, int step, int mask_len, float noise_scale, "
+        "int mask_id) -> (Tensor, Tensor)");
+  m.def("gather_tokens(Tensor x, Tensor index) -> Tensor");
+  m.def("scatter_tokens(Tensor x, Tensor index, Tensor all_mask, Tensor pos_embed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mage_fast, CPU, m) {
+  m.impl("codebook_nn", &codebook_nn_cpu);
+  m.impl("decode_step", &decode_step_cpu);
+  m.impl("gather_tokens", &gather_tokens_cpu);
+  m.impl("scatter_tokens", &scatter_tokens_cpu);
+}
+
+}  // namespace mage_fast
