@@ -87,8 +87,9 @@ def report() -> str:
     for dev in devices:
         lines.append(f"{'device':>18}: {device_description(dev)}")
     try:
-        from . import _ext  # provided by the compiled-extension build
-        lines.append(f"{'compiled ext':>18}: {_ext.status()}")
+        from . import _ext
+        _ext.load()
+        lines.append(f"{'compiled ext':>18}: {_ext.status}" + (" (with CUDA ops)" if _ext.with_cuda() else ""))
     except Exception as e:
         lines.append(f"{'compiled ext':>18}: unavailable ({type(e).__name__}: {e})")
     for name, err in backends.load_errors.items():
