@@ -33,7 +33,10 @@ from mage_fast.models import count_parameters  # noqa: E402
 from mage_fast.models.mage import mage_vit_base_patch16, mage_vit_tiny  # noqa: E402
 from mage_fast.models.vim import vim_base, vim_tiny  # noqa: E402
 from mage_fast.models.vit_vqgan import vit_vqgan_base, vit_vqgan_tiny  # noqa: E402
+from mage_fast.ops import decode_step, image_keys  # noqa: E402
+from mage_fast.sampling import mask_schedule  # noqa: E402
 from mage_fast.vim_sampling import generate as vim_generate  # noqa: E402
+from mage_fast.vim_sampling import sample_next  # noqa: E402
 
 SIZES = {"tiny": (vit_vqgan_tiny, mage_vit_tiny, vim_tiny), "base": (vit_vqgan_base, mage_vit_base_patch16, vim_base)}
 
@@ -73,6 +76,40 @@ def count_passes(fn, head, blocks, batch_size: int) -> dict:
     finally:
         c.close()
     return {"forward_passes_per_image": c.passes, "block_token_evals_per_image": c.block_tokens / batch_size}
+
+
+def step_breakdown(vq, mage, vim, B, device, reps, ac_dtype) -> dict:
+    """Milliseconds of one network pass and of one sampling step, per model: MAGE's first decoding
+    step (all L positions masked) and a VIM cached step at position L/2 (cache half full)."""
+    L, mask_id = mage.seq_len, mage.mask_token_label
+    ac = torch.autocast(device.type, dtype=ac_dtype, enabled=ac_dtype is not None)
+    ids = torch.full((B, L), mask_id, dtype=torch.long, device=device)
+    keys = image_keys(0, torch.arange(B, device=device))
+    n_masked = mask_schedule(8, L)[0]
+    with ac:
+        logits = mage.code_logits(ids)
+    half = vim.seq_len // 2
+    cache = vim.new_cache(B, dtype=ac_dtype)
+    prefix = torch.full((B, half), vim.uncond_id, dtype=torch.long, device=device)
+    with ac:
+        vim.step(prefix, cache)  # prefill to half the length
+    tok = prefix[:, :1]
+
+    def vim_pass():
+        cache.length = half
+        with ac:
+            return vim.step(tok, cache)
+
+    def mage_pass():
+        with ac:
+            return mage.code_logits(ids)
+
+    vim_logits = vim_pass()
+    timings = {"mage_network_pass": mage_pass,
+               "mage_sampling_step": lambda: decode_step(logits, ids, keys, 0, n_masked, 4.5, mask_id),
+               "vim_network_pass": vim_pass,
+               "vim_sampling_step": lambda: sample_next(vim_logits, keys, half)}
+    return {k: 1e3 * time_fn(fn, device, reps, warmup=1)["median_s"] for k, fn in timings.items()}
 
 
 def plot(results: dict, title: str, path: str) -> str:
@@ -181,6 +218,8 @@ def main(argv=None):
         codes = torch.zeros(B, g, g, dtype=torch.long, device=device)
         dec = time_fn(lambda: vq.decode_code(codes), device, reps, warmup=1)
         print(f"  tokenizer decode alone: {1e3 * dec['median_s']:.1f} ms per batch (shared by every path)")
+        breakdown = step_breakdown(vq, mage, vim, B, device, max(reps, 5), ac_dtype)
+        print("  per step (ms, median): " + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items()))
         for name, (fn, head, blocks) in paths.items():
             counts = count_passes(fn, head, blocks, B)  # also the warm-up
             t = time_fn(fn, device, reps, warmup=0)
@@ -197,10 +236,11 @@ def main(argv=None):
     out = {"benchmark": "ar_vs_mage", "size": args.size, "img_size": args.img_size, "patch_size": args.patch_size,
            "seq_len": L, "codebook": args.codebook, "batch_size": B, "weights": "random",
            "autocast": "bf16" if cuda else "none (fp32)", "parameters": params, "environment": env,
-           "tokenizer_decode": dec, "paths": results, "ratios": ratios,
+           "tokenizer_decode": dec, "step_breakdown_ms": breakdown, "paths": results, "ratios": ratios,
            "sampling": {"vim": "unconditional, temperature 1.0, no top-k/top-p, counter-based Gumbel-max",
                         "mage": "unconditional, rng='torch', temperature 4.5, cosine schedule"}}
-    name = f"ar_vs_mage_{device_tag(device)}" + ("" if args.size == "tiny" else f"_{args.size}")
+    name = (f"ar_vs_mage_{device_tag(device)}" + ("" if args.size == "tiny" else f"_{args.size}")
+            + ("" if args.batch_size is None else f"_b{B}"))
     path = write_json(out, args.out, name + ".json")
     png = plot(results, f"VIM vs MAGE, {args.size}, L={L}, batch {B}, {env['device']}",
                os.path.splitext(path)[0] + ".png" if args.out else os.path.join(RESULTS_DIR, name + ".png"))
