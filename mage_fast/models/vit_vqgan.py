@@ -110,7 +110,8 @@ class CosineQuantizer(nn.Module):
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """z: (N, e_dim) -> (N,) int64 index of the code nearest in angle (ties: lowest index)."""
-        return codebook_nn(z, self.embedding.weight, metric="cosine")
+        # precision raised: the lookup runs in fp32 (under autocast z may arrive in bf16)
+        return codebook_nn(z.float(), self.embedding.weight.float(), metric="cosine")
 
     def forward(self, z: torch.Tensor):
         """z: (B, e_dim, h, w) projected encoder output -> (z_q (B, e_dim, h, w) straight-through,
