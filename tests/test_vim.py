@@ -15,6 +15,15 @@ from mage_fast.vim_sampling import filter_logits, generate, sample_next, sample_
 L, K, C = 16, 64, 10
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread avoids stalls on parallel regions when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def vim():
     torch.manual_seed(0)
@@ -195,3 +204,24 @@ def test_with_vit_vqgan_tokenizer_round_trip():
     torch.testing.assert_close(out, vq.decode_code(ids))
     with pytest.raises(ValueError, match="contradicts"):
         VIM(seq_len=20, tokenizer=vq)
+
+
+def test_ar_vs_mage_benchmark_runs(tmp_path):
+    import importlib.util
+    import json
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ar_vs_mage.py"
+    spec = importlib.util.spec_from_file_location("ar_vs_mage", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    bench.main(["--img-size", "32", "--patch-size", "8", "--batch-size", "2", "--repeats", "1", "--mage-steps", "2,3",
+                "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["seq_len"] == 16 and (tmp_path / "r.png").is_file()
+    assert r["paths"]["vim_cached"]["forward_passes_per_image"] == 16
+    assert r["paths"]["vim_cached"]["block_token_evals_per_image"] == 16 * 4  # 4 blocks, one position per pass
+    assert r["paths"]["vim_uncached"]["block_token_evals_per_image"] == 4 * 16 * 17 / 2
+    assert r["paths"]["mage_T3"]["forward_passes_per_image"] == 3
+    assert r["ratios"]["mage_T2_over_vim_cached"] == pytest.approx(
+        r["paths"]["mage_T2"]["images_per_s"] / r["paths"]["vim_cached"]["images_per_s"])

@@ -10,6 +10,15 @@ from mage_fast.models.vit_vqgan import (ViTVQGAN, count_parameters, discriminato
 from mage_fast.ops import force_backend
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread avoids stalls on parallel regions when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small(img=32, patch=8, code_dim=8, n_embed=37, **kw):
     torch.manual_seed(img + patch + code_dim + n_embed)
     return ViTVQGAN(img_size=img, patch_size=patch, embed_dim=32, depth=1, num_heads=2, n_embed=n_embed,
