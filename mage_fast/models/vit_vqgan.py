@@ -66,7 +66,8 @@ class _TanhHead(nn.Module):
 
 
 class ViTStack(nn.Module):
-    """Token projection (none if ``in_dim`` is None) + learned position embedding -> pre-norm ViT blocks -> LayerNorm -> tanh head."""
+    """Token projection (none if ``in_dim`` is None) + learned position embedding -> pre-norm ViT
+    blocks -> LayerNorm -> tanh head."""
 
     def __init__(self, num_tokens: int, in_dim: Optional[int], dim: int, depth: int, num_heads: int,
                  mlp_ratio: float, out_dim: int):
