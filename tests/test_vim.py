@@ -225,3 +225,15 @@ def test_ar_vs_mage_benchmark_runs(tmp_path):
     assert r["paths"]["mage_T3"]["forward_passes_per_image"] == 3
     assert r["ratios"]["mage_T2_over_vim_cached"] == pytest.approx(
         r["paths"]["mage_T2"]["images_per_s"] / r["paths"]["vim_cached"]["images_per_s"])
+
+
+def test_sampling_under_bf16_autocast(vim):
+    cache = vim.new_cache(2, dtype=torch.bfloat16)
+    assert cache.k[0].dtype == torch.bfloat16 and cache.k[0].shape == (2, 4, L, 8)
+    ids = sample_tokens(vim, 2, labels=torch.tensor([1, -1]), autocast_dtype=torch.bfloat16)
+    assert ids.shape == (2, L) and int(ids.min()) >= 0 and int(ids.max()) < K
+    vq = ViTVQGAN(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, n_embed=K, code_dim=8)
+    imgs = torch.rand(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, (_, _, idx) = vq.encode(imgs)
+    assert idx.shape == (32,) and int(idx.max()) < K
