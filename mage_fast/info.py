@@ -19,6 +19,7 @@ def _example_args(device: torch.device) -> dict:
     L = 257
     return {
         "codebook_nn": ((torch.randn(256, 256, **f32), torch.randn(1024, 256, **f32), "l2"), {}),
+        "codebook_nn (cosine, ViT-VQGAN)": ((torch.randn(256, 32, **f32), torch.randn(8192, 32, **f32), "cosine"), {}),
         "decode_step": ((torch.randn(2, 256, 1024, **f32), torch.full((2, 256), 2024, device=device),
                          torch.zeros(2, dtype=torch.long, device=device), 0, 255, 6.0, 2024), {}),
         "gather_tokens": ((torch.randn(2, L, 768, **f32), torch.zeros(2, 129, dtype=torch.long, device=device)), {}),
@@ -26,6 +27,8 @@ def _example_args(device: torch.device) -> dict:
                             torch.zeros(2, L, dtype=torch.bool, device=device), torch.zeros(1, L, 768, **f32)), {}),
         "attention": ((*(torch.randn(2, 12, L, 64, device=device, dtype=half) for _ in range(3)),),
                       dict(dropout_p=0.0, causal=False, scale=None)),
+        "attention (causal, VIM)": ((*(torch.randn(2, 12, 256, 64, device=device, dtype=half) for _ in range(3)),),
+                                    dict(dropout_p=0.0, causal=True, scale=None)),
         "masked_ce": ((torch.randn(2, 256, 1024, **f32), torch.zeros(2, 256, dtype=torch.long, device=device),
                        torch.ones(2, 256, **f32), 0.1), {}),
     }
@@ -67,14 +70,12 @@ def backend_table(device: torch.device) -> list[tuple[str, str, list[tuple[str, 
     examples = _example_args(device)
     rows = []
     for name, op in sorted(Op.registry.items()):
-        if name in examples:
-            args, kwargs = examples[name]
+        probes = [(k, v) for k, v in examples.items() if k == name or k.startswith(name + " (")]
+        if not probes:
+            rows.append((name, "?", [(b.name, "registered (no example call to probe)") for b in op.backends]))
+        for label, (args, kwargs) in probes:
             verdicts = op.explain(*args, **kwargs)
-            chosen = next((b for b, v in verdicts if v == "selected"), "none")
-        else:
-            verdicts = [(b.name, "registered (no example call to probe)") for b in op.backends]
-            chosen = "?"
-        rows.append((name, chosen, verdicts))
+            rows.append((label, next((b for b, v in verdicts if v == "selected"), "none"), verdicts))
     return rows
 
 
@@ -98,7 +99,7 @@ def report() -> str:
         lines.append("")
         lines.append(f"op backends on {dev.type} (first accepted wins):")
         for name, chosen, verdicts in backend_table(dev):
-            lines.append(f"  {name:<16} -> {chosen}")
+            lines.append(f"  {name:<32} -> {chosen}")
             for b, v in verdicts:
                 lines.append(f"      {b:<10} {v}")
     return "\n".join(lines)

@@ -27,6 +27,8 @@ def attention_official(q, k, v, dropout_p: float = 0.0, causal: bool = False, sc
     attn = attn.softmax(dim=-1)
     if dropout_p > 0:
         attn = F.dropout(attn, p=dropout_p)
+    if not torch.is_autocast_enabled(q.device.type):
+        attn = attn.to(v.dtype)  # fp64 / low-precision inputs outside autocast: weights in v's dtype
     return attn @ v  # under autocast this product runs in the autocast dtype, as the official one
 
 
