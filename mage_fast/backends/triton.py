@@ -1,0 +1,81 @@
+"""Backend ``"triton"``: the Triton kernels of :mod:`mage_fast.triton`.
+
+Importing this module is cheap: it registers a ``supports`` check and a thin launcher on each op
+and imports neither ``triton`` nor the kernel files; the first call that selects Triton does.
+Triton runs CUDA tensors. CPU tensors are declined (Triton's interpreter is a test tool, one
+program at a time) unless ``MAGE_FAST_TRITON_INTERPRET_DISPATCH=1`` and ``TRITON_INTERPRET=1``
+are set, which is how the tests route the public ops through the kernels.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from ..ops.codebook import codebook_nn_op
+
+NAME = "triton"
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_reason() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def _kernels(name: str):
+    """The kernel file ``mage_fast.triton.<name>``, imported on first use."""
+    return importlib.import_module(f"mage_fast.triton.{name}")
+
+
+def _interpret_dispatch() -> bool:
+    return (os.environ.get("MAGE_FAST_TRITON_INTERPRET_DISPATCH") == "1"
+            and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _device_reason(*tensors: torch.Tensor) -> Optional[str]:
+    if (r := _triton_reason()) is not None:
+        return r
+    devs = {t.device for t in tensors}
+    if len(devs) > 1:
+        return f"tensors on different devices ({', '.join(sorted(map(str, devs)))})"
+    dev = tensors[0].device
+    if dev.type == "cuda":
+        return None
+    if dev.type == "cpu":
+        if _interpret_dispatch():
+            return None
+        return ("tensors on the CPU (Triton needs CUDA; the interpreter is used only with "
+                "MAGE_FAST_TRITON_INTERPRET_DISPATCH=1 and TRITON_INTERPRET=1)")
+    return f"device {dev.type} not supported"
+
+
+def _dtype_reason(*tensors: torch.Tensor) -> Optional[str]:
+    bad = [t.dtype for t in tensors if t.dtype not in _FLOAT]
+    return f"dtype {bad[0]} not supported (float32, float16, bfloat16)" if bad else None
+
+
+# ---------------------------------------------------------------- codebook nearest neighbour
+def _codebook_nn_supports(z, codebook, metric="l2") -> Optional[str]:
+    if (r := _device_reason(z, codebook) or _dtype_reason(z, codebook)) is not None:
+        return r
+    if metric not in ("l2", "cosine"):
+        return f"metric {metric!r} not supported"
+    if codebook.shape[0] == 0:
+        return "empty codebook"
+    if z.shape[1] > 512:
+        return f"code dim {z.shape[1]} > 512 (rows are held in registers)"
+    return None
+
+
+def _codebook_nn(z, codebook, metric="l2"):
+    return _kernels("codebook").codebook_nn(z, codebook, metric)
+
+
+codebook_nn_op.register(NAME, _codebook_nn, _codebook_nn_supports)
