@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..ops.codebook import codebook_nn_op
+from ..ops.decode_step import decode_step_op
 
 NAME = "triton"
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
@@ -79,3 +80,23 @@ def _codebook_nn(z, codebook, metric="l2"):
 
 
 codebook_nn_op.register(NAME, _codebook_nn, _codebook_nn_supports)
+
+
+# ---------------------------------------------------------------- decode step
+def _decode_step_supports(logits, ids, key, step, mask_len, noise_scale, mask_id) -> Optional[str]:
+    if (r := _device_reason(logits, ids, key) or _dtype_reason(logits)) is not None:
+        return r
+    if ids.dtype != torch.int64 or key.dtype != torch.int64:
+        return f"ids/key dtype {ids.dtype}/{key.dtype} not supported (int64)"
+    if logits.shape[2] > 8192:
+        return f"{logits.shape[2]} codes > 8192 (a row of logits is held in registers)"
+    if logits.shape[1] > 4096:
+        return f"{logits.shape[1]} positions > 4096 (the rank of each position is found pairwise)"
+    return None
+
+
+def _decode_step(logits, ids, key, step, mask_len, noise_scale, mask_id):
+    return _kernels("decode_step").decode_step(logits, ids, key, step, mask_len, noise_scale, mask_id)
+
+
+decode_step_op.register(NAME, _decode_step, _decode_step_supports)
