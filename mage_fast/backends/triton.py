@@ -18,6 +18,7 @@ import torch
 
 from ..ops.codebook import codebook_nn_op
 from ..ops.decode_step import decode_step_op
+from ..ops.token_drop import gather_tokens_op, scatter_tokens_op
 
 NAME = "triton"
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,3 +101,37 @@ def _decode_step(logits, ids, key, step, mask_len, noise_scale, mask_id):
 
 
 decode_step_op.register(NAME, _decode_step, _decode_step_supports)
+
+
+# ---------------------------------------------------------------- token dropping and restoring
+def _index_reason(x, index) -> Optional[str]:
+    if index.dtype != torch.int64:
+        return f"index dtype {index.dtype} not supported (int64)"
+    if x.dim() != 3 or index.dim() != 2 or index.shape[0] != x.shape[0]:
+        return f"shapes {tuple(x.shape)} / {tuple(index.shape)} are not (B, *, D) / (B, K)"
+    return None
+
+
+def _gather_tokens_supports(x, index) -> Optional[str]:
+    return _device_reason(x, index) or _dtype_reason(x) or _index_reason(x, index)
+
+
+def _gather_tokens(x, index):
+    return _kernels("token_drop").gather_tokens(x, index)
+
+
+def _scatter_tokens_supports(x, index, all_mask, pos_embed) -> Optional[str]:
+    if (r := _device_reason(x, index, all_mask, pos_embed) or _dtype_reason(x, pos_embed)
+            or _index_reason(x, index)) is not None:
+        return r
+    if pos_embed.numel() != all_mask.shape[1] * x.shape[2]:
+        return f"pos_embed {tuple(pos_embed.shape)} is not (1, L, D) for L={all_mask.shape[1]}, D={x.shape[2]}"
+    return None
+
+
+def _scatter_tokens(x, index, all_mask, pos_embed):
+    return _kernels("token_drop").scatter_tokens(x, index, all_mask, pos_embed)
+
+
+gather_tokens_op.register(NAME, _gather_tokens, _gather_tokens_supports)
+scatter_tokens_op.register(NAME, _scatter_tokens, _scatter_tokens_supports)
