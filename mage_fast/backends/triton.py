@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..ops.attention import attention_op
 from ..ops.codebook import codebook_nn_op
 from ..ops.decode_step import decode_step_op
 from ..ops.token_drop import gather_tokens_op, scatter_tokens_op
@@ -135,3 +136,27 @@ def _scatter_tokens(x, index, all_mask, pos_embed):
 
 gather_tokens_op.register(NAME, _gather_tokens, _gather_tokens_supports)
 scatter_tokens_op.register(NAME, _scatter_tokens, _scatter_tokens_supports)
+
+
+# ---------------------------------------------------------------- flash attention
+def _attention_supports(q, k, v, dropout_p=0.0, causal=False, scale=None) -> Optional[str]:
+    if (r := _device_reason(q, k, v) or _dtype_reason(q, k, v)) is not None:
+        return r
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"mixed dtypes {q.dtype}/{k.dtype}/{v.dtype}"
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        return f"shapes {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} are not (B, H, N, d) with matching k/v"
+    if q.shape[3] > 256:
+        return f"head dim {q.shape[3]} > 256"
+    if causal and q.shape[2] != k.shape[2]:
+        return "causal attention needs as many queries as keys"
+    if not 0.0 <= dropout_p < 1.0:
+        return f"dropout_p {dropout_p} outside [0, 1)"
+    return None
+
+
+def _attention(q, k, v, dropout_p=0.0, causal=False, scale=None):
+    return _kernels("attention").attention(q, k, v, dropout_p=dropout_p, causal=causal, scale=scale)
+
+
+attention_op.register(NAME, _attention, _attention_supports)

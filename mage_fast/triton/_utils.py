@@ -17,11 +17,11 @@ def next_pow2(n: int) -> int:
 def compute_f32(dtype: torch.dtype) -> bool:
     """Whether a kernel converts its loads to fp32 before any arithmetic.
 
-    Always for fp32 inputs; always in the interpreter, where bf16 arithmetic is wrong (values are
-    held as raw 16-bit integers). On a GPU, fp16/bf16 tiles go to ``tl.dot`` natively (fp32
-    accumulation) and everything else is fp32.
+    Always for fp32 inputs, and for bf16 in the interpreter, where bf16 arithmetic is wrong
+    (values are held as raw 16-bit integers). Otherwise fp16/bf16 tiles go to ``tl.dot`` natively
+    (fp32 accumulation, the tensor-core path) and everything around the products is fp32.
     """
-    return INTERPRET or dtype == torch.float32
+    return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
 def lib_name(op: str) -> str:
