@@ -19,6 +19,7 @@ import torch
 from ..ops.attention import attention_op
 from ..ops.codebook import codebook_nn_op
 from ..ops.decode_step import decode_step_op
+from ..ops.layer_norm import layer_norm_op
 from ..ops.token_drop import gather_tokens_op, scatter_tokens_op
 
 NAME = "triton"
@@ -160,3 +161,21 @@ def _attention(q, k, v, dropout_p=0.0, causal=False, scale=None):
 
 
 attention_op.register(NAME, _attention, _attention_supports)
+
+
+# ---------------------------------------------------------------- LayerNorm
+def _layer_norm_supports(x, weight, bias, eps=1e-5) -> Optional[str]:
+    if weight is None or bias is None:
+        return "needs both weight and bias (elementwise_affine=True)"
+    if (r := _device_reason(x, weight, bias) or _dtype_reason(x, weight, bias)) is not None:
+        return r
+    if x.shape[-1] > 16384:
+        return f"row length {x.shape[-1]} > 16384 (a row is held in registers)"
+    return None
+
+
+def _layer_norm(x, weight, bias, eps=1e-5):
+    return _kernels("layer_norm").layer_norm(x, weight, bias, eps)
+
+
+layer_norm_op.register(NAME, _layer_norm, _layer_norm_supports)
