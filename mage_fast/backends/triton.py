@@ -20,6 +20,7 @@ from ..ops.attention import attention_op
 from ..ops.codebook import codebook_nn_op
 from ..ops.decode_step import decode_step_op
 from ..ops.layer_norm import layer_norm_op
+from ..ops.mlm_head_loss import mlm_head_loss_op
 from ..ops.token_drop import gather_tokens_op, scatter_tokens_op
 
 NAME = "triton"
@@ -179,3 +180,25 @@ def _layer_norm(x, weight, bias, eps=1e-5):
 
 
 layer_norm_op.register(NAME, _layer_norm, _layer_norm_supports)
+
+
+# ---------------------------------------------------------------- MLM head + masked cross entropy
+def _mlm_head_loss_supports(x, fc_weight, fc_bias, ln_weight, ln_bias, word_embeddings, bias, target, mask,
+                            num_codes, smoothing=0.1, ln_eps=1e-5) -> Optional[str]:
+    floats = (x, fc_weight, fc_bias, ln_weight, ln_bias, word_embeddings, bias)
+    if (r := _device_reason(*floats, target, mask) or _dtype_reason(*floats)) is not None:
+        return r
+    if target.dtype != torch.int64:
+        return f"target dtype {target.dtype} not supported (int64)"
+    if num_codes > 16384:
+        return f"{num_codes} codes > 16384 (a row of logits is held in registers)"
+    return None
+
+
+def _mlm_head_loss(x, fc_weight, fc_bias, ln_weight, ln_bias, word_embeddings, bias, target, mask, num_codes,
+                   smoothing=0.1, ln_eps=1e-5):
+    return _kernels("mlm_head_loss").mlm_head_loss(x, fc_weight, fc_bias, ln_weight, ln_bias, word_embeddings, bias,
+                                                   target, mask, num_codes, smoothing, ln_eps)
+
+
+mlm_head_loss_op.register(NAME, _mlm_head_loss, _mlm_head_loss_supports)

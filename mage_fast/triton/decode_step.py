@@ -61,9 +61,10 @@ def _sample_kernel(
     y = tl.where(ok, x + g, float("-inf"))
     y_max = tl.max(y, axis=1)
     sample = tl.min(tl.where(y == y_max[:, None], c[None, :], BLOCK_C), axis=1)  # first maximum, as argmax
+    sample = tl.where(n_ok, sample, 0)
     x_max = tl.where(n_ok, tl.max(x, axis=1), 0.0)  # padded rows are all -inf
-    lse = x_max + tl.log(tl.sum(tl.exp(x - x_max[:, None]), axis=1))
-    logp = tl.sum(tl.where(c[None, :] == sample[:, None], x, 0.0), axis=1) - lse
+    lse = x_max + tl.log(tl.where(n_ok, tl.sum(tl.exp(x - x_max[:, None]), axis=1), 1.0))
+    logp = tl.sum(tl.where(ok & (c[None, :] == sample[:, None]), x, 0.0), axis=1) - lse
     g2 = _gumbel(_mix32(_mix32(_mix32(key ^ STREAM_CONF) + row) + 0))
     ids = tl.load(ids_ptr + b.to(tl.int64) * N + n, mask=n_ok, other=0)
     unknown = ids == mask_id
