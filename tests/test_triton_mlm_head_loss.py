@@ -76,3 +76,26 @@ def test_no_grad_evaluation_matches():
     with torch.no_grad():
         loss = triton_mlm.mlm_head_loss(*floats, target, mask, 29, chunk_rows=4)
     torch.testing.assert_close(loss, mlm_head_loss_ref(*floats, target, mask, 29).detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_masked_ce_on_a_strided_logits_view(dtype):
+    from mage_fast.ops.mlm_loss import masked_ce_ref
+    g = torch.Generator().manual_seed(4)
+    full = (3 * torch.randn(2, 14, 1031, generator=g)).to(DEV, dtype).requires_grad_(True)
+    target = torch.randint(0, 1024, (2, 13), generator=g).to(DEV)
+    mask = (torch.rand(2, 13, generator=g) < 0.5).float().to(DEV)
+    mask[0, 0] = 1
+    got = triton_mlm.masked_ce(full[:, 1:, :1024], target, mask, 0.1)
+    (dgot,) = torch.autograd.grad(got, full)
+    f32 = full.detach().float().requires_grad_(True)
+    ref = masked_ce_ref(f32[:, 1:, :1024], target, mask, 0.1)
+    (dref,) = torch.autograd.grad(ref, f32)
+    lp = full.detach().clone().requires_grad_(True)
+    low = masked_ce_ref(lp[:, 1:, :1024], target, mask, 0.1, upcast=False)
+    (dlow,) = torch.autograd.grad(low, lp)
+    assert dgot.dtype == dtype
+    for a, r, t in ((got, ref, low), (dgot, dref, dlow)):
+        err, bound = (a.float() - r).abs().max().item(), 2 * (t.float() - r).abs().max().item() + ATOL[dtype] * r.abs().max().item()
+        assert err <= bound, f"error {err:.3g} > bound {bound:.3g}"
+    assert float(dgot[:, 0].abs().max()) == 0 and float(dgot[:, :, 1024:].abs().max()) == 0

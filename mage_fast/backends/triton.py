@@ -8,7 +8,6 @@ are set, which is how the tests route the public ops through the kernels.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -21,22 +20,34 @@ from ..ops.codebook import codebook_nn_op
 from ..ops.decode_step import decode_step_op
 from ..ops.layer_norm import layer_norm_op
 from ..ops.mlm_head_loss import mlm_head_loss_op
+from ..ops.mlm_loss import masked_ce_op
 from ..ops.token_drop import gather_tokens_op, scatter_tokens_op
 
 NAME = "triton"
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None  # looks for it, imports nothing
+_KERNEL_FILES = ("attention", "codebook", "decode_step", "layer_norm", "mlm_head_loss", "token_drop")
+_loaded: dict = {}
+
+
 def _triton_reason() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
-    return None
+    return None if _TRITON_FOUND else "triton is not installed (pip install triton)"
 
 
 def _kernels(name: str):
     """The kernel file ``mage_fast.triton.<name>``, imported on first use."""
-    return importlib.import_module(f"mage_fast.triton.{name}")
+    mod = _loaded.get(name)
+    if mod is None:
+        mod = _loaded[name] = importlib.import_module(f"mage_fast.triton.{name}")
+    return mod
+
+
+def load_kernels() -> None:
+    """Import every kernel file now (before ``torch.compile(fullgraph=True)``, which cannot trace imports)."""
+    for name in _KERNEL_FILES:
+        _kernels(name)
 
 
 def _interpret_dispatch() -> bool:
@@ -74,8 +85,8 @@ def _codebook_nn_supports(z, codebook, metric="l2") -> Optional[str]:
         return f"metric {metric!r} not supported"
     if codebook.shape[0] == 0:
         return "empty codebook"
-    if z.shape[1] > 512:
-        return f"code dim {z.shape[1]} > 512 (rows are held in registers)"
+    if z.shape[1] > 256:
+        return f"code dim {z.shape[1]} > 256 (input rows are held in registers)"
     return None
 
 
@@ -202,3 +213,20 @@ def _mlm_head_loss(x, fc_weight, fc_bias, ln_weight, ln_bias, word_embeddings, b
 
 
 mlm_head_loss_op.register(NAME, _mlm_head_loss, _mlm_head_loss_supports)
+
+
+def _masked_ce_supports(logits, target, mask, smoothing=0.1) -> Optional[str]:
+    if (r := _device_reason(logits, target, mask) or _dtype_reason(logits)) is not None:
+        return r
+    if target.dtype != torch.int64:
+        return f"target dtype {target.dtype} not supported (int64)"
+    if logits.shape[-1] > 16384:
+        return f"{logits.shape[-1]} classes > 16384 (a row of logits is held in registers)"
+    return None
+
+
+def _masked_ce(logits, target, mask, smoothing=0.1):
+    return _kernels("mlm_head_loss").masked_ce(logits, target, mask, smoothing)
+
+
+masked_ce_op.register(NAME, _masked_ce, _masked_ce_supports)

@@ -7,6 +7,8 @@ the result is deterministic (no atomics).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -82,6 +84,11 @@ def _block_m(D: int) -> int:
     return max(1, min(64 if INTERPRET else 16, (65536 if INTERPRET else 4096) // bd))
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return 1 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _warps(D: int) -> int:
     return 4 if D <= 1024 else 8
 
@@ -115,8 +122,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     x2, dy2 = x.reshape(-1, D).contiguous(), dy.reshape(-1, D).contiguous()
     M = x2.shape[0]
     dx = torch.empty_like(x2)
-    sms = 1 if INTERPRET else torch.cuda.get_device_properties(x.device).multi_processor_count
-    G = max(1, min(M, 4 * sms))
+    G = max(1, min(M, 4 * _num_sms(x.device)))
     rows_per = triton.cdiv(max(M, 1), G)
     G = triton.cdiv(max(M, 1), rows_per)
     dw = torch.empty((G, D), dtype=torch.float32, device=x.device)

@@ -132,3 +132,31 @@ def mlm_head_loss(x, fc_weight, fc_bias, ln_weight, ln_bias, word_embeddings, bi
     return FusedLinearMaskedCE.apply(h.reshape(-1, D), word_embeddings[:num_codes], bias.reshape(-1)[:num_codes],
                                      target.reshape(-1), mask.reshape(-1), float(smoothing), int(chunk),
                                      torch.is_grad_enabled())
+
+
+class MaskedCE(torch.autograd.Function):
+    """:func:`mage_fast.ops.masked_ce` on given logits: one kernel, the gradient kept in the input dtype."""
+
+    @staticmethod
+    def forward(ctx, logits, target, mask, smoothing: float, grad_enabled: bool):
+        # logits: (B, N, C) any strides, target: (B, N) int64, mask: (B, N)
+        C = logits.shape[-1]
+        work = logits.reshape(-1, C).clone(memory_format=torch.contiguous_format)  # becomes the gradient
+        mask = mask.reshape(-1).to(torch.float32)
+        write = grad_enabled and ctx.needs_input_grad[0]
+        zero_bias = torch.zeros(C, dtype=logits.dtype, device=logits.device)
+        loss = smoothed_ce_(work, zero_bias, target.reshape(-1), mask, mask.sum().reshape(1), smoothing, write)
+        if write:
+            ctx.save_for_backward(work)
+        ctx.shape = logits.shape
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, go):
+        (grad,) = ctx.saved_tensors
+        return (grad * go.to(grad.dtype)).view(ctx.shape), None, None, None, None
+
+
+def masked_ce(logits, target, mask, smoothing: float = 0.1) -> torch.Tensor:
+    """Triton backend of :func:`mage_fast.ops.masked_ce`."""
+    return MaskedCE.apply(logits, target, mask, float(smoothing), torch.is_grad_enabled())
