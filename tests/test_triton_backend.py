@@ -68,3 +68,15 @@ def test_layer_norm_under_torch_compile(monkeypatch):
     torch.testing.assert_close(got, ref)
     for g, r in zip(grads, torch.autograd.grad(ref, (x, w, b))):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "flash_attn_4", "xformers"])
+def test_attention_libraries_say_why_they_decline(name):
+    import importlib.util
+    q = torch.randn(1, 2, 5, 8)
+    verdict = dict(Op.registry["attention"].explain(q, q, q))[name]
+    top = {"flash_attn": "flash_attn", "flash_attn_4": "flash_attn", "xformers": "xformers"}[name]
+    if importlib.util.find_spec(top) is None:
+        assert verdict == f"{top} is not installed"
+    else:
+        assert "CUDA only" in verdict

@@ -175,6 +175,66 @@ def _attention(q, k, v, dropout_p=0.0, causal=False, scale=None):
 attention_op.register(NAME, _attention, _attention_supports)
 
 
+# Library kernels, when installed, rank above Triton for half-precision CUDA calls: each is a
+# tuned CUDA implementation. All take (B, N, H, d); ours is (B, H, N, d), hence the transposes.
+def _library_supports(module: str, dropout: bool):
+    top = module.split(".")[0]
+    found = importlib.util.find_spec(top) is not None  # the top-level package, nothing imported
+    import_error: list = []
+
+    def importable() -> Optional[str]:
+        if not import_error:  # first CUDA call: import the module for real, once
+            try:
+                importlib.import_module(module)
+                import_error.append(None)
+            except Exception as e:  # a library built for another torch/CUDA must not break the op
+                import_error.append(f"{module} failed to import ({type(e).__name__}: {e})")
+        return import_error[0]
+
+    def supports(q, k, v, dropout_p=0.0, causal=False, scale=None) -> Optional[str]:
+        if not found:
+            return f"{top} is not installed"
+        if q.device.type != "cuda":
+            return f"tensors on {q.device.type} (CUDA only)"
+        if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+            return f"dtype {q.dtype}/{k.dtype}/{v.dtype} not supported (float16 or bfloat16, all the same)"
+        if q.dim() != 4 or q.shape[3] % 8 or q.shape[3] > 256:
+            return f"head dim {q.shape[-1]} not supported (a multiple of 8, at most 256)"
+        if dropout_p > 0 and not dropout:
+            return "no attention dropout"
+        if causal and q.shape[2] != k.shape[2]:
+            return "causal attention needs as many queries as keys"
+        return importable()
+    return supports
+
+
+def _flash_attn(q, k, v, dropout_p=0.0, causal=False, scale=None):
+    from flash_attn import flash_attn_func
+    o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                        softmax_scale=scale, causal=causal)
+    return o.transpose(1, 2)
+
+
+def _flash_attn_4(q, k, v, dropout_p=0.0, causal=False, scale=None):
+    from flash_attn.cute import flash_attn_func
+    o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal)
+    o = o[0] if isinstance(o, tuple) else o  # some versions also return the log-sum-exp
+    return o.transpose(1, 2)
+
+
+def _xformers(q, k, v, dropout_p=0.0, causal=False, scale=None):
+    import xformers.ops as xops
+    bias = xops.LowerTriangularMask() if causal else None
+    o = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias,
+                                        p=dropout_p, scale=scale)
+    return o.transpose(1, 2)
+
+
+attention_op.register("xformers", _xformers, _library_supports("xformers", dropout=True))
+attention_op.register("flash_attn", _flash_attn, _library_supports("flash_attn.flash_attn_interface", dropout=True))
+attention_op.register("flash_attn_4", _flash_attn_4, _library_supports("flash_attn.cute", dropout=False))
+
+
 # ---------------------------------------------------------------- LayerNorm
 def _layer_norm_supports(x, weight, bias, eps=1e-5) -> Optional[str]:
     if weight is None or bias is None:
