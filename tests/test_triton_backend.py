@@ -11,7 +11,7 @@ from mage_fast.ops.dispatch import Op
 pytest.importorskip("triton", reason="triton not installed")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = ["attention", "codebook_nn", "decode_step", "gather_tokens", "layer_norm", "masked_ce", "mlm_head_loss",
-       "scatter_tokens"]
+       "scatter_tokens", "token_embed"]
 
 
 def test_import_mage_fast_does_not_import_triton():

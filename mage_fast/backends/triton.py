@@ -22,13 +22,14 @@ from ..ops.layer_norm import layer_norm_op
 from ..ops.mlm_head_loss import mlm_head_loss_op
 from ..ops.mlm_loss import masked_ce_op
 from ..ops.token_drop import gather_tokens_op, scatter_tokens_op
+from ..ops.token_embed import token_embed_op
 
 NAME = "triton"
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None  # looks for it, imports nothing
-_KERNEL_FILES = ("attention", "codebook", "decode_step", "layer_norm", "mlm_head_loss", "token_drop")
+_KERNEL_FILES = ("attention", "codebook", "decode_step", "layer_norm", "mlm_head_loss", "token_drop", "token_embed")
 _loaded: dict = {}
 
 
@@ -290,3 +291,22 @@ def _masked_ce(logits, target, mask, smoothing=0.1):
 
 
 masked_ce_op.register(NAME, _masked_ce, _masked_ce_supports)
+
+
+# ---------------------------------------------------------------- token embedding + LayerNorm
+def _token_embed_supports(ids, positions, word_weight, pos_weight, ln_weight, ln_bias, eps=1e-6) -> Optional[str]:
+    tensors = [ids, word_weight, pos_weight, ln_weight, ln_bias] + ([positions] if positions is not None else [])
+    if (r := _device_reason(*tensors) or _dtype_reason(word_weight, pos_weight, ln_weight, ln_bias)) is not None:
+        return r
+    if ids.dtype != torch.int64 or (positions is not None and positions.dtype != torch.int64):
+        return "ids/positions must be int64"
+    if word_weight.shape[1] > 16384:
+        return f"embedding dim {word_weight.shape[1]} > 16384 (a row is held in registers)"
+    return None
+
+
+def _token_embed(ids, positions, word_weight, pos_weight, ln_weight, ln_bias, eps=1e-6):
+    return _kernels("token_embed").token_embed(ids, positions, word_weight, pos_weight, ln_weight, ln_bias, eps)
+
+
+token_embed_op.register(NAME, _token_embed, _token_embed_supports)
