@@ -1,7 +1,8 @@
 """Fused codebook nearest neighbour: distances and argmin in one pass over the codebook.
 
 Each program owns ``BLOCK_N`` input rows, keeps them in registers, and streams the codebook in
-``BLOCK_K`` tiles: a tile of scores ``|e|^2 - 2 z.e`` (l2; ``|z|^2`` is the same for every code of a
+``BLOCK_K`` tiles (fp32 inputs through 3-pass TF32 tensor-core products, about fp32-exact): a
+tile of scores ``|e|^2 - 2 z.e`` (l2; ``|z|^2`` is the same for every code of a
 row and is left out) or ``-z.e / |e|`` (cosine; ``|z|`` likewise), then the running minimum and its
 index. The (N, K) distance matrix never exists; extra memory is the (N,) int64 output.
 Ties resolve to the lowest index, as ``torch.argmin``: within a tile by taking the smallest index
@@ -43,7 +44,7 @@ def _codebook_nn_kernel(
                     mask=code_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_D)
         if COMPUTE_F32:
             e = e.to(tl.float32)
-            dot = tl.dot(z, tl.trans(e), input_precision="ieee")  # (BLOCK_N, BLOCK_K) fp32
+            dot = tl.dot(z, tl.trans(e), input_precision="tf32x3")  # (BLOCK_N, BLOCK_K), about fp32-exact
         else:
             dot = tl.dot(z, tl.trans(e))  # half inputs, fp32 accumulation
         ef = e.to(tl.float32)  # precision raised: code norms in fp32
@@ -61,11 +62,16 @@ def _codebook_nn_kernel(
     tl.store(out_ptr + rows, best_idx, mask=row_ok)
 
 
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in [(128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4), (256, 64, 8, 3)]
-]
-_codebook_nn_tuned = triton.autotune(_GPU_CONFIGS, key=["K", "D", "COSINE", "COMPUTE_F32"])(_codebook_nn_kernel)
+def _configs(shapes):
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in shapes]
+
+
+# fp32 tiles take twice the shared memory: smaller tiles keep D=256 under the H100's 227 KB.
+_HALF_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4), (256, 64, 8, 3)])
+_F32_CONFIGS = _configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 3)])
+_KEY = ["K", "D", "COSINE", "COMPUTE_F32"]
+_codebook_nn_half = triton.autotune(_HALF_CONFIGS, key=_KEY)(_codebook_nn_kernel)
+_codebook_nn_f32 = triton.autotune(_F32_CONFIGS, key=_KEY)(_codebook_nn_kernel)
 
 
 def codebook_nn_triton(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") -> torch.Tensor:
@@ -85,7 +91,8 @@ def codebook_nn_triton(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l
         bn, bk = max(16, min(64, next_pow2(N))), max(16, min(256, next_pow2(K)))
         _codebook_nn_kernel[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, **meta)
     else:
-        _codebook_nn_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](*args, **meta)
+        tuned = _codebook_nn_f32 if f32 else _codebook_nn_half
+        tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](*args, **meta)
     return out
 
 

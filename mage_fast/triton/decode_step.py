@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..ops.decode_step import _STREAM_CONF, _STREAM_SAMPLE
 from ._utils import INTERPRET, lib_name, next_pow2
@@ -30,9 +31,30 @@ def _mix32(x):  # x: uint32, wraps mod 2^32 like the reference's `& 0xFFFFFFFF`
 
 
 @triton.jit
-def _gumbel(h):  # h: uint32 hash -> -log(-log(u)), u in (0, 1) from the top 24 bits
+def _log(x, LIBDEVICE: tl.constexpr):
+    # On a GPU tl.log may lower to a fast approximation; libdevice's logf is the one torch's CUDA
+    # kernels use, so the Gumbel draws match the reference bit for bit. (No libdevice in the interpreter,
+    # where tl.log is NumPy's correctly rounded log.)
+    if LIBDEVICE:
+        y = libdevice.log(x)
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def _exp(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        y = libdevice.exp(x)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _gumbel(h, LIBDEVICE: tl.constexpr):  # h: uint32 hash -> -log(-log(u)), u in (0, 1) from the top 24 bits
     u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-    return -tl.log(-tl.log(u))
+    return -_log(-_log(u, LIBDEVICE), LIBDEVICE)
 
 
 @triton.jit
@@ -44,7 +66,7 @@ def _sample_kernel(
     conf_ptr,  # (B, N) fp32 out
     N, C, step, noise_scale, mask_id,
     stride_lb, stride_ln, stride_lc,
-    STREAM_SAMPLE: tl.constexpr, STREAM_CONF: tl.constexpr,
+    STREAM_SAMPLE: tl.constexpr, STREAM_CONF: tl.constexpr, LIBDEVICE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -57,15 +79,15 @@ def _sample_kernel(
     key = tl.load(key_ptr + b).to(tl.uint32)
     row = (step * N + n.to(tl.int64)).to(tl.uint32)  # (BLOCK_N,) counter, mod 2^32
     h = _mix32(_mix32(key ^ STREAM_SAMPLE) + row)
-    g = _gumbel(_mix32(h[:, None] + c[None, :].to(tl.uint32)))  # (BLOCK_N, BLOCK_C)
+    g = _gumbel(_mix32(h[:, None] + c[None, :].to(tl.uint32)), LIBDEVICE)  # (BLOCK_N, BLOCK_C)
     y = tl.where(ok, x + g, float("-inf"))
     y_max = tl.max(y, axis=1)
     sample = tl.min(tl.where(y == y_max[:, None], c[None, :], BLOCK_C), axis=1)  # first maximum, as argmax
     sample = tl.where(n_ok, sample, 0)
     x_max = tl.where(n_ok, tl.max(x, axis=1), 0.0)  # padded rows are all -inf
-    lse = x_max + tl.log(tl.where(n_ok, tl.sum(tl.exp(x - x_max[:, None]), axis=1), 1.0))
+    lse = x_max + _log(tl.where(n_ok, tl.sum(_exp(x - x_max[:, None], LIBDEVICE), axis=1), 1.0), LIBDEVICE)
     logp = tl.sum(tl.where(ok & (c[None, :] == sample[:, None]), x, 0.0), axis=1) - lse
-    g2 = _gumbel(_mix32(_mix32(_mix32(key ^ STREAM_CONF) + row) + 0))
+    g2 = _gumbel(_mix32(_mix32(_mix32(key ^ STREAM_CONF) + row) + 0), LIBDEVICE)
     ids = tl.load(ids_ptr + b.to(tl.int64) * N + n, mask=n_ok, other=0)
     unknown = ids == mask_id
     conf = tl.where(unknown, logp + noise_scale * g2, float("inf"))
@@ -108,7 +130,7 @@ def decode_step_triton(logits, ids, key, step: int, mask_len: int, noise_scale: 
     warps = 4 if block_n * block_c <= 4096 else 8
     _sample_kernel[(B, triton.cdiv(N, block_n))](
         logits, ids, key, sampled, conf, N, C, int(step), float(noise_scale), int(mask_id),
-        *logits.stride(), STREAM_SAMPLE=_STREAM_SAMPLE, STREAM_CONF=_STREAM_CONF,
+        *logits.stride(), STREAM_SAMPLE=_STREAM_SAMPLE, STREAM_CONF=_STREAM_CONF, LIBDEVICE=not INTERPRET,
         BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
     block_all = next_pow2(N)
     block_j = max(1, min(block_all, (16384 if INTERPRET else 8192) // block_all))
