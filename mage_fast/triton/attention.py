@@ -231,12 +231,14 @@ def _keep_mask_kernel(out_ptr, seed_ptr, N_Q, N_K, p_drop, BLOCK_M: tl.constexpr
 
 def _fwd_configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]]
+            for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4),
+                                 (64, 32, 4, 2)]]  # the last fits fp32 tiles at head dim 128 in shared memory
 
 
 def _bwd_configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 3), (16, 64, 4, 3)]]
+            for bm, bn, w, s in [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 3), (16, 64, 4, 3),
+                                 (32, 32, 4, 2)]]  # the last fits fp32 tiles at head dim 128 in shared memory
 
 
 _KEY = ["N_Q", "N_K", "D", "CAUSAL", "DROPOUT", "F32"]
