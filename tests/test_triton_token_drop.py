@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from mage_fast.ops.token_drop import gather_tokens_op, gather_tokens_ref, keep_index, scatter_tokens_op, scatter_tokens_ref
+from mage_fast.ops.token_drop import (gather_tokens_op, gather_tokens_ref, keep_index, scatter_tokens_op,
+                                      scatter_tokens_ref)
 
 triton_tokens = pytest.importorskip("mage_fast.triton.token_drop", reason="triton not installed")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,8 +7,8 @@ the query blocks, one per query block accumulates dQ over the key blocks; both r
 probabilities from the stored log-sum-exp. ``delta = rowsum(dO * O)`` is one torch reduction.
 
 Dropout keeps attention weight (m, n) of head ``bh`` when ``tl.rand(seed + bh, m*Nk + n) >= p``
-(32-bit counters: Philox's fast path on a GPU), recomputed identically in the backward, so no mask is stored. :func:`dropout_keep_mask`
-materialises the same mask for tests.
+(32-bit counters: Philox's fast path on a GPU), recomputed identically in the backward, so no
+mask is stored. :func:`dropout_keep_mask` materialises the same mask for tests.
 
 Head dims that are not powers of two (48) are padded to the next one with masked loads; lengths
 that are not block multiples (129, 257) are masked likewise.
