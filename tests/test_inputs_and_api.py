@@ -94,3 +94,21 @@ def test_vqgan_config_errors():
         mage_fast.VQModel(ch=32, z_channels=32, embed_dim=16)
     with pytest.raises(TypeError, match="unknown VQGAN config keys"):
         mage_fast.VQModel(ch=32, z_channels=32, embed_dim=32, chmult=(1, 2))
+
+
+def test_fused_training_loss_matches_official_path_with_gradients(tiny):
+    """forward() uses the fused MLM-head loss; it must equal forward_loss(forward_decoder(...))."""
+    tiny.eval()  # no dropout: both paths see the same network
+    torch.manual_seed(0)
+    imgs = torch.rand(2, 3, 256, 256)
+    drop, allm = tiny.sample_masks(2, "cpu")
+    loss_fused, _, _ = tiny(imgs, drop, allm)
+    g_fused = torch.autograd.grad(loss_fused, [tiny.mlm_layer.fc.weight, tiny.blocks[0].attn.qkv.weight,
+                                               tiny.token_emb.word_embeddings.weight])
+    latent, gt, d, a = tiny.forward_encoder(imgs, drop, allm)
+    loss_ref = tiny.forward_loss(gt, tiny.forward_decoder(latent, d, a), a)
+    g_ref = torch.autograd.grad(loss_ref, [tiny.mlm_layer.fc.weight, tiny.blocks[0].attn.qkv.weight,
+                                           tiny.token_emb.word_embeddings.weight])
+    torch.testing.assert_close(loss_fused, loss_ref, rtol=1e-5, atol=1e-6)
+    for a_, b_ in zip(g_fused, g_ref):
+        torch.testing.assert_close(a_, b_, rtol=1e-4, atol=1e-7)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..modules.embeddings import BertEmbeddings, MlmLayer
+from ..modules.embeddings import BertEmbeddings, MlmLayer, fast_norm_layer
 from ..modules.transformer import Block
 from ..ops.mlm_loss import masked_ce
 from ..ops.token_drop import gather_tokens, keep_index, scatter_tokens
@@ -80,6 +80,7 @@ class MAGE(nn.Module):
                  vqgan_ckpt_path: Optional[str] = "vqgan_jax_strongaug.ckpt", vqgan_config: Optional[dict] = None,
                  tokenizer: Optional[nn.Module] = None):
         super().__init__()
+        norm_layer = fast_norm_layer(norm_layer)  # same parameters and keys, dispatched computation
         if tokenizer is not None:
             for attr in ("encode", "decode", "quantize", "n_embed", "downsample"):
                 if not hasattr(tokenizer, attr):
@@ -249,6 +250,15 @@ class MAGE(nn.Module):
     def forward_decoder(self, x: torch.Tensor, token_drop_mask: torch.Tensor, token_all_mask: torch.Tensor,
                         codes_only: bool = False) -> torch.Tensor:
         """Encoder output (B, K, D) -> logits (B, L+1, vocab), or (B, L, codebook) with ``codes_only``."""
+        x = self.decoder_hidden(x, token_drop_mask, token_all_mask)
+        word_embeddings = self.token_emb.word_embeddings.weight.detach()
+        if codes_only:
+            return self.mlm_layer(x[:, 1:], word_embeddings, num_outputs=self.codebook_size)
+        return self.mlm_layer(x, word_embeddings)
+
+    def decoder_hidden(self, x: torch.Tensor, token_drop_mask: Optional[torch.Tensor],
+                       token_all_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, K, D) -> normalised decoder features (B, L+1, Dd), before the MLM head."""
         x = self.decoder_embed(x)  # (B, K, Dd)
         allm = token_all_mask.bool()
         if x.shape[1] == allm.shape[1]:  # nothing dropped (generation)
@@ -258,11 +268,7 @@ class MAGE(nn.Module):
             x = scatter_tokens(x, keep, allm, self.decoder_pos_embed_learned)
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_norm(x)
-        word_embeddings = self.token_emb.word_embeddings.weight.detach()
-        if codes_only:
-            return self.mlm_layer(x[:, 1:], word_embeddings, num_outputs=self.codebook_size)
-        return self.mlm_layer(x, word_embeddings)
+        return self.decoder_norm(x)
 
     def forward_loss(self, gt_indices: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Label-smoothed (0.1) cross entropy over the code logits, averaged over masked positions."""
@@ -270,10 +276,15 @@ class MAGE(nn.Module):
 
     def forward(self, imgs: torch.Tensor, token_drop_mask: Optional[torch.Tensor] = None,
                 token_all_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
-        """Training forward: returns ``(loss, imgs, token_all_mask)`` as the official model."""
+        """Training forward: returns ``(loss, imgs, token_all_mask)`` as the official model.
+
+        The loss is the official ``forward_loss(gt, forward_decoder(...), mask)``, computed by the
+        fused head + loss op: only the code logits at image positions, never full-size logits."""
         latent, gt_indices, drop, allm = self.forward_encoder(imgs, token_drop_mask, token_all_mask, labels)
-        logits = self.forward_decoder(latent, drop, allm)
-        return self.forward_loss(gt_indices, logits, allm), imgs, allm
+        h = self.decoder_hidden(latent, drop, allm)[:, 1:]
+        loss = self.mlm_layer.loss(h, self.token_emb.word_embeddings.weight.detach(), gt_indices, allm[:, 1:],
+                                   self.codebook_size, self.label_smoothing)
+        return loss, imgs, allm
 
     # ------------------------------------------------------------------ inference helpers
     def encode_ids(self, ids: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
