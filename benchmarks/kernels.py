@@ -103,6 +103,20 @@ def cases(device: torch.device, full: bool):
     tgt = torch.randint(0, 1024, (B, 256), device=device)
     m = (torch.rand(B, 256, device=device) < 0.7).float()
     out["masked_ce"] = [(f"B={B} N=256 C=1024 fp32", (lg, tgt, m, 0.1), {}, {}, False)]
+
+    def leaf(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+
+    Dd, V = 768, 2025
+    head_args = (leaf(B, 256, Dd), leaf(D, Dd), leaf(D), leaf(D), leaf(D), torch.randn(V, D, **f32), leaf(V),
+                 tgt, m, 1024, 0.1, 1e-5)
+    out["mlm_head_loss"] = [(f"B={B} N=256 Dd={Dd} V={V} C=1024 fp32 fwd+bwd", head_args, {}, {}, True)]
+    out["layer_norm"] = [(f"{B}x257x{D} {str(low).split('.')[-1]} fwd+bwd",
+                          (leaf(B, 257, D, dtype=low), leaf(D), leaf(D), 1e-6), {}, {}, True)]
+    ids_e = torch.randint(0, V, (B, 257), device=device)
+    pos_e = torch.arange(257, device=device).expand(B, 257)
+    out["token_embed"] = [(f"B={B} L=257 D={D} fp32 fwd+bwd",
+                           (ids_e, pos_e, leaf(V, D), leaf(257, D), leaf(D), leaf(D), 1e-6), {}, {}, True)]
     return out
 
 
