@@ -61,6 +61,7 @@ class LoaderSpec:
     seed: int = 0
     synthetic_length: int = 1024
     backend: str = "auto"
+    two_views: bool = False  # MAGE-C: each sample as two augmented views, (2, ...)
 
 
 class EpochLoader:
@@ -91,6 +92,10 @@ class EpochLoader:
             n = len(self.dataset)
         else:
             raise ValueError(f"unknown data source {spec.source!r}")
+        if spec.two_views:
+            if self.backend == "dali":
+                raise ValueError("two-view (MAGE-C) batches use the PyTorch loader; pass --data_backend torch")
+            self.dataset = TwoViews(self.dataset)
         self.num_samples = n
         self.batches_per_epoch = (n // world_size) // spec.batch_size
         if self.batches_per_epoch == 0:

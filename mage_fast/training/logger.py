@@ -59,23 +59,35 @@ class RunLogger:
         if not self.active:
             return
         row = {"step": step, "time": round(time.time(), 3), **{k: float(v) for k, v in metrics.items()}}
-        new = not os.path.exists(self.csv_path)
         if self._fields is None:
-            if not new:
-                with open(self.csv_path) as f:
-                    header = f.readline().strip().split(",")
-                self._fields = header if header and header[0] == "step" else list(row)
-            else:
-                self._fields = list(row)
+            self._fields = self._read_header()
+        if not self._fields or any(k not in self._fields for k in row):
+            self._rewrite([k for k in (self._fields or [])] + [k for k in row if k not in (self._fields or [])])
         with open(self.csv_path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
+            csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore").writerow(row)
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
             self.tb.flush()
+
+    def _read_header(self):
+        if not os.path.exists(self.csv_path):
+            return []
+        with open(self.csv_path) as f:
+            header = f.readline().strip().split(",")
+        return header if header and header[0] == "step" else []
+
+    def _rewrite(self, fields) -> None:
+        """A metric appeared that the header lacks: rewrite the file with the wider header."""
+        rows = []
+        if os.path.exists(self.csv_path):
+            with open(self.csv_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        with open(self.csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        self._fields = fields
 
     def close(self) -> None:
         if self.tb is not None:

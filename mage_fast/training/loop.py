@@ -112,7 +112,7 @@ class TrainLoop:
             from tqdm import tqdm
             bar = tqdm(total=cfg.total_steps, initial=st.step, desc=cfg.desc, unit="step", dynamic_ncols=True,
                        mininterval=2.0)
-        last_tag, saved_at = None, -1
+        last_tag, saved_at, extra_metrics = None, -1, {}
         t_last, samples_since, micro = time.perf_counter(), 0, 0
         lr = self.set_lr(st.step)
         while st.step < cfg.total_steps:
@@ -129,7 +129,8 @@ class TrainLoop:
                 if micro % cfg.grad_accum:
                     continue
                 st.step += 1
-                extra_metrics = self.on_boundary(st.step) if self.on_boundary is not None else None
+                if self.on_boundary is not None:
+                    extra_metrics.update(self.on_boundary(st.step) or {})
                 if bar is not None:
                     bar.update(1)
                 if st.step % cfg.log_every == 0 or st.step == cfg.total_steps:
