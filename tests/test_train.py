@@ -84,10 +84,10 @@ def test_objective_equals_official_forward(ac):
     obj = MAGEObjective(m, activation_checkpointing=ac)
     torch.manual_seed(7)
     loss, stats = obj(x)
-    assert torch.equal(loss, ref)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)  # code-only logits: same math, other kernel
     torch.manual_seed(7)
     ids = m.tokenize(x)
-    assert torch.equal(obj(ids)[0], ref)  # the token-cache path: same loss from ids
+    torch.testing.assert_close(obj(ids)[0], ref, rtol=1e-6, atol=1e-6)  # token-cache path: same loss from ids
     loss.backward()
     assert m.blocks[0].attn.qkv.weight.grad is not None and m.vqgan.encoder.conv_in.weight.grad is None
 

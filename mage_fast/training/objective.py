@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..models.mage import MAGE
+from ..ops.mlm_loss import masked_ce
 from ..ops.token_drop import keep_index, scatter_tokens
 
 
@@ -93,8 +94,10 @@ class MAGEObjective(nn.Module):
         h = m.norm(self._blocks(m.blocks, h))  # (B, K, D)
         x = scatter_tokens(m.decoder_embed(h), keep, allm, m.decoder_pos_embed_learned)  # (B, L+1, Dd)
         x = m.decoder_norm(self._blocks(m.decoder_blocks, x))
-        logits = m.mlm_layer(x, m.token_emb.word_embeddings.weight.detach())
-        loss = m.forward_loss(ids, logits, allm.float())
+        # only the code columns at the image positions: all the loss reads (the official model
+        # also computes the 1000 legacy-class and [MASK] columns and the class slot, then drops them)
+        logits = m.mlm_layer(x[:, 1:], m.token_emb.word_embeddings.weight.detach(), num_outputs=m.codebook_size)
+        loss = masked_ce(logits, ids, allm[:, 1:].float(), m.label_smoothing)
         return loss, h[:, 1:].mean(dim=1)
 
     def forward(self, batch: torch.Tensor):
