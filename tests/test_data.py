@@ -98,3 +98,16 @@ def test_token_cache_views(tmp_path):
     seen = {tuple(tc[(e, 2)][0].tolist()) for e in range(30)}
     assert len(seen) == 3 and all(row in {tuple(ids[2, v].tolist()) for v in range(3)} for row in seen)
     assert tc[(0, 2)][1] == 2
+
+
+@pytest.mark.skipif(not __import__("mage_fast.data", fromlist=["x"]).dali_available(), reason="nvidia-dali not installed")
+def test_dali_cpu_pipeline_matches_layout_and_range(tmp_path):
+    root = _folder(tmp_path / "imgs", n_per_class=8, size=24)
+    loader = EpochLoader(LoaderSpec("folder", str(root), img_size=16, batch_size=4, num_workers=1, backend="dali"))
+    assert loader.backend == "dali"
+    batches = list(loader.batches(0))
+    assert len(batches) == loader.batches_per_epoch == 4
+    x, y = batches[0]
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.max()) > 0.5
+    assert set(torch.cat([b[1] for b in batches]).tolist()) == {0, 1}
