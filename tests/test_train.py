@@ -206,3 +206,14 @@ def test_tokenizer_trainer_with_gan_and_restarts(tmp_path, image_folder):
     model = mage_fast.MAGE(img_size=32, embed_dim=64, depth=1, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
                            decoder_num_heads=2, vqgan_ckpt_path=str(out / "tok.pt"), vqgan_config=raw["config"])
     assert model.codebook_size == 512 and model.seq_len == 64
+
+
+@needs_deepspeed
+def test_bf16_zero2_trains_and_exports_fp32(tmp_path):
+    out = tmp_path / "bf16"
+    _ok(_run(["train/pretrain.py", *TINY_ARGS, "--synthetic", "--synthetic_length", "16", "--batch_size", "4",
+              "--max_steps", "2", "--num_workers", "0", "--precision", "bf16", "--deepspeed_config", "zero2",
+              "--output_dir", str(out), "--export", str(out / "mage.pt")]))
+    sd = read_state_dict(str(out / "mage.pt"))
+    assert all(v.dtype in (torch.float32, torch.int64) for v in sd.values())
+    _check_export(out / "mage.pt")
