@@ -8,7 +8,7 @@
 Linear probe (official feature protocol): the encoder on all tokens (no mask), no final norm, the
 mean over the image tokens, a parameter-free LayerNorm; then features are standardised with the
 training statistics (BatchNorm without affine, as the official head) and a multinomial logistic
-regression is fitted with L-BFGS; its L2 strength is chosen on the last 10% of the training split
+regression is fitted with L-BFGS; its L2 strength is chosen on a seeded random 10% of the training split
 and the chosen model is refitted on the whole training split. Accuracy is on the test split.
 """
 import argparse
@@ -59,11 +59,12 @@ def linear_probe(xtr, ytr, xte, yte, wds=(1e-5, 1e-4, 1e-3)) -> dict:
     mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     k = int(max(ytr.max(), yte.max())) + 1
-    n_val = len(xtr) // 10
+    perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))  # folders are class-sorted
+    fit_i, val_i = perm[len(xtr) // 10:], perm[: len(xtr) // 10]
     val = {}
     for wd in wds:
-        w, b = fit_logreg(xtr[:-n_val], ytr[:-n_val], wd, k)
-        val[wd] = float(((xtr[-n_val:] @ w + b).argmax(1) == ytr[-n_val:]).float().mean())
+        w, b = fit_logreg(xtr[fit_i], ytr[fit_i], wd, k)
+        val[wd] = float(((xtr[val_i] @ w + b).argmax(1) == ytr[val_i]).float().mean())
     best = max(val, key=val.get)
     w, b = fit_logreg(xtr, ytr, best, k)
     acc = float(((xte @ w + b).argmax(1) == yte).float().mean())
