@@ -54,7 +54,7 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, wd: float, num_classes: int, it
     return w.detach(), b.detach()
 
 
-def linear_probe(xtr, ytr, xte, yte, wds=(1e-5, 1e-4, 1e-3)) -> dict:
+def linear_probe(xtr, ytr, xte, yte, wds=(1e-6, 1e-5, 1e-4, 1e-3)) -> dict:
     """Standardise with training stats, pick the L2 strength on a 10% hold-out, refit, test."""
     mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
