@@ -1,0 +1,74 @@
+"""Command-line pieces shared by the trainers."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("data")
+    g.add_argument("--data_path", default=None, help="ImageFolder root (root/<class>/<img>)")
+    g.add_argument("--synthetic", action="store_true", help="random smooth images instead of a folder (smoke runs)")
+    g.add_argument("--synthetic_length", type=int, default=1024)
+    g.add_argument("--img_size", type=int, default=256)
+    g.add_argument("--crop_scale_min", type=float, default=0.2, help="RandomResizedCrop area lower bound")
+    g.add_argument("--data_backend", default="auto", choices=["auto", "torch", "dali"])
+    g.add_argument("--num_workers", type=int, default=2)
+    g = ap.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=32, help="micro-batch per rank")
+    g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--epochs", type=float, default=0, help="length in epochs (or --max_steps)")
+    g.add_argument("--max_steps", type=int, default=0, help="length in optimizer steps (overrides --epochs)")
+    g.add_argument("--warmup_epochs", type=float, default=0)
+    g.add_argument("--warmup_steps", type=int, default=-1, help="overrides --warmup_epochs when >= 0")
+    g.add_argument("--min_lr", type=float, default=0.0)
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--clip_grad", type=float, default=3.0)
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--deepspeed_config", default="zero1", help="a file, or zero0/zero1/zero2/zero3 in train/configs")
+    g.add_argument("--seed", type=int, default=0)
+    g = ap.add_argument_group("run")
+    g.add_argument("--output_dir", default=None, help="checkpoints, metrics.csv, tb/")
+    g.add_argument("--save_every", type=int, default=0, help="save every N optimizer steps (0: at the end)")
+    g.add_argument("--keep_last", type=int, default=2, help="checkpoints kept (0: all)")
+    g.add_argument("--resume", default=None, help="'auto' (latest in --output_dir) or a checkpoint directory")
+    g.add_argument("--log_every", type=int, default=20)
+    g.add_argument("--export", default=None, help="write the trained weights here at the end")
+    g.add_argument("--no_progress", action="store_true")
+    g.add_argument("--threads", type=int, default=0, help="torch intra-op threads per rank (0: torch's default)")
+    g.add_argument("--simulate_crash_at_step", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+
+def check_common_args(ap: argparse.ArgumentParser, args) -> None:
+    if not args.synthetic and not args.data_path and not getattr(args, "token_cache", None):
+        ap.error("give --data_path (an ImageFolder), --token_cache, or --synthetic")
+    if args.data_path and not os.path.isdir(args.data_path):
+        ap.error(f"--data_path {args.data_path} is not a directory")
+    if args.epochs <= 0 and args.max_steps <= 0:
+        ap.error("give --epochs or --max_steps")
+    if not 0 < args.crop_scale_min <= 1:
+        ap.error("--crop_scale_min must be in (0, 1]")
+    if args.resume and args.resume != "auto" and not os.path.isdir(args.resume):
+        ap.error(f"--resume {args.resume}: not 'auto' and not a directory")
+    if args.resume == "auto" and not args.output_dir:
+        ap.error("--resume auto needs --output_dir")
+    if args.batch_size <= 0 or args.accum_iter <= 0:
+        ap.error("--batch_size and --accum_iter must be positive")
+
+
+def schedule_lengths(args, batches_per_epoch: int) -> tuple:
+    """-> (total optimizer steps, warm-up steps, steps per epoch)."""
+    steps_per_epoch = max(1, batches_per_epoch // args.accum_iter)
+    total = args.max_steps if args.max_steps > 0 else max(1, round(args.epochs * steps_per_epoch))
+    warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_epochs * steps_per_epoch)
+    return total, min(warmup, total), steps_per_epoch
+
+
+def write_run_args(args, rank: int) -> None:
+    if rank == 0 and args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump({"argv": sys.argv, **vars(args)}, f, indent=1, default=str)

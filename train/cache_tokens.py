@@ -1,0 +1,94 @@
+"""Tokenize an ImageFolder once into several augmented views per image, for token-cache training.
+
+    python train/cache_tokens.py --data_path data/fmnist/train --tokenizer out/tok/tokenizer.pt \
+        --img_size 28 --views 4 --plain_first --out out/fmnist_train_tokens.pt
+    deepspeed train/pretrain.py ... --token_cache out/fmnist_train_tokens.pt --tokenizer out/tok/tokenizer.pt
+
+The frozen tokenizer dominates a small model's training step; caching V views trades it for a
+fixed set of augmentations (each epoch picks one view per image at random). With ``--plain_first``
+view 0 is the un-augmented image (resize only), which evaluation (linear probe) reuses.
+Writes ``{'ids': (N, V, L) int16, 'labels': (N,), 'meta': {...}}``.
+"""
+import argparse
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mage_fast.data import EvalTransform, ImageFolder, TrainTransform  # noqa: E402
+from mage_fast.models.checkpoint import read_state_dict  # noqa: E402
+from mage_fast.models.vqgan import VQModel  # noqa: E402
+
+
+def load_tokenizer(path: str, img_size: int) -> VQModel:
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = dict(raw.get("config", {})) if isinstance(raw, dict) else {}
+    sd = read_state_dict(raw)
+    if any(k.startswith("vqgan.") for k in sd):  # a full MAGE checkpoint
+        sd = {k[6:]: v for k, v in sd.items() if k.startswith("vqgan.")}
+        cfg = dict(raw.get("config", {}).get("vqgan_config", {}))
+    for k in ("resolution", "in_channels", "out_ch"):
+        cfg.pop(k, None)
+    vq = VQModel(**cfg, resolution=img_size)
+    vq.load_state_dict(sd, strict=True)
+    return vq.eval()
+
+
+class _Views(torch.utils.data.Dataset):
+    def __init__(self, train: ImageFolder, plain: ImageFolder, views: int, plain_first: bool):
+        self.train, self.plain, self.views, self.plain_first = train, plain, views, plain_first
+
+    def __len__(self):
+        return len(self.train)
+
+    def __getitem__(self, i):
+        xs = [self.plain[i][0] if (v == 0 and self.plain_first) else self.train[(0, i, v)][0] for v in range(self.views)]
+        return torch.stack(xs), self.train.samples[i][1]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data_path", required=True)
+    ap.add_argument("--tokenizer", required=True, help="train_tokenizer.py export or a MAGE checkpoint")
+    ap.add_argument("--img_size", type=int, required=True)
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--plain_first", action="store_true", help="view 0 is the un-augmented image")
+    ap.add_argument("--crop_scale_min", type=float, default=0.2)
+    ap.add_argument("--batch_size", type=int, default=128)
+    ap.add_argument("--num_workers", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if args.views < 1:
+        ap.error("--views must be >= 1")
+    vq = load_tokenizer(args.tokenizer, args.img_size)
+    vq.check_input_range = False
+    train = ImageFolder(args.data_path, TrainTransform(args.img_size, (args.crop_scale_min, 1.0)), seed=args.seed)
+    plain = ImageFolder(args.data_path, EvalTransform(args.img_size))
+    ds = _Views(train, plain, args.views, args.plain_first)
+    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers)
+    grid = args.img_size // vq.downsample
+    ids = torch.empty(len(ds), args.views, grid * grid, dtype=torch.int16 if vq.n_embed <= 32767 else torch.int32)
+    labels = torch.empty(len(ds), dtype=torch.long)
+    n = 0
+    with torch.inference_mode():
+        for x, y in tqdm(dl, desc="tokenizing", unit="batch", mininterval=2.0):
+            B = x.shape[0]
+            _, _, (_, _, idx) = vq.encode(x.flatten(0, 1))
+            ids[n:n + B] = idx.view(B, args.views, -1).to(ids.dtype)
+            labels[n:n + B] = y
+            n += B
+    meta = dict(seq_len=grid * grid, n_embed=vq.n_embed, img_size=args.img_size, views=args.views,
+                plain_first=args.plain_first, crop_scale_min=args.crop_scale_min, classes=train.classes,
+                tokenizer=os.path.abspath(args.tokenizer), seed=args.seed,
+                codebook_checksum=float(vq.quantize.embedding.weight.double().sum()))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    torch.save({"ids": ids, "labels": labels, "meta": meta}, args.out)
+    used = torch.unique(ids.long()).numel()
+    print(f"wrote {args.out}: {tuple(ids.shape)} ids, {used}/{vq.n_embed} codes used")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Measure a trained tokenizer / MAGE: reconstruction error, linear probe, and a sample grid.
+
+    python train/evaluate.py recon  --tokenizer out/tok/tokenizer.pt --data_path data/fmnist/test --img_size 28
+    python train/evaluate.py probe  --ckpt out/mage.pt --train_cache train_tok.pt --test_cache test_tok.pt
+    python train/evaluate.py pixels --train_path data/fmnist/train --test_path data/fmnist/test --img_size 28
+    python train/evaluate.py samples --ckpt out/mage.pt --out grid.png --n 64 --num_iter 12 --temperature 4.5
+
+Linear probe (official feature protocol): the encoder on all tokens (no mask), no final norm, the
+mean over the image tokens, a parameter-free LayerNorm; then features are standardised with the
+training statistics (BatchNorm without affine, as the official head) and a multinomial logistic
+regression is fitted with L-BFGS; its L2 strength is chosen on a seeded random 10% of the training split
+and the chosen model is refitted on the whole training split. Accuracy is on the test split.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mage_fast.models.checkpoint import build_from_checkpoint  # noqa: E402
+
+
+def _load_cache(path):
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return blob["ids"][:, 0].long(), blob["labels"].long(), blob.get("meta", {})
+
+
+@torch.no_grad()
+def mage_features(model, ids: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    model.eval()
+    out = []
+    for i in tqdm(range(0, len(ids), batch), desc="features", unit="batch", mininterval=2.0):
+        full = model._with_class_slot(ids[i:i + batch], model.fake_class_label)
+        h = model.encode_ids(full, final_norm=False)[:, 1:].mean(dim=1)
+        out.append(F.layer_norm(h, h.shape[-1:], eps=1e-6))
+    return torch.cat(out)
+
+
+def fit_logreg(x: torch.Tensor, y: torch.Tensor, wd: float, num_classes: int, iters: int = 200):
+    w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + wd * (w * w).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def linear_probe(xtr, ytr, xte, yte, wds=(1e-6, 1e-5, 1e-4, 1e-3)) -> dict:
+    """Standardise with training stats, pick the L2 strength on a 10% hold-out, refit, test."""
+    mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    k = int(max(ytr.max(), yte.max())) + 1
+    perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))  # folders are class-sorted
+    fit_i, val_i = perm[len(xtr) // 10:], perm[: len(xtr) // 10]
+    val = {}
+    for wd in wds:
+        w, b = fit_logreg(xtr[fit_i], ytr[fit_i], wd, k)
+        val[wd] = float(((xtr[val_i] @ w + b).argmax(1) == ytr[val_i]).float().mean())
+    best = max(val, key=val.get)
+    w, b = fit_logreg(xtr, ytr, best, k)
+    acc = float(((xte @ w + b).argmax(1) == yte).float().mean())
+    return {"test_accuracy": acc, "l2": best, "holdout_accuracy": val, "train_n": len(xtr), "test_n": len(xte),
+            "dim": xtr.shape[1]}
+
+
+def _folder_tensor(path, img_size):
+    from mage_fast.data import eval_images
+    ds = eval_images(path, img_size)
+    dl = torch.utils.data.DataLoader(ds, batch_size=500, num_workers=1)
+    xs, ys = [], []
+    for x, y in tqdm(dl, desc=os.path.basename(path.rstrip("/")), unit="batch", mininterval=2.0):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("recon", help="tokenizer reconstruction error on a folder")
+    r.add_argument("--tokenizer", required=True)
+    r.add_argument("--data_path", required=True)
+    r.add_argument("--img_size", type=int, required=True)
+    r.add_argument("--png", default=None, help="write originals over reconstructions here")
+    p = sub.add_parser("probe", help="linear probe on MAGE features from token caches (view 0)")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--train_cache", required=True)
+    p.add_argument("--test_cache", required=True)
+    x = sub.add_parser("pixels", help="the raw-pixel logistic-regression baseline")
+    x.add_argument("--train_path", required=True)
+    x.add_argument("--test_path", required=True)
+    x.add_argument("--img_size", type=int, default=28)
+    s = sub.add_parser("samples", help="generate a PNG grid")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--num_iter", type=int, default=12)
+    s.add_argument("--temperature", type=float, default=4.5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scale", type=int, default=3, help="pixel upscaling of the grid")
+    ap.add_argument("--json", default=None, help="append the result to this JSON-lines file")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "recon":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from cache_tokens import load_tokenizer
+        vq = load_tokenizer(args.tokenizer, args.img_size)
+        xs, _ = _folder_tensor(args.data_path, args.img_size)
+        se, ae, used = 0.0, 0.0, torch.zeros(vq.n_embed, dtype=torch.bool)
+        with torch.inference_mode():
+            for i in range(0, len(xs), 500):
+                z_q, _, (_, _, idx) = vq.encode(xs[i:i + 500])
+                rec = vq.decode(z_q).clamp(0, 1)
+                se += float(((rec - xs[i:i + 500]) ** 2).sum())
+                ae += float((rec - xs[i:i + 500]).abs().sum())
+                used[idx] = True
+                if i == 0 and args.png:
+                    save_grid(torch.cat([xs[:32], rec[:32]]), args.png, 3)
+        mse = se / xs.numel()
+        res = {"what": "tokenizer reconstruction", "images": len(xs), "mse": mse, "mae": ae / xs.numel(),
+               "psnr_db": float(10 * torch.log10(torch.tensor(1.0 / mse))), "codes_used": int(used.sum()),
+               "codebook": vq.n_embed}
+    elif args.cmd == "probe":
+        model = build_from_checkpoint(args.ckpt)
+        ids_tr, y_tr, _ = _load_cache(args.train_cache)
+        ids_te, y_te, _ = _load_cache(args.test_cache)
+        res = {"what": "MAGE linear probe", "ckpt": args.ckpt,
+               **linear_probe(mage_features(model, ids_tr), y_tr, mage_features(model, ids_te), y_te)}
+    elif args.cmd == "pixels":
+        xtr, ytr = _folder_tensor(args.train_path, args.img_size)
+        xte, yte = _folder_tensor(args.test_path, args.img_size)
+        res = {"what": "raw-pixel linear probe", **linear_probe(xtr[:, 0].flatten(1), ytr, xte[:, 0].flatten(1), yte)}
+    else:
+        model = build_from_checkpoint(args.ckpt).eval()
+        from mage_fast import generate
+        imgs = generate(model, args.n, num_iter=args.num_iter, temperature=args.temperature, seed=args.seed,
+                        progress=True).clamp(0, 1)
+        save_grid(imgs, args.out, args.scale)
+        res = {"what": "samples", "png": args.out, "n": args.n, "num_iter": args.num_iter,
+               "temperature": args.temperature, "seed": args.seed}
+    print(json.dumps(res))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+def save_grid(imgs: torch.Tensor, path: str, scale: int = 1) -> None:
+    """(N, 3, H, W) in [0, 1] -> a square PNG grid with 2-pixel gaps."""
+    from PIL import Image
+    n, _, h, w = imgs.shape
+    cols = int(n ** 0.5 + 0.999)
+    rows = (n + cols - 1) // cols
+    canvas = torch.ones(3, rows * (h + 2) + 2, cols * (w + 2) + 2)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        canvas[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = imgs[i]
+    arr = (canvas.permute(1, 2, 0) * 255).round().byte().numpy()
+    img = Image.fromarray(arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Fashion-MNIST (Debian's ``dataset-fashion-mnist``) -> ImageFolder of PNGs, offline.
+
+    apt-get install -y dataset-fashion-mnist
+    python train/prepare_fashion_mnist.py --out data/fmnist          # -> data/fmnist/{train,test}/<class>/*.png
+
+Images stay 28x28 grayscale PNGs; the loaders convert them to RGB and resize to the model size.
+"""
+import argparse
+import os
+import sys
+
+from PIL import Image
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mage_fast.data.idx import read_idx  # noqa: E402
+
+CLASSES = ["0_tshirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat", "5_sandal", "6_shirt", "7_sneaker",
+           "8_bag", "9_ankle_boot"]
+DEFAULT_SRC = "/usr/share/datasets/fashion-mnist"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", default=DEFAULT_SRC, help="folder with the idx .gz files")
+    ap.add_argument("--out", required=True, help="output root; writes train/ and test/ ImageFolders")
+    ap.add_argument("--limit", type=int, default=0, help="at most this many images per split (0: all)")
+    args = ap.parse_args(argv)
+    if not os.path.isdir(args.src):
+        sys.exit(f"{args.src} not found: install it with `apt-get install -y dataset-fashion-mnist` or pass --src")
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        imgs = read_idx(os.path.join(args.src, f"{prefix}-images-idx3-ubyte.gz"))
+        labels = read_idx(os.path.join(args.src, f"{prefix}-labels-idx1-ubyte.gz"))
+        if len(imgs) != len(labels):
+            sys.exit(f"{split}: {len(imgs)} images but {len(labels)} labels")
+        n = len(imgs) if args.limit <= 0 else min(args.limit, len(imgs))
+        for c in CLASSES:
+            os.makedirs(os.path.join(args.out, split, c), exist_ok=True)
+        for i in tqdm(range(n), desc=f"fashion-mnist {split}", unit="img", mininterval=1.0):
+            Image.fromarray(imgs[i], mode="L").save(os.path.join(args.out, split, CLASSES[labels[i]], f"{i:05d}.png"))
+    print(f"wrote {args.out}/train and {args.out}/test")
+
+
+if __name__ == "__main__":
+    main()
