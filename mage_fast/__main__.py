@@ -40,6 +40,23 @@ def load_model(ckpt: str | None, model_name: str | None):
     return model, ckpt
 
 
+OFFICIAL_SAMPLING = {"num_iter": 20, "temperature": 6.0}
+
+
+def sampling_defaults(ckpt: str, args) -> None:
+    """Fill --num-iter / --temperature left unset: from the checkpoint's model card (``<ckpt>.json``
+    beside it, key ``sampling``) when there is one, else the official README setting (20, 6.0)."""
+    import json
+    card = os.path.splitext(ckpt)[0] + ".json"
+    rec = {}
+    if os.path.isfile(card):
+        with open(card) as f:
+            rec = json.load(f).get("sampling", {})
+    for key, official in OFFICIAL_SAMPLING.items():
+        if getattr(args, key) is None:
+            setattr(args, key, rec.get(key, official))
+
+
 def cmd_generate(args) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -59,6 +76,7 @@ def cmd_generate(args) -> int:
     except mage_fast.CheckpointError as e:
         raise SystemExit(f"error: {e}")
     model = model.to(dev).eval()
+    sampling_defaults(ckpt, args)
     os.makedirs(args.out, exist_ok=True)
     num_batches = math.ceil(args.num_images / args.batch_size)
     grid_imgs, t0 = [], time.perf_counter()
@@ -274,8 +292,10 @@ def main(argv=None) -> int:
     g.add_argument("--model", default=None, help="vit_base | vit_large | tiny (default: inferred from the checkpoint)")
     g.add_argument("--num-images", type=int, default=16)
     g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--num-iter", type=int, default=20, help="decoding steps (README setting 20)")
-    g.add_argument("--temperature", type=float, default=6.0, help="confidence-noise temperature (README 6.0)")
+    g.add_argument("--num-iter", type=int, default=None,
+                   help="decoding steps (default: the checkpoint's model card, else the official 20)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="confidence-noise temperature (default: the model card's, else the official 6.0)")
     g.add_argument("--seed", type=int, default=0, help="rng=official: batch b uses seed + b, as the official script")
     g.add_argument("--rng", choices=("official", "torch"), default="official")
     g.add_argument("--device", default="auto")

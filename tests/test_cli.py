@@ -71,3 +71,22 @@ def test_info_runs_as_module():
     for op in ("attention", "codebook_nn", "decode_step", "gather_tokens", "scatter_tokens"):
         assert op in r.stdout
     assert "torch" in r.stdout and "op backends on cpu" in r.stdout
+
+
+def test_sampling_defaults_from_model_card(tmp_path):
+    import argparse
+    import json
+
+    from mage_fast.__main__ import sampling_defaults
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"")
+    args = argparse.Namespace(num_iter=None, temperature=None)
+    sampling_defaults(str(ckpt), args)
+    assert (args.num_iter, args.temperature) == (20, 6.0)  # official README setting without a card
+    (tmp_path / "m.json").write_text(json.dumps({"sampling": {"temperature": 1.0, "num_iter": 8}}))
+    args = argparse.Namespace(num_iter=None, temperature=None)
+    sampling_defaults(str(ckpt), args)
+    assert (args.num_iter, args.temperature) == (8, 1.0)
+    args = argparse.Namespace(num_iter=3, temperature=2.5)  # explicit flags win
+    sampling_defaults(str(ckpt), args)
+    assert (args.num_iter, args.temperature) == (3, 2.5)
