@@ -29,7 +29,7 @@ from mage_fast.data import EpochLoader, LoaderSpec  # noqa: E402
 from mage_fast.models.checkpoint import load_checkpoint, load_state_dict_strict, read_state_dict  # noqa: E402
 from mage_fast.models.mage import MAGE  # noqa: E402
 from mage_fast.training import engine as eng  # noqa: E402
-from mage_fast.training.common import add_common_args, check_common_args, schedule_lengths, write_run_args  # noqa: E402
+from mage_fast.training.common import add_common_args, check_common_args, schedule_lengths, start_run  # noqa: E402
 from mage_fast.training.loop import LoopConfig, TrainLoop  # noqa: E402
 from mage_fast.training.objective import MAGEObjective  # noqa: E402
 from mage_fast.training.optim import adamw, param_groups  # noqa: E402
@@ -127,13 +127,7 @@ def check_token_cache(path: str, model: MAGE) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    deepspeed = eng.setup_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(args.seed)
-    write_run_args(args, rank)
-    dev = eng.device()
+    deepspeed, rank, world, dev = start_run(args)
 
     cfg = model_config(args)
     model = build_model(cfg, args)

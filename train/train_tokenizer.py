@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mage_fast.data import EpochLoader, LoaderSpec  # noqa: E402
 from mage_fast.models.vqgan import VQModel  # noqa: E402
 from mage_fast.training import engine as eng  # noqa: E402
-from mage_fast.training.common import add_common_args, check_common_args, schedule_lengths, write_run_args  # noqa: E402
+from mage_fast.training.common import add_common_args, check_common_args, schedule_lengths, start_run  # noqa: E402
 from mage_fast.training.loop import LoopConfig, TrainLoop  # noqa: E402
 from mage_fast.training.optim import adamw, param_groups  # noqa: E402
 from mage_fast.training.tokenizer import PatchDiscriminator, VQGANObjective  # noqa: E402
@@ -62,13 +62,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    deepspeed = eng.setup_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(args.seed)
-    write_run_args(args, rank)
-    dev = eng.device()
+    deepspeed, rank, world, dev = start_run(args)
 
     vq_cfg = dict(ch=args.ch, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks, z_channels=args.z_channels,
                   embed_dim=args.z_channels, n_embed=args.n_embed)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..modules.embeddings import BertEmbeddings, MlmLayer, fast_norm_layer
-from ..modules.transformer import Block
+from ..modules.transformer import Block, init_linear_and_layernorm
 from ..ops.mlm_loss import masked_ce
 from ..ops.token_drop import gather_tokens, keep_index, scatter_tokens
 from .checks import check_images, check_token_ids
@@ -155,16 +155,7 @@ class MAGE(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.normal_(self.decoder_pos_embed_learned, std=0.02)
-        for name, m in self.named_modules():
-            if name.startswith("vqgan"):
-                continue
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_layernorm(self, skip_prefix="vqgan")
 
     # ------------------------------------------------------------------ tokens
     @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules.transformer import Attention, Mlp
+from ..modules.transformer import Attention, Mlp, init_linear_and_layernorm
 from ..ops.attention import attention
 from .checks import check_token_ids
 from .vit_vqgan import count_parameters
@@ -158,16 +158,7 @@ class VIM(nn.Module):
     def _init_weights(self):
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb, std=0.02)
-        for name, m in self.named_modules():
-            if name.startswith("tokenizer"):
-                continue
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_layernorm(self, skip_prefix="tokenizer")
 
     def num_parameters(self, trainable_only: bool = False, include_tokenizer: bool = False) -> int:
         """Parameter count of the stage-2 model (``include_tokenizer`` adds the frozen tokenizer's)."""

@@ -67,3 +67,18 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
+
+
+def init_linear_and_layernorm(module: nn.Module, skip_prefix: str = "") -> None:
+    """The ViT/MAE initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms;
+    submodules whose name starts with ``skip_prefix`` (e.g. a frozen tokenizer) are left alone."""
+    for name, m in module.named_modules():
+        if skip_prefix and name.startswith(skip_prefix):
+            continue
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -67,6 +67,22 @@ def schedule_lengths(args, batches_per_epoch: int) -> tuple:
     return total, min(warmup, total), steps_per_epoch
 
 
+def start_run(args):
+    """The common start of a training script: torch threads, distributed setup, seed, args.json.
+    Returns (deepspeed module, rank, world size, device)."""
+    import torch
+    import torch.distributed as dist
+
+    from . import engine as eng
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    deepspeed = eng.setup_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(args.seed)
+    write_run_args(args, rank)
+    return deepspeed, rank, world, eng.device()
+
+
 def write_run_args(args, rank: int) -> None:
     if rank == 0 and args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
