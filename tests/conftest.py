@@ -40,6 +40,15 @@ def poison_fresh_allocations(monkeypatch):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread avoids stalls on parallel regions when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fixture_data():
     if not FIXTURE.is_file():

@@ -15,13 +15,7 @@ from mage_fast.vim_sampling import filter_logits, generate, sample_next, sample_
 L, K, C = 16, 64, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread avoids stalls on parallel regions when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,7 @@ from mage_fast.models.vit_vqgan import (ViTVQGAN, count_parameters, discriminato
 from mage_fast.ops import force_backend
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread avoids stalls on parallel regions when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(img=32, patch=8, code_dim=8, n_embed=37, **kw):
