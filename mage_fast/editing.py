@@ -87,12 +87,10 @@ def inpaint(model, image: torch.Tensor, region: torch.Tensor, *, num_samples: in
     if not bool(tmask.any()):
         raise ValueError("the region covers no token: nothing to regenerate")
     init = torch.where(tmask.view(1, -1), model.mask_token_label, codes).expand(num_samples, -1)
-    _, ids, trace = generate(model, num_samples, num_iter=num_iter, temperature=temperature, seed=seed, rng="torch",
-                             schedule=schedule, temperature_annealing=temperature_annealing,
-                             class_ids=None if class_id is None else torch.tensor([class_id]),
-                             guidance_scale=guidance_scale, init_ids=init, return_ids=True, return_trace=True)
-    decoded = model.vqgan.decode(model.vqgan.quantize.get_codebook_entry(
-        ids, (num_samples, grid, grid, model.vqgan.quantize.e_dim)))
+    decoded, ids, trace = generate(model, num_samples, num_iter=num_iter, temperature=temperature, seed=seed,
+                                   rng="torch", schedule=schedule, temperature_annealing=temperature_annealing,
+                                   class_ids=None if class_id is None else torch.tensor([class_id]),
+                                   guidance_scale=guidance_scale, init_ids=init, return_ids=True, return_trace=True)
     sigma = (S / grid) / 2 if blur_sigma is None else blur_sigma
     w = soft_composite_mask(tmask, S, sigma)
     images = w * decoded + (1 - w) * img
