@@ -18,7 +18,6 @@ import sys
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_tag, environment, print_header, time_fn, write_json  # noqa: E402

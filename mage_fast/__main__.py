@@ -201,8 +201,6 @@ def cmd_outpaint(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    import torch
-
     from mage_fast.eval import MAGEClassifier, extract_features, few_shot, finetune, linear_probe
     from mage_fast.eval.folder import list_image_folder
 

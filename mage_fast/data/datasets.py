@@ -6,7 +6,7 @@ augmentation of a sample depends only on (seed, epoch, index).
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import numpy as np
 import torch

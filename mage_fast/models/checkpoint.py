@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping, Optional, Union
+from typing import Mapping, Union
 
 import torch
 import torch.nn as nn

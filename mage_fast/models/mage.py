@@ -13,11 +13,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from ..modules.embeddings import BertEmbeddings, MlmLayer, fast_norm_layer
 from ..modules.transformer import Block, init_linear_and_layernorm
 from ..ops.mlm_loss import masked_ce
-from ..ops.token_drop import gather_tokens, keep_index, scatter_tokens
+from ..ops.token_drop import keep_index, scatter_tokens
 from .checks import check_images, check_token_ids
 from .vqgan import OFFICIAL_VQGAN_CONFIG, VQModel
 
@@ -133,6 +134,8 @@ class MAGE(nn.Module):
         # Class-conditional training (MaskGIT style): with labels, the class token replaces the fake
         # class token, and is dropped back to it with this probability so one model does both.
         self.class_dropout_prob = 0.1
+        # Recompute transformer blocks in the backward pass (training memory for compute).
+        self.activation_checkpointing = False
         self.initialize_weights()
 
     @property
@@ -218,25 +221,49 @@ class MAGE(nn.Module):
         makes the step class-conditional (see ``class_dropout_prob``).
         """
         gt_indices = self.tokenize(x)
+        h, drop, allm = self.encode_masked(gt_indices, token_drop_mask, token_all_mask, labels)
+        return h, gt_indices, drop.float(), allm.float()
+
+    def _run_blocks(self, blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+        for blk in blocks:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(blk, h, use_reentrant=False)
+            else:
+                h = blk(h)
+        return h
+
+    def encode_masked(self, gt_indices: torch.Tensor, token_drop_mask: Optional[torch.Tensor] = None,
+                      token_all_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
+        """Code ids (B, L) -> (latent (B, K, D), drop (B, L+1) bool, all (B, L+1) bool): the masked
+        encoder pass, drawing masks unless both are given. Dropped tokens are removed before the
+        embedding (the same rows the official code keeps after embedding everything)."""
         B, L = gt_indices.shape
         if token_drop_mask is None or token_all_mask is None:
-            drop, allm = self.sample_masks(B, x.device)
+            drop, allm = self.sample_masks(B, gt_indices.device)
         else:
             drop, allm = (m[:, -L:].bool() for m in (token_drop_mask, token_all_mask))
             if not bool((drop <= allm).all()):
                 raise ValueError("every dropped token must also be masked (token_drop_mask <= token_all_mask)")
         ids = torch.where(allm, self.mask_token_label, gt_indices)
-        ids = self._with_class_slot(ids, self._class_slot(labels, B, x.device))
+        ids = self._with_class_slot(ids, self._class_slot(labels, B, gt_indices.device))
         drop = self._with_class_slot(drop, False)
         allm = self._with_class_slot(allm, False)
         num_keep = ids.shape[1] - (math.ceil(L * self.mask_ratio_min) if token_drop_mask is None
                                    else int(drop[0].sum()))
         keep = keep_index(drop, num_keep)  # (B, K)
         h = self.token_emb(torch.gather(ids, 1, keep), positions=keep)
-        for blk in self.blocks:
-            h = blk(h)
-        h = self.norm(h)
-        return h, gt_indices, drop.float(), allm.float()
+        return self.norm(self._run_blocks(self.blocks, h)), drop, allm
+
+    def training_loss(self, gt_indices: torch.Tensor, token_drop_mask: Optional[torch.Tensor] = None,
+                      token_all_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
+        """The official training loss from code ids (B, L) (e.g. a token cache): returns
+        (loss, latent (B, K, D), token_all_mask (B, L+1) float). The MLM head and the loss are fused
+        (:func:`mage_fast.ops.mlm_head_loss`): only the code logits at image positions exist."""
+        h, drop, allm = self.encode_masked(gt_indices, token_drop_mask, token_all_mask, labels)
+        x = self.decoder_hidden(h, drop, allm)[:, 1:]
+        loss = self.mlm_layer.loss(x, self.token_emb.word_embeddings.weight.detach(), gt_indices, allm[:, 1:],
+                                   self.codebook_size, self.label_smoothing)
+        return loss, h, allm.float()
 
     def forward_decoder(self, x: torch.Tensor, token_drop_mask: torch.Tensor, token_all_mask: torch.Tensor,
                         codes_only: bool = False) -> torch.Tensor:
@@ -257,9 +284,7 @@ class MAGE(nn.Module):
         else:
             keep = keep_index(token_drop_mask, x.shape[1])
             x = scatter_tokens(x, keep, allm, self.decoder_pos_embed_learned)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_norm(x)
+        return self.decoder_norm(self._run_blocks(self.decoder_blocks, x))
 
     def forward_loss(self, gt_indices: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Label-smoothed (0.1) cross entropy over the code logits, averaged over masked positions."""
@@ -271,10 +296,7 @@ class MAGE(nn.Module):
 
         The loss is the official ``forward_loss(gt, forward_decoder(...), mask)``, computed by the
         fused head + loss op: only the code logits at image positions, never full-size logits."""
-        latent, gt_indices, drop, allm = self.forward_encoder(imgs, token_drop_mask, token_all_mask, labels)
-        h = self.decoder_hidden(latent, drop, allm)[:, 1:]
-        loss = self.mlm_layer.loss(h, self.token_emb.word_embeddings.weight.detach(), gt_indices, allm[:, 1:],
-                                   self.codebook_size, self.label_smoothing)
+        loss, _, allm = self.training_loss(self.tokenize(imgs), token_drop_mask, token_all_mask, labels)
         return loss, imgs, allm
 
     # ------------------------------------------------------------------ inference helpers

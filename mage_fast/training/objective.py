@@ -7,18 +7,12 @@ loss on the encoder's pooled output over two augmented views.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..models.mage import MAGE
-from ..ops.mlm_loss import masked_ce
-from ..ops.token_drop import keep_index, scatter_tokens
 
 
 class ContrastiveHead(nn.Module):
@@ -67,14 +61,6 @@ class MAGEObjective(nn.Module):
         self.temperature = temperature
         self.head = ContrastiveHead(model.token_emb.word_embeddings.embedding_dim) if contrastive_weight > 0 else None
 
-    def _blocks(self, blocks, h):
-        for blk in blocks:
-            if self.activation_checkpointing and self.training:
-                h = checkpoint(blk, h, use_reentrant=False)
-            else:
-                h = blk(h)
-        return h
-
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> ids with the frozen tokenizer; ids pass through."""
         if x.is_floating_point():
@@ -84,20 +70,8 @@ class MAGEObjective(nn.Module):
 
     def mlm(self, ids: torch.Tensor):
         """Official masked-token loss for ids (B, L); returns (loss, pooled encoder output (B, D))."""
-        m = self.model
-        B, L = ids.shape
-        drop, allm = m.sample_masks(B, ids.device)
-        inp = m._with_class_slot(torch.where(allm, m.mask_token_label, ids), m.fake_class_label)
-        drop, allm = m._with_class_slot(drop, False), m._with_class_slot(allm, False)
-        keep = keep_index(drop, L + 1 - math.ceil(L * m.mask_ratio_min))  # (B, K)
-        h = m.token_emb(torch.gather(inp, 1, keep), positions=keep)
-        h = m.norm(self._blocks(m.blocks, h))  # (B, K, D)
-        x = scatter_tokens(m.decoder_embed(h), keep, allm, m.decoder_pos_embed_learned)  # (B, L+1, Dd)
-        x = m.decoder_norm(self._blocks(m.decoder_blocks, x))
-        # only the code columns at the image positions: all the loss reads (the official model
-        # also computes the 1000 legacy-class and [MASK] columns and the class slot, then drops them)
-        logits = m.mlm_layer(x[:, 1:], m.token_emb.word_embeddings.weight.detach(), num_outputs=m.codebook_size)
-        loss = masked_ce(logits, ids, allm[:, 1:].float(), m.label_smoothing)
+        self.model.activation_checkpointing = self.activation_checkpointing
+        loss, h, _ = self.model.training_loss(ids)
         return loss, h[:, 1:].mean(dim=1)
 
     def forward(self, batch: torch.Tensor):
