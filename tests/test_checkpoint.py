@@ -67,7 +67,7 @@ def test_vit_b_checkpoint_into_tiny_model_names_keys_and_size():
     msg = str(e.value)
     assert "the file holds a pre-trained MAGE ViT-B; the model is a MAGE width 64, depth 2" in msg
     n_unexpected = len(set(vitb) - set(tiny.state_dict()))
-    assert f"unexpected keys: " in msg and f"({n_unexpected} in all)" in msg
+    assert "unexpected keys: " in msg and f"({n_unexpected} in all)" in msg
     assert "mis-shaped keys (file vs model): cls_token (1, 1, 768) vs (1, 1, 64)" in msg
 
 
