@@ -30,7 +30,12 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup
         fn()
         sync(device)
         ts.append(time.perf_counter() - t0)
-    ts.sort()
+    return summarize(ts, repeats, warmup) if ts else {}
+
+
+def summarize(ts: list, repeats: int, warmup: int) -> dict:
+    """Median, min, max and inter-quartile range of timings in seconds."""
+    ts = sorted(ts)
     q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
     return {"median_s": statistics.median(ts), "min_s": ts[0], "max_s": ts[-1], "iqr_s": q[2] - q[0],
             "repeats": repeats, "warmup": warmup, "all_s": ts}
