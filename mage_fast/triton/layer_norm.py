@@ -17,6 +17,29 @@ from ._utils import INTERPRET, lib_name, next_pow2
 
 
 @triton.jit
+def ln_rows(x, ok, w_ptr, b_ptr, cols, D, eps):
+    """LayerNorm of a (BLOCK_M, BLOCK_D) fp32 tile of whole rows (``ok`` masks the padding):
+    returns (y, mean, rstd) with fp32 statistics."""
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    return xc * rstd[:, None] * w[None, :] + b[None, :], mean, rstd
+
+
+@triton.jit
+def ln_rows_backward(x, dy, mean, rstd, w, ok, D):
+    """LayerNorm backward on a fp32 tile of whole rows: returns (dx, xhat); the weight and bias
+    gradients of these rows are ``sum(dy * xhat, 0)`` and ``sum(dy, 0)``."""
+    xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+    g = dy * w[None, :]
+    c1 = tl.sum(g * xhat, axis=1) / D
+    c2 = tl.sum(g, axis=1) / D
+    return (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None], xhat
+
+
+@triton.jit
 def _ln_fwd_kernel(
     x_ptr,  # (M, D) contiguous
     w_ptr, b_ptr,  # (D,)
@@ -30,12 +53,7 @@ def _ln_fwd_kernel(
     ok = (rows[:, None] < M) & (cols[None, :] < D)
     offs = rows[:, None].to(tl.int64) * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)  # precision raised: fp32 statistics
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(ok, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    y, mean, rstd = ln_rows(x, ok, w_ptr, b_ptr, cols, D, eps)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
     tl.store(mean_ptr + rows, mean, mask=rows < M)
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
@@ -67,11 +85,7 @@ def _ln_bwd_kernel(
         dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = dy * w[None, :]
-        c1 = tl.sum(g * xhat, axis=1) / D
-        c2 = tl.sum(g, axis=1) / D
-        dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        dx, xhat = ln_rows_backward(x, dy, mean, rstd, w, ok, D)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
         dw += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRET, lib_name, next_pow2
-from .layer_norm import _num_sms
+from .layer_norm import _num_sms, ln_rows, ln_rows_backward
 
 
 @triton.jit
@@ -34,12 +34,7 @@ def _embed_fwd_kernel(
     pos = tl.load(pos_ptr + rows, mask=r_ok, other=0)
     x = (tl.load(w_ptr + ids[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
          + tl.load(p_ptr + pos[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32))  # fp32
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(ok, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-    g = tl.load(lnw_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    b = tl.load(lnb_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * g[None, :] + b[None, :]
+    y, mean, rstd = ln_rows(x, ok, lnw_ptr, lnb_ptr, cols, D, eps)
     tl.store(y_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
     tl.store(mean_ptr + rows, mean, mask=r_ok)
     tl.store(rstd_ptr + rows, rstd, mask=r_ok)
@@ -75,11 +70,7 @@ def _embed_bwd_kernel(
         dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=r_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=r_ok, other=0.0)
-        xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
-        gy = dy * g[None, :]
-        c1 = tl.sum(gy * xhat, axis=1) / D
-        c2 = tl.sum(gy, axis=1) / D
-        dx = (gy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        dx, xhat = ln_rows_backward(x, dy, mean, rstd, g, ok, D)
         tl.atomic_add(dw_ptr + ids[:, None] * D + cols[None, :], dx, mask=ok)
         tl.atomic_add(dp_ptr + pos[:, None] * D + cols[None, :], dx, mask=ok)
         dg += tl.sum(dy * xhat, axis=0)
