@@ -43,18 +43,61 @@ def load_model(ckpt: str | None, model_name: str | None):
 OFFICIAL_SAMPLING = {"num_iter": 20, "temperature": 6.0}
 
 
+def model_card(ckpt: str) -> dict:
+    """The checkpoint's model card, ``<ckpt>.json`` beside it ({} when there is none)."""
+    import json
+    card = os.path.splitext(ckpt)[0] + ".json"
+    if not os.path.isfile(card):
+        return {}
+    with open(card) as f:
+        return json.load(f)
+
+
 def sampling_defaults(ckpt: str, args) -> None:
     """Fill --num-iter / --temperature left unset: from the checkpoint's model card (``<ckpt>.json``
     beside it, key ``sampling``) when there is one, else the official README setting (20, 6.0)."""
-    import json
-    card = os.path.splitext(ckpt)[0] + ".json"
-    rec = {}
-    if os.path.isfile(card):
-        with open(card) as f:
-            rec = json.load(f).get("sampling", {})
+    rec = model_card(ckpt).get("sampling", {})
     for key, official in OFFICIAL_SAMPLING.items():
         if getattr(args, key) is None:
             setattr(args, key, rec.get(key, official))
+
+
+def resolve_class(spec: str | None, ckpt: str):
+    """``--class-id`` -> None, an int label, or "all" (image i gets label i mod the card's classes).
+
+    Accepts a label number or a class name from the model card's ``classes`` list; with a card, the
+    label must be one of its classes, and a card that says the model is not class-conditional
+    refuses conditioning."""
+    if spec is None:
+        return None
+    card = model_card(ckpt)
+    names = card.get("classes")
+    if card and not card.get("class_conditional", names is not None):
+        raise SystemExit(f"error: {ckpt} was trained unconditionally (its model card says so); drop --class-id")
+    if spec == "all":
+        if not names:
+            raise SystemExit("error: --class-id all needs a model card listing the classes")
+        return "all"
+    if spec.lstrip("-").isdigit():
+        label = int(spec)
+    elif names and spec in names:
+        label = names.index(spec)
+    else:
+        known = f": one of {', '.join(names)}" if names else ""
+        raise SystemExit(f"error: --class-id is a label number{' or a class name' if names else ''}{known}; "
+                         f"got {spec!r}")
+    if names and not 0 <= label < len(names):
+        raise SystemExit(f"error: --class-id {label} is outside the model's {len(names)} classes (0..{len(names) - 1})")
+    return label
+
+
+def _batch_class_ids(label, start: int, n: int, num_classes: int):
+    import torch
+    if label is None:
+        return None
+    if label == "all":
+        return torch.arange(start, start + n) % num_classes
+    return torch.tensor([label])
 
 
 def cmd_generate(args) -> int:
@@ -77,6 +120,8 @@ def cmd_generate(args) -> int:
         raise SystemExit(f"error: {e}")
     model = model.to(dev).eval()
     sampling_defaults(ckpt, args)
+    label = resolve_class(args.class_id, ckpt)
+    num_classes = len(model_card(ckpt).get("classes") or [])
     os.makedirs(args.out, exist_ok=True)
     num_batches = math.ceil(args.num_images / args.batch_size)
     grid_imgs, t0 = [], time.perf_counter()
@@ -93,7 +138,7 @@ def cmd_generate(args) -> int:
         out = mage_fast.generate(model, bs, num_iter=args.num_iter, temperature=args.temperature, seed=seed,
                                  rng=args.rng, first_index=start, schedule=args.schedule,
                                  temperature_annealing=args.temperature_annealing,
-                                 class_ids=None if args.class_id is None else torch.tensor([args.class_id]),
+                                 class_ids=_batch_class_ids(label, start, bs, num_classes),
                                  guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
                                  return_trace=want_trace)
         imgs = (out[0] if want_trace else out)[:n]
@@ -140,14 +185,17 @@ def _edit_common(args, mode: str) -> int:
     from mage_fast.images import load_image, save_grid, save_pngs, shade_tokens, to_uint8
 
     dev = _device(args.device)
-    model, _ = load_model(args.ckpt, args.model)
+    model, ckpt = load_model(args.ckpt, args.model)
     model = model.to(dev).eval()
+    label = resolve_class(args.class_id, ckpt)
+    if label == "all":
+        raise SystemExit(f"error: {mode} takes one --class-id, not 'all'")
     S = model.img_size
     if not os.path.isfile(args.image):
         raise SystemExit(f"error: image not found: {args.image}")
     img = load_image(args.image, S).to(dev)
     kw = dict(num_samples=args.num_samples, num_iter=args.num_iter, temperature=args.temperature, seed=args.seed,
-              schedule=args.schedule, class_id=args.class_id, guidance_scale=args.guidance)
+              schedule=args.schedule, class_id=label, guidance_scale=args.guidance)
     try:
         if mode == "outpaint":
             res = outpaint(model, img, _parse_box(args.keep_box), **kw)
@@ -277,7 +325,9 @@ def _decoding_args(p, with_annealing: bool = True) -> None:
     p.add_argument("--schedule", default="cosine", choices=sorted(SCHEDULES), help="mask schedule")
     if with_annealing:
         p.add_argument("--temperature-annealing", default="linear", choices=sorted(TEMPERATURE_ANNEALING))
-    p.add_argument("--class-id", type=int, default=None, help="class label (class-conditional models)")
+    p.add_argument("--class-id", default=None,
+                   help="class-conditional models: a label number, a class name from the model card, or 'all' "
+                        "(generate: image i gets class i mod the number of classes)")
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale")
 
 

@@ -102,6 +102,29 @@ def test_mage_c_two_views():
         obj(torch.rand(4, 3, 32, 32))
 
 
+def test_class_conditional_objective_uses_labels():
+    m = mage_fast.mage_vit_tiny(img_size=32, vqgan_config=SMALL_VQ)
+    ids = m.tokenize(torch.rand(4, 3, 32, 32))
+    labels = torch.tensor([0, 3, 9, 3])
+    obj = MAGEObjective(m)
+    m.class_dropout_prob = 0.0
+    torch.manual_seed(3)
+    ref = m.training_loss(ids, labels=labels)[0]
+    torch.manual_seed(3)
+    cond = obj(ids, labels)[0]
+    torch.testing.assert_close(cond, ref, rtol=1e-6, atol=1e-6)
+    torch.manual_seed(3)
+    uncond = obj(ids)[0]
+    assert abs(float(cond) - float(uncond)) > 1e-6  # the class slot changes the encoder's input
+    # MAGE-C passes the labels to both views
+    obj_c = MAGEObjective(m, contrastive_weight=0.5)
+    torch.manual_seed(3)
+    loss_c, stats = obj_c(torch.stack([ids, ids], 1), labels)
+    torch.manual_seed(3)
+    loss_u, _ = obj_c(torch.stack([ids, ids], 1))
+    assert torch.isfinite(loss_c) and abs(float(loss_c) - float(loss_u)) > 1e-6
+
+
 def test_loss_falls_on_fixed_batch():
     torch.manual_seed(0)
     m = mage_fast.mage_vit_tiny(img_size=32, vqgan_config=SMALL_VQ)

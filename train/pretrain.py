@@ -67,6 +67,10 @@ def parse_args(argv=None):
     g.add_argument("--activation_checkpointing", action="store_true")
     g.add_argument("--contrastive_weight", type=float, default=0.0, help="> 0: MAGE-C with this loss weight")
     g.add_argument("--temperature", type=float, default=0.2, help="MAGE-C InfoNCE temperature")
+    g.add_argument("--class_cond", action="store_true",
+                   help="class-conditional training (MaskGIT style): the label's token replaces the fake class "
+                        "token, dropped back to it with --class_dropout_prob so one model does both")
+    g.add_argument("--class_dropout_prob", type=float, default=0.1)
     g = ap.add_argument_group("learning rate")
     g.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr x total batch / 256")
     g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
@@ -133,6 +137,7 @@ def main(argv=None):
     model = build_model(cfg, args)
     if args.token_cache:
         check_token_cache(args.token_cache, model)
+    model.class_dropout_prob = args.class_dropout_prob
     objective = MAGEObjective(model, activation_checkpointing=args.activation_checkpointing,
                               contrastive_weight=args.contrastive_weight, temperature=args.temperature)
 
@@ -157,7 +162,8 @@ def main(argv=None):
         print(f"MAGE {args.model} {json.dumps({k: cfg[k] for k in SIZE_KEYS})} ({n / 1e6:.2f} M trainable), "
               f"{args.img_size}px -> {model.token_grid}^2 tokens; data: {loader.description}; total batch "
               f"{total_batch}, lr {lr:.3g}; {total} steps ({per_epoch}/epoch, warm-up {warmup}); world {world}, "
-              f"ZeRO {eng.zero_stage(ds_cfg)}, {args.precision}" + (", MAGE-C" if args.contrastive_weight else ""),
+              f"ZeRO {eng.zero_stage(ds_cfg)}, {args.precision}" + (", MAGE-C" if args.contrastive_weight else "")
+              + (f", class-conditional (dropout {args.class_dropout_prob})" if args.class_cond else ""),
               flush=True)
 
     model.check_input_range = False
@@ -170,6 +176,8 @@ def main(argv=None):
             if lo < 0 or hi > 1:
                 raise ValueError(f"images must be in [0, 1], the loader gave [{lo:.3g}, {hi:.3g}]")
             checked[0] = True
+        if args.class_cond:  # labels past the vocabulary's class range fail in class_token_ids
+            return engine(x, batch[1].to(dev, non_blocking=True))
         return engine(x)
 
     loop = TrainLoop(LoopConfig(total_steps=total, base_lr=lr, warmup_steps=warmup, min_lr=args.min_lr,

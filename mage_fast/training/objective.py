@@ -7,6 +7,7 @@ loss on the encoder's pooled output over two augmented views.
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -49,7 +50,8 @@ class MAGEObjective(nn.Module):
         temperature: InfoNCE temperature.
 
     Batches are images (B, 3, S, S) in [0, 1] or token ids (B, L) from a token cache (ids skip the
-    tokenizer); with MAGE-C one more dimension of size 2 after B.
+    tokenizer); with MAGE-C one more dimension of size 2 after B. ``labels`` (B,) make the step
+    class-conditional (``MAGE.class_dropout_prob`` of them fall back to the fake class token).
     """
 
     def __init__(self, model: MAGE, activation_checkpointing: bool = False, contrastive_weight: float = 0.0,
@@ -68,22 +70,23 @@ class MAGEObjective(nn.Module):
             return self.model.tokenize(x.to(w.dtype))
         return x.long()
 
-    def mlm(self, ids: torch.Tensor):
-        """Official masked-token loss for ids (B, L); returns (loss, pooled encoder output (B, D))."""
+    def mlm(self, ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        """Official masked-token loss for ids (B, L) (class-conditional with ``labels``); returns
+        (loss, pooled encoder output (B, D))."""
         self.model.activation_checkpointing = self.activation_checkpointing
-        loss, h, _ = self.model.training_loss(ids)
+        loss, h, _ = self.model.training_loss(ids, labels=labels)
         return loss, h[:, 1:].mean(dim=1)
 
-    def forward(self, batch: torch.Tensor):
+    def forward(self, batch: torch.Tensor, labels: Optional[torch.Tensor] = None):
         if self.head is None:
-            loss, _ = self.mlm(self.tokens(batch))
+            loss, _ = self.mlm(self.tokens(batch), labels)
             return loss, {"loss": loss.detach(), "mlm_loss": loss.detach()}
         if batch.dim() < 3 or batch.shape[1] != 2:
             raise ValueError(f"MAGE-C needs two views per sample, (B, 2, ...); got {tuple(batch.shape)}")
         B = batch.shape[0]
         ids = self.tokens(batch.flatten(0, 1)).view(B, 2, -1)
-        l1, p1 = self.mlm(ids[:, 0])
-        l2, p2 = self.mlm(ids[:, 1])
+        l1, p1 = self.mlm(ids[:, 0], labels)
+        l2, p2 = self.mlm(ids[:, 1], labels)
         mlm = (l1 + l2) / 2
         con = info_nce(self.head(p1), self.head(p2), self.temperature)
         loss = mlm + self.contrastive_weight * con
