@@ -295,7 +295,7 @@ def cmd_fid(args) -> int:
     from mage_fast.eval import fid_inception, offline_frechet
     out = {}
     try:
-        out.update(offline_frechet(args.gen_dir, args.ref_dir, device=_device(args.device)))
+        out.update(offline_frechet(args.gen_dir, args.ref_dir, device=_device(args.device), ref_cache=args.ref_stats))
         print(f"offline Frechet distance (EfficientNet-Lite0 features; NOT comparable to published FID): "
               f"{out['frechet_efficientnet_lite0']:.3f} ({out['num_generated']} vs {out['num_reference']} images)")
     except (ImportError, FileNotFoundError, ValueError) as e:
@@ -394,6 +394,8 @@ def main(argv=None) -> int:
     fd.add_argument("gen_dir")
     fd.add_argument("ref_dir")
     fd.add_argument("--inception-weights", default=None, help="Inception-v3 FID weights file (never downloaded)")
+    fd.add_argument("--ref-stats", default=None,
+                    help="cache file for REF_DIR's feature statistics: read if made for the same files, else written")
     fd.add_argument("--device", default="auto")
     fd.add_argument("--json", default=None)
     fd.set_defaults(fn=cmd_fid)

@@ -132,3 +132,13 @@ def test_offline_frechet_on_folders(folder, tmp_path):
     same = offline_frechet(a, a, progress=False)["frechet_efficientnet_lite0"]
     diff = offline_frechet(a, str(folder / "train" / "class1"), progress=False)["frechet_efficientnet_lite0"]
     assert abs(same) < 1e-3 and diff > 1.0 and not math.isnan(diff)
+    # a reference-statistics cache: written once, reused for the same files, redone for others
+    cache = str(tmp_path / "ref.pt")
+    first = offline_frechet(a, str(folder / "train" / "class1"), progress=False, ref_cache=cache)
+    assert os.path.isfile(cache) and first["frechet_efficientnet_lite0"] == pytest.approx(diff, rel=1e-9)
+    st = torch.load(cache, weights_only=True)
+    torch.save(dict(st, mu=st["mu"] + 1.0), cache)  # a stale cache for the same files would be used as is
+    shifted = offline_frechet(a, str(folder / "train" / "class1"), progress=False, ref_cache=cache)
+    assert shifted["frechet_efficientnet_lite0"] > diff + 100  # ... so the cache was read, not recomputed
+    again = offline_frechet(a, a, progress=False, ref_cache=cache)  # other files: recomputed, overwritten
+    assert abs(again["frechet_efficientnet_lite0"]) < 1e-3

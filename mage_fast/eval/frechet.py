@@ -74,11 +74,32 @@ def efficientnet_features(files: list[str], batch_size: int = 50, device="cpu", 
     return torch.cat(out)
 
 
-def offline_frechet(gen_dir: str, ref_dir: str, device="cpu", progress: bool = True) -> dict:
-    g = efficientnet_features(list_images(gen_dir), device=device, progress=progress)
-    r = efficientnet_features(list_images(ref_dir), device=device, progress=progress)
-    return {"frechet_efficientnet_lite0": frechet_distance(*gaussian_stats(g), *gaussian_stats(r)),
-            "num_generated": len(g), "num_reference": len(r),
+def folder_stats(folder: str, cache: Optional[str] = None, device="cpu", progress: bool = True) -> dict:
+    """Gaussian statistics of a folder's EfficientNet-Lite0 features: ``{'mu', 'sigma', 'n', 'files'}``.
+
+    With ``cache``: loaded from that file when it was written for the same file list, else computed
+    and written there (a reference set is then featurised once)."""
+    files = list_images(folder)
+    names = [os.path.abspath(f) for f in files]
+    if cache and os.path.isfile(cache):
+        st = torch.load(cache, map_location="cpu", weights_only=True)
+        if st.get("files") == names:
+            return st
+        if progress:
+            print(f"{cache}: made for another file list; recomputing")
+    mu, sigma = gaussian_stats(efficientnet_features(files, device=device, progress=progress))
+    st = {"mu": mu, "sigma": sigma, "n": len(files), "files": names}
+    if cache:
+        torch.save(st, cache)
+    return st
+
+
+def offline_frechet(gen_dir: str, ref_dir: str, device="cpu", progress: bool = True,
+                    ref_cache: Optional[str] = None) -> dict:
+    g = folder_stats(gen_dir, None, device, progress)
+    r = folder_stats(ref_dir, ref_cache, device, progress)
+    return {"frechet_efficientnet_lite0": frechet_distance(g["mu"], g["sigma"], r["mu"], r["sigma"]),
+            "num_generated": g["n"], "num_reference": r["n"],
             "note": "EfficientNet-Lite0 features: ranks quality offline, not comparable to published (Inception) FID"}
 
 
