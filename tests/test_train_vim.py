@@ -113,6 +113,9 @@ def test_build_tokenizer_errors(tmp_path):
         build_tokenizer({"state_dict": vim.state_dict()})
     with pytest.raises(CheckpointError, match="not a train/train_vim.py export"):
         load_vim({"state_dict": vq.state_dict()})
+    torch.save({"epoch": 3}, tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="junk.pt is not a tokenizer checkpoint"):
+        build_tokenizer(str(tmp_path / "junk.pt"))
     with pytest.raises(FileNotFoundError):
         build_tokenizer(str(tmp_path / "missing.pt"))
 

@@ -221,7 +221,10 @@ def tokenizer_export(src, img_size=None, map_location="cpu") -> dict:
     arch = raw.get("arch", "vqgan")
     if arch not in TOKENIZER_ARCHS:
         raise CheckpointError(f"{name}: unknown tokenizer arch {arch!r} (known: {', '.join(TOKENIZER_ARCHS)})")
-    sd = read_state_dict(raw)
+    try:
+        sd = read_state_dict(raw)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name} is not a tokenizer checkpoint: {e}") from e
     if any(k.startswith("vqgan.") for k in sd):  # a full MAGE checkpoint: take its tokenizer
         sd = {k[len("vqgan."):]: v for k, v in sd.items() if k.startswith("vqgan.")}
         cfg = dict(cfg.get("vqgan_config", {}))
