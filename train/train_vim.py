@@ -28,8 +28,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mage_fast.data import EpochLoader, LoaderSpec  # noqa: E402
-from mage_fast.models.checkpoint import (CheckpointError, build_tokenizer, load_state_dict_strict, load_vim,  # noqa: E402
-                                         read_state_dict, tokenizer_checksum, tokenizer_export)
+from mage_fast.models.checkpoint import (CheckpointError, build_tokenizer, load_state_dict_strict,  # noqa: E402
+                                         load_vim, read_state_dict, tokenizer_checksum, tokenizer_export)
 from mage_fast.models.vim import VIM  # noqa: E402
 from mage_fast.training import engine as eng  # noqa: E402
 from mage_fast.training.common import (add_common_args, check_common_args, check_token_cache,  # noqa: E402
