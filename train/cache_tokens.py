@@ -3,6 +3,10 @@
     python train/cache_tokens.py --data_path data/fmnist/train --tokenizer out/tok/tokenizer.pt \
         --img_size 28 --views 4 --plain_first --out out/fmnist_train_tokens.pt
     deepspeed train/pretrain.py ... --token_cache out/fmnist_train_tokens.pt --tokenizer out/tok/tokenizer.pt
+    deepspeed train/train_vim.py ... --token_cache out/fmnist_vit_train_tokens.pt --tokenizer out/vit_tok/tokenizer.pt
+
+Either tokenizer works: a VQGAN or ViT-VQGAN export of train/train_tokenizer.py (a ViT-VQGAN's
+``--img_size`` must be the one it was trained at), or a MAGE / VIM checkpoint's tokenizer.
 
 The frozen tokenizer dominates a small model's training step; caching V views trades it for a
 fixed set of augmentations (each epoch picks one view per image at random). With ``--plain_first``
@@ -18,22 +22,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mage_fast.data import EvalTransform, ImageFolder, TrainTransform  # noqa: E402
-from mage_fast.models.checkpoint import read_state_dict  # noqa: E402
-from mage_fast.models.vqgan import VQModel  # noqa: E402
+from mage_fast.models.checkpoint import CheckpointError, build_tokenizer, tokenizer_checksum  # noqa: E402
 
 
-def load_tokenizer(path: str, img_size: int) -> VQModel:
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = dict(raw.get("config", {})) if isinstance(raw, dict) else {}
-    sd = read_state_dict(raw)
-    if any(k.startswith("vqgan.") for k in sd):  # a full MAGE checkpoint
-        sd = {k[6:]: v for k, v in sd.items() if k.startswith("vqgan.")}
-        cfg = dict(raw.get("config", {}).get("vqgan_config", {}))
-    for k in ("resolution", "in_channels", "out_ch"):
-        cfg.pop(k, None)
-    vq = VQModel(**cfg, resolution=img_size)
-    vq.load_state_dict(sd, strict=True)
-    return vq.eval()
+def load_tokenizer(path: str, img_size: int):
+    """Either tokenizer (VQGAN or ViT-VQGAN export, a MAGE or VIM checkpoint), frozen, eval mode."""
+    try:
+        return build_tokenizer(path, img_size)
+    except CheckpointError as e:
+        raise SystemExit(f"error: --tokenizer {path}: {e}")
 
 
 class _Views(torch.utils.data.Dataset):
@@ -51,7 +48,8 @@ class _Views(torch.utils.data.Dataset):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data_path", required=True)
-    ap.add_argument("--tokenizer", required=True, help="train_tokenizer.py export or a MAGE checkpoint")
+    ap.add_argument("--tokenizer", required=True, help="train_tokenizer.py export (VQGAN or ViT-VQGAN) or a "
+                                                       "MAGE / VIM checkpoint")
     ap.add_argument("--img_size", type=int, required=True)
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--plain_first", action="store_true", help="view 0 is the un-augmented image")
@@ -83,7 +81,7 @@ def main(argv=None):
     meta = dict(seq_len=grid * grid, n_embed=vq.n_embed, img_size=args.img_size, views=args.views,
                 plain_first=args.plain_first, crop_scale_min=args.crop_scale_min, classes=train.classes,
                 tokenizer=os.path.abspath(args.tokenizer), seed=args.seed,
-                codebook_checksum=float(vq.quantize.embedding.weight.double().sum()))
+                arch="vit_vqgan" if hasattr(vq, "quant_proj") else "vqgan", codebook_checksum=tokenizer_checksum(vq))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.save({"ids": ids, "labels": labels, "meta": meta}, args.out)
     used = torch.unique(ids.long()).numel()

@@ -4,6 +4,16 @@
     python train/evaluate.py probe  --ckpt out/mage.pt --train_cache train_tok.pt --test_cache test_tok.pt
     python train/evaluate.py pixels --train_path data/fmnist/train --test_path data/fmnist/test --img_size 28
     python train/evaluate.py samples --ckpt out/mage.pt --out grid.png --n 64 --num_iter 12 --temperature 4.5
+    python train/evaluate.py vim_probe --ckpt out/vim/vim.pt --train_cache train_tok.pt --test_cache test_tok.pt \
+        --layer 3
+    python train/evaluate.py vim_samples --ckpt out/vim/vim.pt --out vim_grid.png --n 64 --temperature 1.0 \
+        --top_k 100 --png_dir out/vim/samples     # then: python -m mage_fast fid out/vim/samples REF_DIR
+
+``recon`` takes either tokenizer (a VQGAN or ViT-VQGAN export). ``vim_probe`` uses VIM's probe
+features (block ``--layer``'s output averaged over the image tokens, a parameter-free LayerNorm)
+with the same standardise + logistic-regression protocol as ``probe``. ``vim_samples`` draws
+class-balanced samples (label i mod num_classes; ``--class_id`` for one class, -1 for
+unconditional) with the KV-cached sampler.
 
 Linear probe (official feature protocol): the encoder on all tokens (no mask), no final norm, the
 mean over the image tokens, a parameter-free LayerNorm; then features are standardised with the
@@ -21,7 +31,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mage_fast.models.checkpoint import build_from_checkpoint  # noqa: E402
+from mage_fast.models.checkpoint import build_from_checkpoint, tokenizer_checksum  # noqa: E402
+from mage_fast.training.common import check_token_cache  # noqa: E402
 
 
 def _load_cache(path):
@@ -30,14 +41,35 @@ def _load_cache(path):
 
 
 @torch.no_grad()
+def batched_features(fn, ids: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """``fn(ids chunk) -> features`` over ``ids`` in chunks of ``batch``, concatenated."""
+    return torch.cat([fn(ids[i:i + batch]) for i in tqdm(range(0, len(ids), batch), desc="features", unit="batch",
+                                                         mininterval=2.0)])
+
+
+@torch.no_grad()
 def mage_features(model, ids: torch.Tensor, batch: int = 500) -> torch.Tensor:
     model.eval()
-    out = []
-    for i in tqdm(range(0, len(ids), batch), desc="features", unit="batch", mininterval=2.0):
-        full = model._with_class_slot(ids[i:i + batch], model.fake_class_label)
+
+    def fn(chunk):
+        full = model._with_class_slot(chunk, model.fake_class_label)
         h = model.encode_ids(full, final_norm=False)[:, 1:].mean(dim=1)
-        out.append(F.layer_norm(h, h.shape[-1:], eps=1e-6))
-    return torch.cat(out)
+        return F.layer_norm(h, h.shape[-1:], eps=1e-6)
+    return batched_features(fn, ids, batch)
+
+
+@torch.no_grad()
+def vim_features(model, ids: torch.Tensor, layer: int, batch: int = 500) -> torch.Tensor:
+    """VIM probe features (``VIM.probe_features``: block ``layer``, mean over image tokens, LayerNorm)."""
+    model.eval()
+    return batched_features(lambda chunk: model.probe_features(chunk, layer), ids, batch)
+
+
+def probe_from_caches(features, train_cache: str, test_cache: str) -> dict:
+    """The linear-probe protocol on view 0 of two token caches, with ``features(ids) -> (N, D)``."""
+    ids_tr, y_tr, _ = _load_cache(train_cache)
+    ids_te, y_te, _ = _load_cache(test_cache)
+    return linear_probe(features(ids_tr), y_tr, features(ids_te), y_te)
 
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, wd: float, num_classes: int, iters: int = 200):
@@ -107,6 +139,26 @@ def main(argv=None):
     s.add_argument("--temperature", type=float, default=4.5)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--scale", type=int, default=3, help="pixel upscaling of the grid")
+    v = sub.add_parser("vim_probe", help="linear probe on VIM features (block --layer) from token caches (view 0)")
+    v.add_argument("--ckpt", required=True, help="train_vim.py export")
+    v.add_argument("--train_cache", required=True)
+    v.add_argument("--test_cache", required=True)
+    v.add_argument("--layer", type=int, default=None, help="block 1..depth (default: depth // 2)")
+    vs = sub.add_parser("vim_samples", help="VIM samples: a PNG grid, optionally every image as a PNG")
+    vs.add_argument("--ckpt", required=True, help="train_vim.py export")
+    vs.add_argument("--out", required=True, help="grid PNG")
+    vs.add_argument("--n", type=int, default=64)
+    vs.add_argument("--temperature", type=float, default=1.0)
+    vs.add_argument("--top_k", type=int, default=None)
+    vs.add_argument("--top_p", type=float, default=None)
+    vs.add_argument("--class_id", type=int, default=None,
+                    help="one class for all (-1: unconditional); default class-balanced, label i mod num_classes")
+    vs.add_argument("--batch_size", type=int, default=100)
+    vs.add_argument("--seed", type=int, default=0)
+    vs.add_argument("--grid", type=int, default=64, help="images in the grid")
+    vs.add_argument("--scale", type=int, default=3, help="pixel upscaling of the grid")
+    vs.add_argument("--png_dir", default=None, help="write every image as DIR/00000.png ... (for the Frechet "
+                                                     "distance: python -m mage_fast fid DIR REF_DIR)")
     ap.add_argument("--json", default=None, help="append the result to this JSON-lines file")
     args = ap.parse_args(argv)
 
@@ -131,10 +183,19 @@ def main(argv=None):
                "codebook": vq.n_embed}
     elif args.cmd == "probe":
         model = build_from_checkpoint(args.ckpt)
-        ids_tr, y_tr, _ = _load_cache(args.train_cache)
-        ids_te, y_te, _ = _load_cache(args.test_cache)
         res = {"what": "MAGE linear probe", "ckpt": args.ckpt,
-               **linear_probe(mage_features(model, ids_tr), y_tr, mage_features(model, ids_te), y_te)}
+               **probe_from_caches(lambda ids: mage_features(model, ids), args.train_cache, args.test_cache)}
+    elif args.cmd == "vim_probe":
+        model = _load_vim(args.ckpt)
+        layer = args.layer if args.layer is not None else max(1, model.depth // 2)
+        if not 1 <= layer <= model.depth:
+            raise SystemExit(f"error: --layer must be in [1, {model.depth}], got {layer}")
+        for cache in (args.train_cache, args.test_cache):
+            check_token_cache(cache, model.seq_len, model.codebook_size, tokenizer_checksum(model.tokenizer))
+        res = {"what": "VIM linear probe", "ckpt": args.ckpt, "layer": layer, "depth": model.depth,
+               **probe_from_caches(lambda ids: vim_features(model, ids, layer), args.train_cache, args.test_cache)}
+    elif args.cmd == "vim_samples":
+        res = vim_samples(args)
     elif args.cmd == "pixels":
         xtr, ytr = _folder_tensor(args.train_path, args.img_size)
         xte, yte = _folder_tensor(args.test_path, args.img_size)
@@ -151,6 +212,44 @@ def main(argv=None):
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(res) + "\n")
+
+
+def _load_vim(path):
+    from mage_fast.models.checkpoint import CheckpointError, load_vim
+    try:
+        return load_vim(path).eval()
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: --ckpt {path}: {e}")
+
+
+def vim_samples(args) -> dict:
+    """Sample ``args.n`` images from a VIM export in batches (image i keyed by (seed, i), so the
+    images do not depend on the batch size); grid PNG, and every image under ``--png_dir``."""
+    from mage_fast.images import save_pngs
+    from mage_fast.vim_sampling import generate
+    model = _load_vim(args.ckpt)
+    if args.n < 1 or args.batch_size < 1:
+        raise SystemExit("error: --n and --batch_size must be >= 1")
+    if args.class_id is not None and not -1 <= args.class_id < model.num_classes:
+        raise SystemExit(f"error: --class_id must be -1 or in [0, {model.num_classes}), got {args.class_id}")
+    grid = []
+    for start in tqdm(range(0, args.n, args.batch_size), desc="sampling", unit="batch", mininterval=2.0):
+        b = min(args.batch_size, args.n - start)
+        if args.class_id is not None:
+            labels = torch.full((b,), args.class_id)
+        elif model.num_classes > 0:
+            labels = torch.arange(start, start + b) % model.num_classes
+        else:
+            labels = None
+        imgs = generate(model, b, labels=labels, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed, first_index=start).clamp(0, 1)
+        if args.png_dir:
+            save_pngs(imgs, args.png_dir, first_index=start)
+        grid.append(imgs[: max(0, args.grid - sum(len(g) for g in grid))])
+    save_grid(torch.cat(grid), args.out, args.scale)
+    return {"what": "VIM samples", "ckpt": args.ckpt, "png": args.out, "png_dir": args.png_dir, "n": args.n,
+            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "class_id": args.class_id,
+            "seed": args.seed}
 
 
 def save_grid(imgs: torch.Tensor, path: str, scale: int = 1) -> None:

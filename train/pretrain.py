@@ -29,7 +29,9 @@ from mage_fast.data import EpochLoader, LoaderSpec  # noqa: E402
 from mage_fast.models.checkpoint import load_checkpoint, load_state_dict_strict, read_state_dict  # noqa: E402
 from mage_fast.models.mage import MAGE  # noqa: E402
 from mage_fast.training import engine as eng  # noqa: E402
+from mage_fast.models.checkpoint import tokenizer_checksum  # noqa: E402
 from mage_fast.training.common import add_common_args, check_common_args, schedule_lengths, start_run  # noqa: E402
+from mage_fast.training.common import check_token_cache as check_cache  # noqa: E402
 from mage_fast.training.loop import LoopConfig, TrainLoop  # noqa: E402
 from mage_fast.training.objective import MAGEObjective  # noqa: E402
 from mage_fast.training.optim import adamw, param_groups  # noqa: E402
@@ -92,6 +94,9 @@ def model_config(args) -> dict:
     vq = dict(TINY_VQGAN if args.model == "tiny" else OFFICIAL_VQGAN)
     if args.tokenizer:
         raw = torch.load(args.tokenizer, map_location="cpu", weights_only=True)
+        if isinstance(raw, dict) and raw.get("arch", "vqgan") != "vqgan":
+            raise SystemExit(f"--tokenizer {args.tokenizer} is a {raw['arch']} tokenizer; MAGE pre-training here "
+                             f"takes a VQGAN (train_tokenizer.py --arch vqgan); train_vim.py takes either")
         if isinstance(raw, dict) and isinstance(raw.get("config"), dict):
             vq.update(raw["config"])
     if args.vqgan_config:
@@ -117,16 +122,7 @@ def build_model(cfg: dict, args) -> MAGE:
 
 
 def check_token_cache(path: str, model: MAGE) -> None:
-    meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
-    if meta.get("seq_len") not in (None, model.seq_len):
-        raise SystemExit(f"token cache {path} has {meta['seq_len']} tokens per image, the model {model.seq_len}")
-    if meta.get("n_embed") not in (None, model.codebook_size):
-        raise SystemExit(f"token cache {path} uses a {meta['n_embed']}-code tokenizer, the model "
-                         f"{model.codebook_size}")
-    want = meta.get("codebook_checksum")
-    have = float(model.vqgan.quantize.embedding.weight.double().sum())
-    if want is not None and abs(want - have) > 1e-6 * max(1.0, abs(want)):
-        raise SystemExit(f"token cache {path} was made with a different tokenizer than --tokenizer/--init_from")
+    check_cache(path, model.seq_len, model.codebook_size, tokenizer_checksum(model.vqgan))
 
 
 def main(argv=None):

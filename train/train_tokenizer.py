@@ -1,14 +1,22 @@
-"""Train the MaskGIT-architecture VQGAN tokenizer with DeepSpeed (CPU/gloo or GPU/nccl).
+"""Train a tokenizer with DeepSpeed (CPU/gloo or GPU/nccl): the MaskGIT-architecture VQGAN
+(``--arch vqgan``, the default) or the ViT-VQGAN of VIM (``--arch vit``).
 
     deepspeed train/train_tokenizer.py --data_path data/fmnist/train --img_size 32 \
         --ch 32 --ch_mult 1,2,2 --num_res_blocks 1 --z_channels 32 --n_embed 512 \
         --batch_size 64 --epochs 3 --lr 2e-4 --output_dir out/tok --export out/tok/tokenizer.pt
 
-Losses: L2 (+ optional L1) reconstruction, the quantizer's codebook and commitment terms, an
-optional patch-GAN hinge loss (``--disc_weight``, from ``--disc_start``). Codebook usage and
-perplexity are logged; codes unused for ``--restart_every`` steps are restarted on encoder
-outputs. The export ``{'state_dict': sd, 'config': vqgan_config}`` loads with
-``MAGE(vqgan_ckpt_path=...)`` / ``train/pretrain.py --tokenizer``.
+    deepspeed train/train_tokenizer.py --arch vit --data_path data/fmnist/train --img_size 28 \
+        --patch_size 4 --embed_dim 96 --depth 2 --num_heads 4 --decoder_depth 2 --code_dim 8 \
+        --n_embed 256 --batch_size 64 --epochs 3 --lr 2e-4 --output_dir out/vit_tok --export out/vit_tok/tokenizer.pt
+
+Losses: L2 (+ optional L1) reconstruction, the quantizer's codebook and commitment terms
+(``vit_vqgan_loss``), an optional patch-GAN hinge loss (``--disc_weight``, from ``--disc_start``).
+Codebook usage and perplexity are logged; codes unused for ``--restart_every`` steps are
+restarted on encoder outputs (for the ViT-VQGAN's cosine quantizer: on the l2-normalised projected
+encoder outputs). The VQGAN export ``{'state_dict': sd, 'config': vqgan_config, 'arch': 'vqgan'}``
+loads with ``MAGE(vqgan_ckpt_path=...)`` / ``train/pretrain.py --tokenizer``; the ViT-VQGAN export
+``{'state_dict': sd, 'config': ViTVQGAN kwargs, 'arch': 'vit_vqgan'}`` with
+``mage_fast.models.checkpoint.build_tokenizer`` (which rebuilds either) and ``train/train_vim.py``.
 """
 import argparse
 import os
@@ -20,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mage_fast.data import EpochLoader, LoaderSpec  # noqa: E402
+from mage_fast.models.checkpoint import load_state_dict_strict, tokenizer_export  # noqa: E402
+from mage_fast.models.vit_vqgan import ViTVQGAN  # noqa: E402
 from mage_fast.models.vqgan import VQModel  # noqa: E402
 from mage_fast.training import engine as eng  # noqa: E402
 from mage_fast.training.common import add_common_args, check_common_args, schedule_lengths, start_run  # noqa: E402
@@ -32,11 +42,23 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
     g = ap.add_argument_group("tokenizer")
+    g.add_argument("--arch", default="vqgan", choices=["vqgan", "vit"], help="MaskGIT VQGAN or ViT-VQGAN")
     g.add_argument("--ch", type=int, default=128, help="base width (a multiple of 32: GroupNorm(32))")
     g.add_argument("--ch_mult", default="1,1,2,2,4", help="width multipliers; downsampling 2**(len-1)")
     g.add_argument("--num_res_blocks", type=int, default=2)
     g.add_argument("--z_channels", type=int, default=256, help="latent and code dim")
     g.add_argument("--n_embed", type=int, default=1024, help="codebook size")
+    g = ap.add_argument_group("ViT-VQGAN (--arch vit)")
+    g.add_argument("--patch_size", type=int, default=8, help="patch side = downsampling factor")
+    g.add_argument("--embed_dim", type=int, default=256, help="encoder width")
+    g.add_argument("--depth", type=int, default=4, help="encoder blocks")
+    g.add_argument("--num_heads", type=int, default=4, help="encoder heads")
+    g.add_argument("--decoder_embed_dim", type=int, default=None, help="decoder width (default: --embed_dim)")
+    g.add_argument("--decoder_depth", type=int, default=None, help="decoder blocks (default: --depth)")
+    g.add_argument("--decoder_num_heads", type=int, default=None, help="decoder heads (default: --num_heads)")
+    g.add_argument("--mlp_ratio", type=float, default=4.0)
+    g.add_argument("--code_dim", type=int, default=32, help="factorised code dimension (paper: 8 or 32)")
+    g = ap.add_argument_group("training")
     g.add_argument("--lr", type=float, default=1e-4, help="absolute learning rate")
     g.add_argument("--betas", default="0.5,0.9")
     g.add_argument("--l1_weight", type=float, default=0.0)
@@ -53,20 +75,48 @@ def parse_args(argv=None):
         args.betas = tuple(float(b) for b in args.betas.split(","))
     except ValueError:
         ap.error("--ch_mult and --betas are comma-separated numbers")
-    if args.ch % 32:
-        ap.error(f"--ch must be a multiple of 32 (GroupNorm with 32 groups), got {args.ch}")
-    if args.img_size % 2 ** (len(args.ch_mult) - 1):
-        ap.error(f"--img_size {args.img_size} is not a multiple of the downsampling {2 ** (len(args.ch_mult) - 1)}")
+    if args.arch == "vqgan":
+        if args.ch % 32:
+            ap.error(f"--ch must be a multiple of 32 (GroupNorm with 32 groups), got {args.ch}")
+        if args.img_size % 2 ** (len(args.ch_mult) - 1):
+            ap.error(f"--img_size {args.img_size} is not a multiple of the downsampling "
+                     f"{2 ** (len(args.ch_mult) - 1)}")
+    else:
+        if args.patch_size < 1 or args.img_size % args.patch_size:
+            ap.error(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
+        for w, h in ((args.embed_dim, args.num_heads), (args.decoder_embed_dim or args.embed_dim,
+                                                         args.decoder_num_heads or args.num_heads)):
+            if w % h:
+                ap.error(f"a width of {w} does not split into {h} heads")
     return args
+
+
+def build_tokenizer_model(args):
+    """-> (model, JSON-able config, arch name for the export)."""
+    if args.arch == "vit":
+        cfg = dict(img_size=args.img_size, patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth,
+                   num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, decoder_embed_dim=args.decoder_embed_dim,
+                   decoder_depth=args.decoder_depth, decoder_num_heads=args.decoder_num_heads,
+                   n_embed=args.n_embed, code_dim=args.code_dim)
+        vq = ViTVQGAN(**cfg)
+        cfg = dict(vq.config)  # the defaults filled in
+        if args.init_from:
+            load_state_dict_strict(vq, tokenizer_export(args.init_from, args.img_size)["state_dict"])
+        return vq, cfg, "vit_vqgan"
+    cfg = dict(ch=args.ch, ch_mult=list(args.ch_mult), num_res_blocks=args.num_res_blocks, z_channels=args.z_channels,
+               embed_dim=args.z_channels, n_embed=args.n_embed)
+    return VQModel(**cfg, resolution=args.img_size, ckpt_path=args.init_from), cfg, "vqgan"
+
+
+def fresh_tokenizer(cfg: dict, arch: str, img_size: int):
+    return ViTVQGAN(**cfg) if arch == "vit_vqgan" else VQModel(**cfg, resolution=img_size)
 
 
 def main(argv=None):
     args = parse_args(argv)
     deepspeed, rank, world, dev = start_run(args)
 
-    vq_cfg = dict(ch=args.ch, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks, z_channels=args.z_channels,
-                  embed_dim=args.z_channels, n_embed=args.n_embed)
-    vq = VQModel(**vq_cfg, resolution=args.img_size, ckpt_path=args.init_from)
+    vq, vq_cfg, arch = build_tokenizer_model(args)
     vq.check_input_range = False  # the loaders produce [0, 1]; the check would sync every step
     objective = VQGANObjective(vq, l1_weight=args.l1_weight, codebook_weight=args.codebook_weight)
 
@@ -81,7 +131,7 @@ def main(argv=None):
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, config=cfg)
     if rank == 0:
         n = sum(p.numel() for p in vq.parameters())
-        print(f"tokenizer {vq_cfg} ({n / 1e6:.2f} M params), {args.img_size}px -> "
+        print(f"tokenizer {arch} {vq_cfg} ({n / 1e6:.2f} M params), {args.img_size}px -> "
               f"{args.img_size // vq.downsample}^2 tokens; data: {loader.description}; "
               f"{total} steps ({per_epoch}/epoch), world {world}, ZeRO {eng.zero_stage(cfg)}, {args.precision}",
               flush=True)
@@ -151,9 +201,9 @@ def main(argv=None):
         sd = eng.full_state_dict(engine, loop.ckpt_dir, tag)
         if rank == 0:
             sd = {k[len("vq."):]: v for k, v in sd.items() if k.startswith("vq.")}
-            VQModel(**vq_cfg, resolution=args.img_size).load_state_dict(sd, strict=True)
+            load_state_dict_strict(fresh_tokenizer(vq_cfg, arch, args.img_size), sd)
             os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
-            torch.save({"state_dict": sd, "config": dict(vq_cfg, ch_mult=list(args.ch_mult))}, args.export)
+            torch.save({"state_dict": sd, "config": vq_cfg, "arch": arch}, args.export)
             print(f"exported tokenizer to {args.export}", flush=True)
     dist.barrier()
 

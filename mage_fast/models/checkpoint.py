@@ -46,6 +46,10 @@ def read_state_dict(src: Union[str, os.PathLike, Mapping], map_location="cpu") -
 
 def describe_state_dict(sd: StateDict) -> str:
     """A human description of what a state dict holds (MAGE size, classifier, tokenizer, ...)."""
+    if "tok_emb.weight" in sd and "pos_emb" in sd:
+        dim = sd["tok_emb.weight"].shape[1]
+        depth = len({k.split(".")[1] for k in sd if re.match(r"blocks\.\d+\.", k)})
+        return f"a VIM stage-2 model (width {dim}, depth {depth})"
     if "token_emb.word_embeddings.weight" in sd:
         dim = sd["token_emb.word_embeddings.weight"].shape[1]
         depth = len({k.split(".")[1] for k in sd if re.match(r"blocks\.\d+\.", k)})
@@ -61,6 +65,8 @@ def describe_state_dict(sd: StateDict) -> str:
     if "quantize.embedding.weight" in sd or "vqgan.quantize.embedding.weight" in sd:
         key = "quantize.embedding.weight" if "quantize.embedding.weight" in sd else "vqgan.quantize.embedding.weight"
         n, d = sd[key].shape
+        if "quant_proj.weight" in sd:
+            return f"a ViT-VQGAN tokenizer ({n} codes of dim {d})"
         return f"a VQGAN tokenizer ({n} codes of dim {d})"
     return f"an unrecognised state dict ({len(sd)} tensors, e.g. {list(sd)[:3]})"
 
@@ -177,3 +183,126 @@ def build_from_checkpoint(path, map_location="cpu", **overrides) -> nn.Module:
     model = MAGE(**cfg)
     load_state_dict_strict(model, sd)
     return model
+
+
+# ---------------------------------------------------------------------------------------- tokenizers
+TOKENIZER_ARCHS = ("vqgan", "vit_vqgan")
+
+
+def _load_raw(src, map_location="cpu"):
+    if isinstance(src, (str, os.PathLike)):
+        if not os.path.isfile(src):
+            raise FileNotFoundError(f"checkpoint not found: {src}")
+        try:
+            return torch.load(src, map_location=map_location, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{src} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    return src
+
+
+def tokenizer_export(src, img_size=None, map_location="cpu") -> dict:
+    """Normalise any file that holds a tokenizer to the export layout
+    ``{'state_dict': sd, 'config': constructor kwargs, 'arch': 'vqgan' | 'vit_vqgan'}``.
+
+    Accepts a ``train/train_tokenizer.py`` export of either architecture (VQGAN exports written
+    before ``arch`` existed have none and mean ``'vqgan'``), the official VQGAN checkpoint (a bare
+    or wrapped state dict), a MAGE checkpoint (its ``vqgan.*`` weights and ``config['vqgan_config']``)
+    or a ``train/train_vim.py`` export (its ``tokenizer``), as a path or an already loaded dict.
+    For a VQGAN the image size (``img_size``, else a saved ``resolution``) is kept in the config as
+    ``resolution``. Raises :class:`CheckpointError` naming what the file holds otherwise.
+    """
+    name = src if isinstance(src, (str, os.PathLike)) else "the checkpoint"
+    raw = _load_raw(src, map_location)
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{name}: expected a dict checkpoint, got {type(raw).__name__}")
+    if isinstance(raw.get("tokenizer"), Mapping) and "model" in raw:  # a VIM export
+        raw = raw["tokenizer"]
+    cfg = dict(raw["config"]) if isinstance(raw.get("config"), Mapping) else {}
+    arch = raw.get("arch", "vqgan")
+    if arch not in TOKENIZER_ARCHS:
+        raise CheckpointError(f"{name}: unknown tokenizer arch {arch!r} (known: {', '.join(TOKENIZER_ARCHS)})")
+    try:
+        sd = read_state_dict(raw)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name} is not a tokenizer checkpoint: {e}") from e
+    if any(k.startswith("vqgan.") for k in sd):  # a full MAGE checkpoint: take its tokenizer
+        sd = {k[len("vqgan."):]: v for k, v in sd.items() if k.startswith("vqgan.")}
+        cfg = dict(cfg.get("vqgan_config", {}))
+        arch = "vqgan"
+    elif "quant_proj.weight" in sd and arch != "vit_vqgan":
+        raise CheckpointError(f"{name} holds {describe_state_dict(sd)} without its 'arch'/'config'; it cannot be "
+                              f"rebuilt (export it with train/train_tokenizer.py --arch vit)")
+    if "quantize.embedding.weight" not in sd or any(k.startswith(("tok_emb.", "token_emb.")) for k in sd):
+        raise CheckpointError(f"{name} is not a tokenizer checkpoint: it holds {describe_state_dict(sd)}")
+    if arch == "vit_vqgan":
+        if not cfg:
+            raise CheckpointError(f"{name}: a ViT-VQGAN export needs its 'config'")
+        if img_size is not None and img_size != cfg.get("img_size"):
+            raise CheckpointError(f"{name}: the ViT-VQGAN was built for {cfg.get('img_size')}px images, "
+                                  f"{img_size} asked for")
+    else:
+        for k in ("in_channels", "out_ch"):
+            cfg.pop(k, None)
+        if img_size is not None:
+            cfg["resolution"] = img_size
+    return {"state_dict": dict(sd), "config": cfg, "arch": arch}
+
+
+def build_tokenizer(src, img_size=None, map_location="cpu") -> nn.Module:
+    """Rebuild and strictly load either tokenizer (VQGAN or ViT-VQGAN) from any file
+    :func:`tokenizer_export` accepts; returned in eval mode with frozen parameters.
+
+    Example:
+        >>> vq = build_tokenizer("out/vit_tok/tokenizer.pt")  # doctest: +SKIP
+    """
+    exp = tokenizer_export(src, img_size, map_location)
+    cfg = dict(exp["config"])
+    if exp["arch"] == "vit_vqgan":
+        from .vit_vqgan import ViTVQGAN
+        model = ViTVQGAN(**cfg)
+    else:
+        from .vqgan import VQModel
+        res = cfg.pop("resolution", None)
+        try:
+            model = VQModel(**cfg, **({} if res is None else {"resolution": res}))
+        except TypeError as e:
+            raise CheckpointError(f"the VQGAN config {cfg} does not fit VQModel: {e}") from e
+    load_state_dict_strict(model, exp["state_dict"])
+    for p in model.parameters():
+        p.requires_grad = False
+    return model.eval()
+
+
+def tokenizer_checksum(vq: nn.Module) -> float:
+    """The codebook fingerprint token caches record (sum of the raw codebook in float64)."""
+    return float(vq.quantize.embedding.weight.double().sum())
+
+
+# ---------------------------------------------------------------------------------------- VIM
+def load_vim(src, map_location="cpu") -> nn.Module:
+    """Rebuild a :class:`mage_fast.models.vim.VIM` with its tokenizer from a ``train/train_vim.py``
+    export ``{'model': sd (no tokenizer keys), 'config': VIM kwargs, 'tokenizer': tokenizer export}``;
+    strict load; eval mode.
+
+    Example:
+        >>> vim = load_vim("out/vim/vim.pt")  # doctest: +SKIP
+    """
+    from .vim import VIM
+    name = src if isinstance(src, (str, os.PathLike)) else "the checkpoint"
+    raw = _load_raw(src, map_location)
+    if not isinstance(raw, Mapping) or not {"model", "config", "tokenizer"} <= set(raw):
+        what = describe_state_dict(read_state_dict(raw)) if isinstance(raw, Mapping) else type(raw).__name__
+        raise CheckpointError(f"{name} is not a train/train_vim.py export ({{'model', 'config', 'tokenizer'}}); it "
+                              f"holds {what}")
+    tok_exp = raw["tokenizer"]
+    tok_cfg = tok_exp.get("config", {}) if isinstance(tok_exp, Mapping) else {}
+    img_size = tok_cfg.get("img_size", tok_cfg.get("resolution"))
+    tokenizer = build_tokenizer(tok_exp, map_location=map_location)
+    try:
+        model = VIM(**raw["config"], tokenizer=tokenizer, img_size=img_size)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}: the VIM config does not fit its tokenizer or VIM: {e}") from e
+    sd = read_state_dict({"model": raw["model"]})
+    sd.update({f"tokenizer.{k}": v for k, v in tokenizer.state_dict().items()})
+    load_state_dict_strict(model, sd)
+    return model.eval()

@@ -207,11 +207,15 @@ class ViTVQGAN(nn.Module):
         normalised codes, its gradient flows to the encoder); ``indices`` (B*(S/p)^2,) int64
         row-major. Raises ``ValueError`` for another image size, channel count or value range.
         """
+        return self.quantize(self.pre_quant(x))
+
+    def pre_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, S, S) in [0, 1] -> projected encoder output (B, code_dim, S/p, S/p), not yet
+        normalised or quantized (what ``quantize`` takes; trainers read it for codebook restarts)."""
         check_images(x, self.resolution, check_range=self.check_input_range, channels=self.in_channels)
         h = self.encoder(patchify(x * 2.0 - 1.0, self.patch_size))  # (B, N, D)
         z = self.quant_proj(h)  # (B, N, code_dim)
-        z = z.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
-        return self.quantize(z)
+        return z.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
         """quant: (B, code_dim, S/p, S/p) -> images (B, C, S, S) on the [0, 1] scale, not clamped."""

@@ -185,11 +185,15 @@ class VQModel(nn.Module):
         return self.quantize.n_e
 
     def encode(self, x: torch.Tensor):
+        return self.quantize(self.pre_quant(x))
+
+    def pre_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] -> encoder output (B, embed_dim, H/f, W/f), what ``quantize`` takes."""
         check_images(x, None, check_range=self.check_input_range, channels=self.config["in_channels"])
         if x.shape[2] % self.downsample or x.shape[3] % self.downsample:
             raise ValueError(f"image height and width must be multiples of {self.downsample}, got "
                              f"{x.shape[2]}x{x.shape[3]}")
-        return self.quantize(self.encoder(x))
+        return self.encoder(x)
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
         return self.decoder(quant)

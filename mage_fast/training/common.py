@@ -67,6 +67,21 @@ def schedule_lengths(args, batches_per_epoch: int) -> tuple:
     return total, min(warmup, total), steps_per_epoch
 
 
+def check_token_cache(path: str, seq_len: int, n_embed: int, checksum: float) -> dict:
+    """Exit with a message when a ``train/cache_tokens.py`` cache does not fit the model's token
+    count, codebook size or tokenizer (the codebook checksum it recorded). Returns its ``meta``."""
+    import torch
+    meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+    if meta.get("seq_len") not in (None, seq_len):
+        raise SystemExit(f"token cache {path} has {meta['seq_len']} tokens per image, the model {seq_len}")
+    if meta.get("n_embed") not in (None, n_embed):
+        raise SystemExit(f"token cache {path} uses a {meta['n_embed']}-code tokenizer, the model {n_embed}")
+    want = meta.get("codebook_checksum")
+    if want is not None and abs(want - checksum) > 1e-6 * max(1.0, abs(want)):
+        raise SystemExit(f"token cache {path} was made with a different tokenizer than --tokenizer/--init_from")
+    return meta
+
+
 def start_run(args):
     """The common start of a training script: torch threads, distributed setup, seed, args.json.
     Returns (deepspeed module, rank, world size, device)."""

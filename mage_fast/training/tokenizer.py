@@ -1,6 +1,6 @@
-"""Training objective of the MaskGIT-architecture VQGAN: reconstruction (L2 + L1), codebook and
-commitment losses (the quantizer's), an optional patch-GAN with hinge loss, codebook-usage
-counting and dead-code restarts that work under every ZeRO stage."""
+"""Training objective of the tokenizers (the MaskGIT-architecture VQGAN and the ViT-VQGAN):
+reconstruction (L2 + L1), codebook and commitment losses (the quantizer's), an optional patch-GAN
+with hinge loss, codebook-usage counting and dead-code restarts that work under every ZeRO stage."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.vqgan import VQModel
+from ..models.vit_vqgan import CosineQuantizer, vit_vqgan_loss
 
 
 class PatchDiscriminator(nn.Module):
@@ -33,40 +33,46 @@ class PatchDiscriminator(nn.Module):
 
 
 class VQGANObjective(nn.Module):
-    """``forward(imgs) -> (loss, stats)`` for the tokenizer; stats are detached scalar tensors.
+    """``forward(imgs) -> (loss, stats, rec)`` for a tokenizer; stats are detached scalar tensors.
 
     Args:
-        vq: the VQModel to train.
+        vq: the tokenizer to train: a :class:`mage_fast.models.vqgan.VQModel` or a
+            :class:`mage_fast.models.vit_vqgan.ViTVQGAN` (anything with ``pre_quant``,
+            ``quantize`` and ``decode``).
         l1_weight: weight of the L1 term beside the L2 (MSE) reconstruction loss.
-        codebook_weight: weight of the quantizer loss (codebook + 0.25 x commitment).
+        codebook_weight: weight of the quantizer loss (codebook + beta x commitment).
+
+    The loss is :func:`mage_fast.models.vit_vqgan.vit_vqgan_loss` (L2 + L1 + quantizer loss) for
+    both architectures, plus ``adv_weight`` x the hinge generator loss when an ``adversary`` is given.
     """
 
-    def __init__(self, vq: VQModel, l1_weight: float = 0.0, codebook_weight: float = 1.0):
+    def __init__(self, vq: nn.Module, l1_weight: float = 0.0, codebook_weight: float = 1.0):
         super().__init__()
         self.vq = vq
         self.l1_weight, self.codebook_weight = l1_weight, codebook_weight
+        # a cosine quantizer matches normalised vectors: restart codes on normalised encoder outputs
+        self.normalise_restarts = isinstance(vq.quantize, CosineQuantizer)
         self.register_buffer("usage", torch.zeros(vq.n_embed, dtype=torch.float32), persistent=False)
         self.last_z: Optional[torch.Tensor] = None
 
     def forward(self, imgs: torch.Tensor, adversary: Optional[nn.Module] = None, adv_weight: float = 0.0):
         imgs = imgs.to(next(self.vq.parameters()).dtype)
-        z = self.vq.encoder(imgs)  # (B, C, h, w)
+        z = self.vq.pre_quant(imgs)  # (B, C, h, w), the quantizer's input
         z_q, q_loss, (_, _, idx) = self.vq.quantize(z)
         rec = self.vq.decode(z_q)
-        mse = F.mse_loss(rec.float(), imgs.float())
-        loss = mse + self.codebook_weight * q_loss.float()
-        stats = {"recon_mse": mse.detach(), "quant_loss": q_loss.detach().float()}
-        if self.l1_weight:
-            l1 = (rec.float() - imgs.float()).abs().mean()
-            loss = loss + self.l1_weight * l1
-            stats["recon_l1"] = l1.detach()
+        loss, parts = vit_vqgan_loss(imgs.float(), rec.float(), q_loss.float(), l1_weight=self.l1_weight,
+                                     l2_weight=1.0, vq_weight=self.codebook_weight)
+        stats = {"recon_mse": parts["l2"], "quant_loss": parts["vq"]}
+        if "l1" in parts:
+            stats["recon_l1"] = parts["l1"]
         if adversary is not None and adv_weight > 0:
             g_loss = -adversary(rec).float().mean()
             loss = loss + adv_weight * g_loss
             stats["g_loss"] = g_loss.detach()
         with torch.no_grad():
             self.usage += torch.bincount(idx, minlength=self.usage.numel()).float()
-            self.last_z = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            zf = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            self.last_z = F.normalize(zf.float(), dim=1) if self.normalise_restarts else zf
         stats["loss"] = loss.detach()
         return loss, stats, rec.detach()
 
@@ -83,8 +89,9 @@ class VQGANObjective(nn.Module):
     @torch.no_grad()
     def restart_dead_codes(self, usage: torch.Tensor, min_count: float = 1.0, noise: float = 0.01) -> int:
         """Codes used fewer than ``min_count`` times since the last reset are moved onto encoder
-        outputs of rank 0's last batch (plus small noise), identically on every rank. Resets the
-        counts; returns how many codes were restarted."""
+        outputs of rank 0's last batch (plus small noise), identically on every rank; for a cosine
+        quantizer onto the l2-normalised projected outputs. Resets the counts; returns how many
+        codes were restarted."""
         dead = (usage < min_count).nonzero().view(-1)
         n = int(dead.numel())
         self.usage.zero_()
