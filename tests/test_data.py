@@ -111,3 +111,18 @@ def test_dali_cpu_pipeline_matches_layout_and_range(tmp_path):
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.max()) > 0.5
     assert set(torch.cat([b[1] for b in batches]).tolist()) == {0, 1}
+
+
+@pytest.mark.skipif(not __import__("mage_fast.data", fromlist=["x"]).dali_available(), reason="nvidia-dali not installed")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dali_resume_mid_epoch_gives_the_same_batches(tmp_path, workers):
+    # what --resume auto relies on: an epoch restarted at batch 2 continues with the very batches
+    # (pixels and labels) the uninterrupted epoch had; another epoch is another order/augmentation
+    root = _folder(tmp_path / "imgs", n_per_class=8, size=24)
+    loader = EpochLoader(LoaderSpec("folder", str(root), img_size=16, batch_size=4, num_workers=workers,
+                                    backend="dali"))
+    full, resumed = list(loader.batches(1)), list(loader.batches(1, start=2))
+    assert len(full) == 4 and len(resumed) == 2
+    for (xa, ya), (xb, yb) in zip(full[2:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(full[0][0], list(loader.batches(2))[0][0])
