@@ -15,6 +15,16 @@ enum class Metric : int { kL2 = 0, kCosine = 1 };
 void codebook_nn(const float* z, const float* codebook, int64_t N, int64_t K, int64_t D, Metric metric,
                  int64_t* out, int num_threads);
 
+// Introspection of codebook_nn (tests, benchmarks): mode 0 picks the path (int16 screening with
+// fp32 re-scoring where it can be exact, else fp32), mode 1 forces the fp32 path. The stats are
+// those of the latest call in the process: path 1 = int16 screening, 0 = fp32 throughout;
+// fallback_rows = rows done on the fp32 path; scored = (row, code) pairs re-scored in fp32.
+struct CodebookNNStats {
+  int64_t path, fallback_rows, scored;
+};
+void codebook_nn_set_mode(int mode);
+CodebookNNStats codebook_nn_last_stats();
+
 // One decode step. logits: (B, N, C) fp32 with strides (sB, sN, 1); ids, sampled, next_ids:
 // (B, N) int64 contiguous; key: (B,) int64 (low 32 bits used). 0 <= mask_len < N.
 void decode_step(const float* logits, int64_t sB, int64_t sN, const int64_t* ids, const int64_t* key,
