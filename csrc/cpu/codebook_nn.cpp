@@ -283,11 +283,12 @@ inline float max_abs(const float* x, int64_t n) {
 
 // Per-code constants of the lower bound y = c0 - a (sz S + hz1) - b sz (see int_kernel).
 struct CodeBlock {
-  std::vector<int16_t> q;   // (kc, Dp) quantised codes, zero padded
+  std::vector<int16_t> q;   // (kc / MR tiles, Dp / 2, MR, 2) quantised codes (last tile: M < MR), zero padded
+  std::vector<int16_t> row;  // (Dp,) one code before tiling
   std::vector<float> c0, a, b;  // (kc,)
 };
 
-// S = qe.qz for M codes (cq: rows at stride Dp) x 16 rows (zq: panel (Dp/2, 16, 2)), then
+// S = qe.qz for M codes (cq: tile (Dp/2, M) of int16 pairs) x 16 rows (zq: panel (Dp/2, 16, 2)), then
 // y = c0 - a (sz S + hz1) - b sz per (code, row) -> y (M, 16). Returns a nonzero mask when some y
 // is not above its row's threshold thr (or is NaN).
 template <int M>
@@ -302,8 +303,6 @@ inline unsigned int_kernel(const int16_t* cq, int64_t Dp, const int16_t* zq, con
     // loop, one product register reused (renamed by the core)
     const int16_t* zp = zq;
     const int16_t* b = cq;
-    const int16_t* b3 = cq + 3 * Dp;
-    const int64_t s = Dp * 2;  // bytes between codes
     int64_t n = P;
     alignas(32) int32_t accs[12 * 8];  // a0..a5 (rows 0-7), c0..c5 (rows 8-15)
     asm volatile(
@@ -331,15 +330,14 @@ inline unsigned int_kernel(const int16_t* cq, int64_t Dp, const int16_t* zq, con
         "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t" \
         "vpaddd %%ymm15, %%ymm" #C ", %%ymm" #C "\n\t"
         MF_CODE("(%[b])", 0, 6)
-        MF_CODE("(%[b],%[s],1)", 1, 7)
-        MF_CODE("(%[b],%[s],2)", 2, 8)
-        MF_CODE("(%[b3])", 3, 9)
-        MF_CODE("(%[b3],%[s],1)", 4, 10)
-        MF_CODE("(%[b3],%[s],2)", 5, 11)
+        MF_CODE("4(%[b])", 1, 7)
+        MF_CODE("8(%[b])", 2, 8)
+        MF_CODE("12(%[b])", 3, 9)
+        MF_CODE("16(%[b])", 4, 10)
+        MF_CODE("20(%[b])", 5, 11)
 #undef MF_CODE
         "add $64, %[zp]\n\t"
-        "add $4, %[b]\n\t"
-        "add $4, %[b3]\n\t"
+        "add $24, %[b]\n\t"
         "dec %[n]\n\t"
         "jnz 1b\n\t"
         "2:\n\t"
@@ -355,8 +353,8 @@ inline unsigned int_kernel(const int16_t* cq, int64_t Dp, const int16_t* zq, con
         "vmovdqa %%ymm9, 288(%[o])\n\t"
         "vmovdqa %%ymm10, 320(%[o])\n\t"
         "vmovdqa %%ymm11, 352(%[o])\n\t"
-        : [zp] "+r"(zp), [b] "+r"(b), [b3] "+r"(b3), [n] "+r"(n)
-        : [s] "r"(s), [o] "r"(accs)
+        : [zp] "+r"(zp), [b] "+r"(b), [n] "+r"(n)
+        : [o] "r"(accs)
         : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
           "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
     for (int i = 0; i < 6; ++i) {
@@ -370,7 +368,7 @@ inline unsigned int_kernel(const int16_t* cq, int64_t Dp, const int16_t* zq, con
 #pragma GCC unroll 6
     for (int i = 0; i < M; ++i) {
       int32_t pair;
-      std::memcpy(&pair, cq + i * Dp + 2 * j, 4);
+      std::memcpy(&pair, cq + (j * M + i) * 2, 4);
       const __m256i e = _mm256_set1_epi32(pair);
       acc0[i] = _mm256_add_epi32(acc0[i], _mm256_madd_epi16(e, z0));
       acc1[i] = _mm256_add_epi32(acc1[i], _mm256_madd_epi16(e, z1));
@@ -480,6 +478,7 @@ bool nn_int16(const float* z, const float* codebook, int64_t N, int64_t K, int64
       }
       CodeBlock cb;
       cb.q.resize(kc * Dp);
+      cb.row.resize(Dp);
       cb.c0.resize(kc);
       cb.a.resize(kc);
       cb.b.resize(kc);
@@ -491,9 +490,14 @@ bool nn_int16(const float* z, const float* codebook, int64_t N, int64_t K, int64
           const int64_t i = k - k0;
           const float m = cmax[k];
           const float inv = m > 0.0f ? float(Q) / m : 0.0f, sc = m / float(Q);
-          int16_t* q = cb.q.data() + i * Dp;
+          int16_t* q = cb.row.data();
           const int64_t l1 = quantize(codebook + k * D, D, inv, q);
           if (Dp > D) q[D] = 0;
+          {  // into its tile: pair j of code ii at (j * Mt + ii)
+            const int64_t t0 = i / MR * MR, Mt = std::min<int64_t>(MR, k1 - k0 - t0), ii = i - t0;
+            int32_t* tile = reinterpret_cast<int32_t*>(cb.q.data() + t0 * Dp);
+            for (int64_t j = 0; j < P; ++j) std::memcpy(tile + j * Mt + ii, q + 2 * j, 4);
+          }
           const float g = hf * sc * float(l1);
           if (cosine) {  // y = -(sc sz S + h sc |z|_1 + h sz sc |qe|_1) / coef
             cb.c0[i] = 0.0f;
