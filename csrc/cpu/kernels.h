@@ -11,7 +11,8 @@ enum class Metric : int { kL2 = 0, kCosine = 1 };
 
 // z: (N, D) fp32 row-major; codebook: (K, D) fp32 row-major -> out: (N,) int64, the index of the
 // nearest code (l2: smallest |e|^2 - 2 z.e; cosine: largest z.e/|e|), ties to the lowest index.
-// Extra memory: one packed block of codes per thread plus O(N) partial results.
+// Extra memory: z quantised to int16 (N x D), an L2-sized int16 code block per thread, O(K) per-code
+// scalars and O(N) per-row state per thread; never an (N, K) matrix nor a copy of the codebook.
 void codebook_nn(const float* z, const float* codebook, int64_t N, int64_t K, int64_t D, Metric metric,
                  int64_t* out, int num_threads);
 
