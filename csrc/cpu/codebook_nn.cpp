@@ -165,6 +165,33 @@ inline float sum_squares(const float* e, int64_t D) {
   return s;
 }
 
+// sum_squares(e, D) (the same value, bit for bit) and max |e_d| in one pass.
+inline float sum_squares_max_abs(const float* e, int64_t D, float* maxabs) {
+  int64_t d = 0;
+  float s = 0.0f, m = 0.0f;
+#if MF_AVX2
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), m0 = _mm256_setzero_ps();
+  for (; d + 16 <= D; d += 16) {
+    const __m256 x0 = _mm256_loadu_ps(e + d), x1 = _mm256_loadu_ps(e + d + 8);
+    a0 = _mm256_fmadd_ps(x0, x0, a0);
+    a1 = _mm256_fmadd_ps(x1, x1, a1);
+    m0 = _mm256_max_ps(m0, _mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_andnot_ps(sign, x1)));
+  }
+  alignas(32) float t[8], u[8];
+  _mm256_store_ps(t, _mm256_add_ps(a0, a1));
+  _mm256_store_ps(u, m0);
+  s = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  for (int i = 0; i < 8; ++i) m = std::max(m, u[i]);
+#endif
+  for (; d < D; ++d) {
+    s += e[d] * e[d];
+    m = std::max(m, std::fabs(e[d]));
+  }
+  *maxabs = m;
+  return s;
+}
+
 inline float code_coef(float sumsq, bool cosine) { return cosine ? std::max(std::sqrt(sumsq), 1e-12f) : sumsq; }
 
 // fp32 path over the rows idx[0 .. n) (idx null: rows 0 .. n) of z: out[row] = nearest code.
@@ -407,37 +434,29 @@ bool nn_int16(const float* z, const float* codebook, int64_t N, int64_t K, int64
   // quantiser error per element, in units of the scale: 1/2 + the rounding of x * (Q / max|x|)
   // (2.01 u Q) + the rounding of the scale itself and of |q|_1 (2^-20, generous)
   const float hf = 0.5f + 0x1p-21f * float(Q) + 0x1p-20f;
-  // R: bound on the fp32 rounding of any scored distance and of y; (D + 32) 2^-21 is 8x the
-  // (D + 4) u of a D-term dot product, the norms of the scored vectors, the bound terms
-  const float rel = float(D + 32) * 0x1p-21f;
+  // Rounding allowance: a scored distance (32-lane blocked dot, 16-lane blocked |e|^2, one fma)
+  // is within (D / 16 + 12) u (|e| + |z|)^2 of its real value (cosine: (D / 16 + 10) u |z|), y
+  // within ~8 u of the same scale; rel = (D / 4 + 64) u is over twice their sum. For l2 the
+  // allowance R_k = rel (|e_k| + |z|)^2 is split three ways: rel |e_k|^2 into c0, rel |z|^2 into the
+  // row's threshold, the cross term 2 rel |e_k| |z| <= 2 se (rel sqrt(D) Q |z|) into hz1.
+  const float rel = float(D / 4 + 64) * 0x1p-24f;
   // kc codes per block: ~256 KB of int16, a multiple of MR, at least 4 blocks per thread
   int64_t kc = std::max<int64_t>(MR, (256 * 1024 / (2 * Dp)) / MR * MR);
   kc = std::min<int64_t>(kc, std::max<int64_t>(MR, ((K + 4 * T - 1) / (4 * T) + MR - 1) / MR * MR));
   const int64_t blocks = (K + kc - 1) / kc;
 
-  std::vector<float> cmax(K);                 // (K,) max |e|
   std::vector<int16_t> zq(panels * P * 32);   // (panels, Dp/2, 16, 2) quantised rows
   std::vector<float> sz(Np, 0.0f), hz1(Np, 0.0f), R(Np, 0.0f);  // (Np,) row scale, h |z|_1, rounding bound
   std::vector<uint8_t> fb(Np, 1);             // (Np,) row goes to the fp32 path
   // per-thread state: (T, Np) best fp32 distance, its code, threshold, candidates scored
   std::vector<float> fbest(T * Np), thr(T * Np);
   std::vector<int32_t> ibest(T * Np), cnt(T * Np);
-  int bad = 0;
-  float nmax = 0.0f;
+  std::atomic<int> bad{0};  // a code the int16 path cannot take: the whole call goes to fp32
   int64_t scored = 0, nfb = 0;
 #pragma omp parallel num_threads(T) reduction(+ : scored)
   {
     const int tid = omp_get_thread_num();
-#pragma omp for schedule(static) reduction(| : bad) reduction(max : nmax)
-    for (int64_t k = 0; k < K; ++k) {
-      const float* e = codebook + k * D;
-      const float s = sum_squares(e, D), m = max_abs(e, D);
-      coef[k] = code_coef(s, cosine);
-      cmax[k] = m;
-      if (!std::isfinite(s) || !(m == 0.0f || (m >= kMinScale && m <= kMaxScale))) bad = 1;
-      nmax = std::max(nmax, std::sqrt(s));
-    }
-    if (!bad) {
+    {
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < Np; ++r) {
         int16_t* dst = zq.data() + (r / NR) * P * 32 + (r % NR) * 2;
@@ -453,7 +472,7 @@ bool nn_int16(const float* z, const float* codebook, int64_t N, int64_t K, int64
           l2 += double(x[d]) * x[d];
         }
         const float zn = float(std::sqrt(l2)) * (1.0f + 0x1p-20f);
-        const float rb = cosine ? rel * zn : rel * (nmax + zn) * (nmax + zn);
+        const float rb = cosine ? rel * zn : rel * zn * zn * (1.0f + 0x1p-10f);
         const float inv = m > 0.0f ? float(Q) / m : 0.0f;
         for (int64_t j = 0; j < P; ++j) {
           const int64_t d = 2 * j;
@@ -463,7 +482,8 @@ bool nn_int16(const float* z, const float* codebook, int64_t N, int64_t K, int64
         const bool ok = m >= kMinScale && m <= kMaxScale && std::isfinite(zn) && std::isfinite(rb);
         fb[r] = ok ? 0 : 1;
         sz[r] = ok ? m / float(Q) : 0.0f;
-        hz1[r] = ok ? hf * float(l1) * (1.0f + 0x1p-20f) : 0.0f;
+        const float cross = cosine ? 0.0f : rel * std::sqrt(float(Dp)) * float(Q) * zn * (1.0f + 0x1p-10f);
+        hz1[r] = ok ? hf * float(l1) * (1.0f + 0x1p-20f) + cross : 0.0f;
         R[r] = ok ? rb : 0.0f;
       }
       float* tb = fbest.data() + tid * Np;
@@ -485,10 +505,19 @@ bool nn_int16(const float* z, const float* codebook, int64_t N, int64_t K, int64
       alignas(32) float y[MR * NR];
 #pragma omp for schedule(dynamic, 1)
       for (int64_t blk = 0; blk < blocks; ++blk) {
+        if (bad.load(std::memory_order_relaxed)) continue;
         const int64_t k0 = blk * kc, k1 = std::min(K, k0 + kc);
+        bool block_ok = true;
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t i = k - k0;
-          const float m = cmax[k];
+          const float* e = codebook + k * D;
+          float m;
+          const float ss = sum_squares_max_abs(e, D, &m);
+          if (!std::isfinite(ss) || !(m == 0.0f || (m >= kMinScale && m <= kMaxScale))) {
+            block_ok = false;
+            break;
+          }
+          coef[k] = code_coef(ss, cosine);
           const float inv = m > 0.0f ? float(Q) / m : 0.0f, sc = m / float(Q);
           int16_t* q = cb.row.data();
           const int64_t l1 = quantize(codebook + k * D, D, inv, q);
@@ -503,11 +532,15 @@ bool nn_int16(const float* z, const float* codebook, int64_t N, int64_t K, int64
             cb.c0[i] = 0.0f;
             cb.a[i] = sc / coef[k];
             cb.b[i] = g / coef[k];
-          } else {  // y = coef - 2 (sc sz S + h sc |z|_1 + h sz sc |qe|_1)
-            cb.c0[i] = coef[k];
+          } else {  // y = coef - 2 (sc sz S + h sc |z|_1 + h sz sc |qe|_1), less R's |e|^2 part
+            cb.c0[i] = coef[k] - rel * coef[k] * (1.0f + 0x1p-10f);
             cb.a[i] = 2.0f * sc;
             cb.b[i] = 2.0f * g;
           }
+        }
+        if (!block_ok) {
+          bad.store(1);
+          continue;
         }
         for (int64_t p = 0; p < panels; ++p) {
           const int16_t* zp = zq.data() + p * P * 32;
@@ -561,7 +594,7 @@ bool nn_int16(const float* z, const float* codebook, int64_t N, int64_t K, int64
       }
     }
   }
-  if (bad) return false;
+  if (bad.load()) return false;
   // rows for the fp32 path: the out-of-range ones and those whose candidate count hit the cap
   std::vector<int64_t> rows;
   rows.reserve(nfb);
