@@ -330,7 +330,7 @@ inline unsigned int_kernel(const int16_t* cq, int64_t Dp, const int16_t* zq, con
     // loop, one product register reused (renamed by the core)
     const int16_t* zp = zq;
     const int16_t* b = cq;
-    int64_t n = P;
+    int64_t n = P / 2, odd = P & 1;
     alignas(32) int32_t accs[12 * 8];  // a0..a5 (rows 0-7), c0..c5 (rows 8-15)
     asm volatile(
         "vpxor %%xmm0, %%xmm0, %%xmm0\n\t"
@@ -345,26 +345,36 @@ inline unsigned int_kernel(const int16_t* cq, int64_t Dp, const int16_t* zq, con
         "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"
         "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"
         "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"
-        "test %[n], %[n]\n\t"
-        "jle 2f\n\t"
-        "1:\n\t"
-        "vmovdqu (%[zp]), %%ymm12\n\t"
-        "vmovdqu 32(%[zp]), %%ymm13\n\t"
 #define MF_CODE(ADDR, A, C)                  \
         "vpbroadcastd " ADDR ", %%ymm14\n\t"   \
         "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t" \
         "vpaddd %%ymm15, %%ymm" #A ", %%ymm" #A "\n\t" \
         "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t" \
         "vpaddd %%ymm15, %%ymm" #C ", %%ymm" #C "\n\t"
-        MF_CODE("(%[b])", 0, 6)
-        MF_CODE("4(%[b])", 1, 7)
-        MF_CODE("8(%[b])", 2, 8)
-        MF_CODE("12(%[b])", 3, 9)
-        MF_CODE("16(%[b])", 4, 10)
-        MF_CODE("20(%[b])", 5, 11)
-#undef MF_CODE
+#define MF_STEP(Z0, Z1, B0, B1, B2, B3, B4, B5) \
+        "vmovdqu " Z0 "(%[zp]), %%ymm12\n\t"    \
+        "vmovdqu " Z1 "(%[zp]), %%ymm13\n\t"    \
+        MF_CODE(B0 "(%[b])", 0, 6)                \
+        MF_CODE(B1 "(%[b])", 1, 7)                \
+        MF_CODE(B2 "(%[b])", 2, 8)                \
+        MF_CODE(B3 "(%[b])", 3, 9)                \
+        MF_CODE(B4 "(%[b])", 4, 10)               \
+        MF_CODE(B5 "(%[b])", 5, 11)
+        "test %[odd], %[odd]\n\t"  // odd P: one pair first, then two per trip
+        "jz 3f\n\t"
+        MF_STEP("0", "32", "0", "4", "8", "12", "16", "20")
         "add $64, %[zp]\n\t"
         "add $24, %[b]\n\t"
+        "3:\n\t"
+        "test %[n], %[n]\n\t"
+        "jle 2f\n\t"
+        "1:\n\t"
+        MF_STEP("0", "32", "0", "4", "8", "12", "16", "20")
+        MF_STEP("64", "96", "24", "28", "32", "36", "40", "44")
+#undef MF_STEP
+#undef MF_CODE
+        "add $128, %[zp]\n\t"
+        "add $48, %[b]\n\t"
         "dec %[n]\n\t"
         "jnz 1b\n\t"
         "2:\n\t"
@@ -381,7 +391,7 @@ inline unsigned int_kernel(const int16_t* cq, int64_t Dp, const int16_t* zq, con
         "vmovdqa %%ymm10, 320(%[o])\n\t"
         "vmovdqa %%ymm11, 352(%[o])\n\t"
         : [zp] "+r"(zp), [b] "+r"(b), [n] "+r"(n)
-        : [o] "r"(accs)
+        : [o] "r"(accs), [odd] "r"(odd)
         : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
           "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
     for (int i = 0; i < 6; ++i) {
