@@ -483,13 +483,13 @@ bool nn_int16(const float* z, const float* codebook, int64_t N, int64_t K, int64
         }
         const float zn = float(std::sqrt(l2)) * (1.0f + 0x1p-20f);
         const float rb = cosine ? rel * zn : rel * zn * zn * (1.0f + 0x1p-10f);
-        const float inv = m > 0.0f ? float(Q) / m : 0.0f;
+        const bool ok = m >= kMinScale && m <= kMaxScale && std::isfinite(zn) && std::isfinite(rb);
+        const float inv = ok ? float(Q) / m : 0.0f;  // rows not ok: zeros (never read)
         for (int64_t j = 0; j < P; ++j) {
           const int64_t d = 2 * j;
           dst[j * 32] = static_cast<int16_t>(std::nearbyint(x[d] * inv));
           dst[j * 32 + 1] = d + 1 < D ? static_cast<int16_t>(std::nearbyint(x[d + 1] * inv)) : int16_t{0};
         }
-        const bool ok = m >= kMinScale && m <= kMaxScale && std::isfinite(zn) && std::isfinite(rb);
         fb[r] = ok ? 0 : 1;
         sz[r] = ok ? m / float(Q) : 0.0f;
         const float cross = cosine ? 0.0f : rel * std::sqrt(float(Dp)) * float(Q) * zn * (1.0f + 0x1p-10f);
