@@ -23,7 +23,7 @@
 //    vpaddd move 192 multiply-adds in ~8 cycles where the fp32 FMA tile moves 96 in ~6-7.
 //  * candidates per row: ~ln(K) running records plus the codes within the bound's width of the
 //    minimum: ~12 of 16384 on Gaussian data (D = 256), ~50 on clustered codes.
-//  * the candidate count per row is capped (32 + K / 32): a row that reaches it (duplicated codes,
+//  * the candidate count per row is capped (64 + K / 128): a row that reaches it (duplicated codes,
 //    lattice data with exact ties, huge dynamic range inside a vector) and rows whose scale is out
 //    of range (zero, < 2^-40, > 2^40) are redone on the fp32 path, as is the whole call when a code
 //    is non-finite or out of range. So the answer never depends on the data: it is the fp32
@@ -445,7 +445,7 @@ bool nn_int16(const float* z, const float* codebook, int64_t N, int64_t K, int64
   const int64_t Dp = (D + 1) & ~int64_t{1}, P = Dp / 2;
   const int32_t Q = std::min<int32_t>(32767, static_cast<int32_t>(std::sqrt(2147483647.0 / double(Dp))));
   const int64_t Np = (N + NR - 1) / NR * NR, panels = Np / NR;
-  const int64_t cap = 32 + K / 32;
+  const int64_t cap = 64 + K / 128;
   // quantiser error per element, in units of the scale: 1/2 + the rounding of x * (Q / max|x|)
   // (2.01 u Q) + the rounding of the scale itself and of |q|_1 (2^-20, generous)
   const float hf = 0.5f + 0x1p-21f * float(Q) + 0x1p-20f;
@@ -560,6 +560,9 @@ bool nn_int16(const float* z, const float* codebook, int64_t N, int64_t K, int64
         for (int64_t p = 0; p < panels; ++p) {
           const int16_t* zp = zq.data() + p * P * 32;
           const int64_t r0 = p * NR;
+          bool live = false;  // a panel whose rows all gave up (or are padding) is not scanned again
+          for (int64_t j = 0; j < NR; ++j) live |= tt[r0 + j] != -kInf;
+          if (!live) continue;
           for (int64_t k = k0; k < k1; k += MR) {
             const int64_t i = k - k0, M = std::min<int64_t>(MR, k1 - k);
             if (!kInt[M](cb.q.data() + i * Dp, Dp, zp, cb.c0.data() + i, cb.a.data() + i, cb.b.data() + i,
