@@ -5,6 +5,7 @@ already loadable; ``MAGE_FAST_SKIP_EXT=1`` skips this file instead.
 """
 import importlib
 import os
+import platform
 import subprocess
 import sys
 
@@ -104,6 +105,155 @@ def test_codebook_nn_planted_ties_lowest_index(N, K, D, metric):
         _assert_nn_close(got, codebook_nn_ref(z, cb, metric), z, cb, metric, rel=1e-6)
     assert not bool((got[: min(N, 4)] % 3 == 1).any()), got[:4]
     assert torch.equal(got[: min(N, 4)], torch.arange(0, 12, 3)[: min(N, 4)])
+
+
+# ---- the int16 screening path (exact: fp32 re-scoring of every candidate, fp32 fallback)
+
+_C = _ext.load()
+INT16 = platform.machine() in ("x86_64", "AMD64")  # the int16 path needs the AVX2 build
+
+
+def _nn64(z, cb, metric):
+    """float64 brute-force argmin (ties: lowest index)."""
+    return _dist64(z, cb, metric).argmin(1)
+
+
+def _run(z, cb, metric, mode=0):
+    _C._codebook_nn_set_mode(mode)
+    try:
+        got = ops.codebook_nn(z, cb, metric)
+    finally:
+        _C._codebook_nn_set_mode(0)
+    return got, dict(_C._codebook_nn_last_stats())
+
+
+def _assert_path(stats, path):
+    if INT16 or path == "fp32":
+        assert stats["path"] == path, stats
+
+
+# odd sizes (not multiples of the 6-code x 16-row tile, odd D pads a zero int16), D = 1 and D at the
+# int16 budget's edge (D = 8190: Q = 512); N >= 32 takes the int16 path
+INT_SHAPES = [(33, 1001, 7), (100, 517, 255), (257, 3001, 64), (45, 97, 1), (64, 200, 1023), (77, 1500, 33),
+              (40, 50, 8190), (300, 2100, 256)]  # the last: two threads (>= 2^26 multiply-adds each)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("N,K,D", INT_SHAPES, ids=[f"N{n}-K{k}-D{d}" for n, k, d in INT_SHAPES])
+def test_codebook_nn_int16_matches_float64(N, K, D, metric):
+    g = torch.Generator().manual_seed(N * 7 + K * 3 + D)
+    z, cb = torch.randn(N, D, generator=g), torch.randn(K, D, generator=g) * 0.5
+    got, st = _run(z, cb, metric)
+    _assert_path(st, "int16")
+    assert st["fallback_rows"] == 0 or D <= 1, st  # random data: no row needs the fp32 path
+    want = _nn64(z, cb, metric)
+    _assert_nn_close(got, want, z, cb, metric, rel=1e-6)
+    ref, st32 = _run(z, cb, metric, mode=1)
+    _assert_path(st32, "fp32")
+    _assert_nn_close(got, ref, z, cb, metric, rel=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("N,K,D", [(300, 2000, 96), (256, 4100, 160)], ids=["one-thread", "two-threads"])
+def test_codebook_nn_int16_ties_lowest_index(N, K, D, metric):
+    """Exact duplicates (any fp32 order scores them identically) at random places: the lowest index
+    wins, also when the copies fall in code blocks that different threads scan."""
+    g = torch.Generator().manual_seed(3)
+    cb = torch.randn(K, D, generator=g)
+    src = torch.randint(0, K, (400,), generator=g)
+    dst = torch.randint(0, K, (400,), generator=g)
+    cb[dst] = cb[src]
+    z = cb[torch.randint(0, K, (N,), generator=g)] + 0.05 * torch.randn(N, D, generator=g)
+    got, st = _run(z, cb, metric)
+    _assert_path(st, "int16")
+    want = _nn64(z, cb, metric)
+    _assert_nn_close(got, want, z, cb, metric, rel=1e-6)
+    # the winner is the first of its identical copies
+    first = torch.tensor([int((cb == cb[i]).all(1).nonzero()[0]) for i in got.tolist()])
+    assert torch.equal(got, first)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_codebook_nn_int16_adversarial_near_duplicates(metric):
+    """Many codes one tiny step apart in one coordinate (far below the int16 resolution), z on top of
+    them: most of them are candidates; the answer must still be the fp32 argmin."""
+    g = torch.Generator().manual_seed(5)
+    K, D, N = 1200, 64, 96
+    base = torch.randn(8, D, generator=g)
+    cb = base[torch.arange(K) % 8].clone()
+    k = torch.arange(K)
+    cb[k, k % D] += (k // 8).float() * 1e-4 - 0.005
+    z = base[torch.randint(0, 8, (N,), generator=g)] + 1e-3 * torch.randn(N, D, generator=g)
+    got, st = _run(z, cb, metric)
+    _assert_path(st, "int16")
+    _assert_nn_close(got, _nn64(z, cb, metric), z, cb, metric, rel=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_codebook_nn_int16_dynamic_range_and_zeros(metric):
+    g = torch.Generator().manual_seed(11)
+    K, D, N = 700, 40, 130
+    cb = torch.randn(K, D, generator=g) * torch.logspace(-3, 3, K)[torch.randperm(K, generator=g), None]
+    cb[::50] = 0.0                               # zero codes
+    cb[5, 3] = 1e4                               # one huge coordinate in a code
+    z = torch.randn(N, D, generator=g) * torch.logspace(-3, 3, N)[:, None]
+    z[::17] = 0.0                                # zero rows (fp32 path)
+    z[3::17, 0] = 1e6                            # one huge coordinate: the rest quantises to 0
+    got, st = _run(z, cb, metric)
+    _assert_path(st, "int16")
+    _assert_nn_close(got, _nn64(z, cb, metric), z, cb, metric, rel=1e-6)
+    ref, _ = _run(z, cb, metric, mode=1)
+    _assert_nn_close(got, ref, z, cb, metric, rel=1e-6)
+
+
+def test_codebook_nn_int16_lattice_falls_back_exactly():
+    """Lattice data: hundreds of exact ties per row, the candidate cap sends rows to the fp32
+    path; l2 on integers is exact in fp32, so the answer must equal the float64 one exactly."""
+    g = torch.Generator().manual_seed(13)
+    K, D, N = 3000, 3, 200
+    cb = torch.randint(-1, 2, (K, D), generator=g).float()       # 27 distinct codes, ~110 copies each
+    z = torch.randint(0, 2, (N, D), generator=g).float() - 0.5    # 0 and 1 tie in every coordinate
+    got, st = _run(z, cb, "l2")
+    _assert_path(st, "int16")
+    assert torch.equal(got, _nn64(z, cb, "l2"))
+    assert not INT16 or st["fallback_rows"] > 0, st
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_codebook_nn_int16_fallbacks(metric):
+    g = torch.Generator().manual_seed(17)
+    # D past the int16 budget (Q < 512): the whole call on the fp32 path
+    z, cb = torch.randn(40, 8191, generator=g), torch.randn(50, 8191, generator=g)
+    got, st = _run(z, cb, metric)
+    assert st["path"] == "fp32", st
+    _assert_nn_close(got, _nn64(z, cb, metric), z, cb, metric, rel=1e-6)
+    # few rows: fp32 path
+    z, cb = torch.randn(31, 24, generator=g), torch.randn(500, 24, generator=g)
+    got, st = _run(z, cb, metric)
+    assert st["path"] == "fp32", st
+    _assert_nn_close(got, _nn64(z, cb, metric), z, cb, metric, rel=1e-6)
+    # a code out of the int16 path's scale range or non-finite: whole call on the fp32 path, same answer
+    for bad in (1e-20, float("inf"), float("nan")):
+        z, cb = torch.randn(64, 24, generator=g), torch.randn(500, 24, generator=g)
+        cb[7] = bad
+        got, st = _run(z, cb, metric)
+        assert st["path"] == "fp32", (bad, st)
+        ref, _ = _run(z, cb, metric, mode=1)
+        assert torch.equal(got, ref)
+    # all codes identical: every code is a candidate, every row hits the cap -> fp32 path, index 0
+    z, cb = torch.randn(64, 24, generator=g), torch.randn(1, 24, generator=g).repeat(3000, 1)
+    got, st = _run(z, cb, metric)
+    _assert_path(st, "int16")
+    assert not INT16 or st["fallback_rows"] == 64, st
+    assert bool((got == 0).all())
+    # rows out of the scale range (tiny, zero): those rows alone on the fp32 path
+    z, cb = torch.randn(64, 24, generator=g), torch.randn(500, 24, generator=g)
+    z[:5] *= 1e-20
+    z[5] = 0.0
+    got, st = _run(z, cb, metric)
+    _assert_path(st, "int16")
+    assert not INT16 or st["fallback_rows"] == 6, st
+    _assert_nn_close(got, _nn64(z, cb, metric), z, cb, metric, rel=1e-6)
 
 
 def test_codebook_nn_rejects_bad_args():

@@ -11,9 +11,20 @@ enum class Metric : int { kL2 = 0, kCosine = 1 };
 
 // z: (N, D) fp32 row-major; codebook: (K, D) fp32 row-major -> out: (N,) int64, the index of the
 // nearest code (l2: smallest |e|^2 - 2 z.e; cosine: largest z.e/|e|), ties to the lowest index.
-// Extra memory: one packed block of codes per thread plus O(N) partial results.
+// Extra memory: z quantised to int16 (N x D), an L2-sized int16 code block per thread, O(K) per-code
+// scalars and O(N) per-row state per thread; never an (N, K) matrix nor a copy of the codebook.
 void codebook_nn(const float* z, const float* codebook, int64_t N, int64_t K, int64_t D, Metric metric,
                  int64_t* out, int num_threads);
+
+// Introspection of codebook_nn (tests, benchmarks): mode 0 picks the path (int16 screening with
+// fp32 re-scoring where it can be exact, else fp32), mode 1 forces the fp32 path. The stats are
+// those of the latest call in the process: path 1 = int16 screening, 0 = fp32 throughout;
+// fallback_rows = rows done on the fp32 path; scored = (row, code) pairs re-scored in fp32.
+struct CodebookNNStats {
+  int64_t path, fallback_rows, scored;
+};
+void codebook_nn_set_mode(int mode);
+CodebookNNStats codebook_nn_last_stats();
 
 // One decode step. logits: (B, N, C) fp32 with strides (sB, sN, 1); ids, sampled, next_ids:
 // (B, N) int64 contiguous; key: (B,) int64 (low 32 bits used). 0 <= mask_len < N.
