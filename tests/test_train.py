@@ -3,9 +3,6 @@
 tokenizer trainer. Tiny configs: 32x32 images, a (1, 2, 2) tokenizer -> 8x8 tokens."""
 import math
 import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,31 +10,14 @@ import torch
 from PIL import Image
 
 import mage_fast
+from launch import needs_deepspeed, ok, run
 from mage_fast.models.checkpoint import build_from_checkpoint, read_state_dict
 from mage_fast.training import adamw, lr_at, param_groups, scaled_lr
 from mage_fast.training.objective import MAGEObjective
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_VQ = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, embed_dim=32, n_embed=64)
 TINY_ARGS = ["--model", "tiny", "--img_size", "32", "--vqgan_config",
              '{"ch_mult": [1, 2, 2], "n_embed": 64}', "--no_progress", "--log_every", "1"]
-needs_deepspeed = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed is not installed")
-
-
-def _env():
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _run(args, timeout=240, launcher=None):
-    cmd = (launcher or [sys.executable]) + args
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +128,11 @@ def test_loss_falls_on_fixed_batch():
 @needs_deepspeed
 def test_zero2_two_processes_deepspeed_launcher(tmp_path, image_folder):
     out = tmp_path / "run"
-    proc = _run(["--num_gpus", "2", "--master_port", "29611", "train/pretrain.py", *TINY_ARGS,
+    proc = run(["--num_gpus", "2", "--master_port", "29611", "train/pretrain.py", *TINY_ARGS,
                  "--data_path", image_folder, "--batch_size", "4", "--max_steps", "3", "--num_workers", "1",
                  "--deepspeed_config", "zero2", "--output_dir", str(out), "--export", str(out / "mage.pt")],
                 launcher=["deepspeed"])
-    _ok(proc)
+    ok(proc)
     assert "world 2, ZeRO 2" in proc.stdout
     with open(out / "metrics.csv") as f:
         rows = f.read().splitlines()
@@ -178,14 +158,14 @@ def test_resume_after_sigkill_is_exact(tmp_path, image_folder):
               "--warmup_steps", "2", "--blr", "1e-2", "--num_workers", "1", "--save_every", "3",
               "--deepspeed_config", "zero1", "--data_backend", "torch"]  # DALI resumes only approximately
     a, b = tmp_path / "a", tmp_path / "b"
-    _ok(_run(["train/pretrain.py", *common, "--output_dir", str(a), "--export", str(a / "mage.pt")]))
-    crashed = _run(["train/pretrain.py", *common, "--output_dir", str(b), "--simulate_crash_at_step", "5"])
+    ok(run(["train/pretrain.py", *common, "--output_dir", str(a), "--export", str(a / "mage.pt")]))
+    crashed = run(["train/pretrain.py", *common, "--output_dir", str(b), "--simulate_crash_at_step", "5"])
     assert crashed.returncode == -9, crashed.stderr[-3000:]  # killed by SIGKILL after step 5
     with open(b / "checkpoints" / "latest") as f:
         assert f.read().strip() == "step3"
-    resumed = _run(["train/pretrain.py", *common, "--output_dir", str(b), "--resume", "auto",
+    resumed = run(["train/pretrain.py", *common, "--output_dir", str(b), "--resume", "auto",
                     "--export", str(b / "mage.pt")])
-    _ok(resumed)
+    ok(resumed)
     assert "resumed from" in resumed.stdout and "step 3, epoch 0, batch 6" in resumed.stdout
     sa, sb = (read_state_dict(str(p / "mage.pt")) for p in (a, b))
     init = build_from_checkpoint(str(a / "mage.pt"))
@@ -200,15 +180,15 @@ def test_resume_after_sigkill_is_exact(tmp_path, image_folder):
 @needs_deepspeed
 def test_zero3_export_and_continue_from_checkpoint(tmp_path):
     out = tmp_path / "z3"
-    _ok(_run(["train/pretrain.py", *TINY_ARGS, "--synthetic", "--synthetic_length", "16", "--batch_size", "4",
+    ok(run(["train/pretrain.py", *TINY_ARGS, "--synthetic", "--synthetic_length", "16", "--batch_size", "4",
               "--max_steps", "2", "--num_workers", "0", "--deepspeed_config", "zero3", "--output_dir", str(out),
               "--export", str(out / "mage.pt")]))
     first = _check_export(out / "mage.pt")
     out2 = tmp_path / "cont"
-    proc = _run(["train/pretrain.py", *TINY_ARGS, "--synthetic", "--synthetic_length", "16", "--batch_size", "4",
+    proc = run(["train/pretrain.py", *TINY_ARGS, "--synthetic", "--synthetic_length", "16", "--batch_size", "4",
                  "--max_steps", "1", "--num_workers", "0", "--init_from", str(out / "mage.pt"), "--lr", "0",
                  "--output_dir", str(out2), "--export", str(out2 / "mage.pt")])
-    _ok(proc)
+    ok(proc)
     second = read_state_dict(str(out2 / "mage.pt"))
     for k, v in first.state_dict().items():  # lr 0: continuing changes nothing
         assert torch.equal(v, second[k]), k
@@ -217,7 +197,7 @@ def test_zero3_export_and_continue_from_checkpoint(tmp_path):
 @needs_deepspeed
 def test_tokenizer_trainer_with_gan_and_restarts(tmp_path, image_folder):
     out = tmp_path / "tok"
-    _ok(_run(["train/train_tokenizer.py", "--data_path", image_folder, "--img_size", "32", "--ch", "32",
+    ok(run(["train/train_tokenizer.py", "--data_path", image_folder, "--img_size", "32", "--ch", "32",
               "--ch_mult", "1,2,2", "--num_res_blocks", "1", "--z_channels", "32", "--n_embed", "512",
               "--batch_size", "4", "--max_steps", "4", "--restart_every", "2", "--disc_weight", "0.1",
               "--disc_start", "1", "--log_every", "2", "--num_workers", "0", "--no_progress",
@@ -234,7 +214,7 @@ def test_tokenizer_trainer_with_gan_and_restarts(tmp_path, image_folder):
 @needs_deepspeed
 def test_bf16_zero2_trains_and_exports_fp32(tmp_path):
     out = tmp_path / "bf16"
-    _ok(_run(["train/pretrain.py", *TINY_ARGS, "--synthetic", "--synthetic_length", "16", "--batch_size", "4",
+    ok(run(["train/pretrain.py", *TINY_ARGS, "--synthetic", "--synthetic_length", "16", "--batch_size", "4",
               "--max_steps", "2", "--num_workers", "0", "--precision", "bf16", "--deepspeed_config", "zero2",
               "--output_dir", str(out), "--export", str(out / "mage.pt")]))
     sd = read_state_dict(str(out / "mage.pt"))

@@ -7,14 +7,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from launch import needs_deepspeed, ok, run
 from mage_fast.models import ViTVQGAN
 from mage_fast.models.checkpoint import (CheckpointError, build_tokenizer, load_vim, tokenizer_checksum,
                                          tokenizer_export)
@@ -22,30 +21,12 @@ from mage_fast.models.vit_vqgan import vit_vqgan_loss
 from mage_fast.training.tokenizer import VQGANObjective
 from mage_fast.vim_sampling import generate
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_deepspeed = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed is not installed")
 needs_deepspeed_module = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                             reason="deepspeed is not installed")
 VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, n_embed=64, code_dim=8)
 VIT_ARGS = ["--arch", "vit", "--img_size", "16", "--patch_size", "4", "--embed_dim", "32", "--depth", "1",
             "--num_heads", "2", "--code_dim", "8", "--n_embed", "64"]
 VIM_ARGS = ["--embed_dim", "32", "--depth", "2", "--num_heads", "2", "--no_progress", "--log_every", "1"]
-
-
-def _env():
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _run(args, timeout=240, launcher=None):
-    cmd = (launcher or [sys.executable]) + args
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
 def _metrics(path):
@@ -138,12 +119,12 @@ def vit_tokenizer(tmp_path_factory):
     if shutil.which("deepspeed") is None:
         pytest.skip("deepspeed is not installed")
     out = tmp_path_factory.mktemp("vit_tok")
-    proc = _run(["--num_gpus", "1", "--master_port", "29621", "train/train_tokenizer.py", *VIT_ARGS, "--synthetic",
+    proc = run(["--num_gpus", "1", "--master_port", "29621", "train/train_tokenizer.py", *VIT_ARGS, "--synthetic",
                  "--synthetic_length", "32", "--batch_size", "4", "--max_steps", "4", "--restart_every", "2",
                  "--disc_weight", "0.1", "--disc_start", "1", "--log_every", "2", "--num_workers", "0",
                  "--no_progress", "--deepspeed_config", "zero2", "--output_dir", str(out),
                  "--export", str(out / "tok.pt")], launcher=["deepspeed"])
-    _ok(proc)
+    ok(proc)
     return out
 
 
@@ -171,7 +152,7 @@ def test_vit_tokenizer_training_and_export(vit_tokenizer):
 @pytest.fixture(scope="module")
 def vit_cache(vit_tokenizer, image_folder):
     out = vit_tokenizer / "cache.pt"
-    _ok(_run(["train/cache_tokens.py", "--data_path", image_folder, "--tokenizer", str(vit_tokenizer / "tok.pt"),
+    ok(run(["train/cache_tokens.py", "--data_path", image_folder, "--tokenizer", str(vit_tokenizer / "tok.pt"),
               "--img_size", "16", "--views", "2", "--plain_first", "--num_workers", "0", "--out", str(out)]))
     return out
 
@@ -189,7 +170,7 @@ def test_cache_tokens_with_vit_tokenizer(vit_tokenizer, vit_cache, image_folder)
     x = torch.stack([plain[i][0] for i in range(3)])
     _, _, (_, _, idx) = vq.encode(x)
     assert torch.equal(blob["ids"][:3, 0].long(), idx.view(3, -1))  # view 0: the plain image's codes
-    bad = _run(["train/cache_tokens.py", "--data_path", image_folder, "--tokenizer", str(vit_tokenizer / "tok.pt"),
+    bad = run(["train/cache_tokens.py", "--data_path", image_folder, "--tokenizer", str(vit_tokenizer / "tok.pt"),
                 "--img_size", "32", "--out", str(vit_tokenizer / "bad.pt")])
     assert bad.returncode != 0 and "16px" in bad.stderr
 
@@ -197,12 +178,12 @@ def test_cache_tokens_with_vit_tokenizer(vit_tokenizer, vit_cache, image_folder)
 @needs_deepspeed
 def test_train_vim_launcher_export_load_and_sample(tmp_path, vit_tokenizer, vit_cache, image_folder):
     out = tmp_path / "vim"
-    proc = _run(["--num_gpus", "1", "--master_port", "29622", "train/train_vim.py", *VIM_ARGS,
+    proc = run(["--num_gpus", "1", "--master_port", "29622", "train/train_vim.py", *VIM_ARGS,
                  "--tokenizer", str(vit_tokenizer / "tok.pt"), "--token_cache", str(vit_cache), "--batch_size", "4",
                  "--max_steps", "3", "--warmup_steps", "1", "--lr", "1e-3", "--label_smoothing", "0.1",
                  "--deepspeed_config", "zero2", "--output_dir", str(out), "--export", str(out / "vim.pt")],
                 launcher=["deepspeed"])
-    _ok(proc)
+    ok(proc)
     assert "3 classes" in proc.stdout and "16 tokens of 64 codes" in proc.stdout and "ZeRO 2" in proc.stdout
     rows = _metrics(out / "metrics.csv")
     assert len(rows) == 3 and all(math.isfinite(float(r["loss"])) for r in rows)
@@ -218,19 +199,19 @@ def test_train_vim_launcher_export_load_and_sample(tmp_path, vit_tokenizer, vit_
     imgs, ids = generate(vim, 3, labels=torch.tensor([0, 1, 2]), top_k=10, return_ids=True)
     assert imgs.shape == (3, 3, 16, 16) and ids.shape == (3, 16) and torch.isfinite(imgs).all()
     # evaluation subcommands on the export
-    res = _run(["train/evaluate.py", "vim_samples", "--ckpt", str(out / "vim.pt"), "--out", str(tmp_path / "g.png"),
+    res = run(["train/evaluate.py", "vim_samples", "--ckpt", str(out / "vim.pt"), "--out", str(tmp_path / "g.png"),
                 "--n", "5", "--batch_size", "2", "--top_k", "10", "--png_dir", str(tmp_path / "pngs")])
-    _ok(res)
+    ok(res)
     assert sorted(os.listdir(tmp_path / "pngs")) == [f"{i:05d}.png" for i in range(5)]
     assert Image.open(tmp_path / "pngs" / "00004.png").size == (16, 16) and os.path.isfile(tmp_path / "g.png")
-    res = _run(["train/evaluate.py", "vim_probe", "--ckpt", str(out / "vim.pt"), "--train_cache", str(vit_cache),
+    res = run(["train/evaluate.py", "vim_probe", "--ckpt", str(out / "vim.pt"), "--train_cache", str(vit_cache),
                 "--test_cache", str(vit_cache), "--layer", "1"])
-    _ok(res)
+    ok(res)
     probe = json.loads(res.stdout.strip().splitlines()[-1])
     assert probe["layer"] == 1 and probe["dim"] == 32 and probe["train_n"] == 24 and 0 <= probe["test_accuracy"] <= 1
-    res = _run(["train/evaluate.py", "recon", "--tokenizer", str(out / "vim.pt"), "--data_path", image_folder,
+    res = run(["train/evaluate.py", "recon", "--tokenizer", str(out / "vim.pt"), "--data_path", image_folder,
                 "--img_size", "16"])  # a VIM export's tokenizer, rebuilt by the same loader
-    _ok(res)
+    ok(res)
     rec = json.loads(res.stdout.strip().splitlines()[-1])
     assert rec["images"] == 24 and rec["codebook"] == 64 and math.isfinite(rec["mse"])
 
@@ -241,13 +222,13 @@ def test_train_vim_resume_after_sigkill_is_exact(tmp_path, vit_tokenizer, vit_ca
               str(vit_cache), "--batch_size", "4", "--accum_iter", "2", "--max_steps", "5", "--warmup_steps", "2",
               "--lr", "1e-2", "--save_every", "2"]  # 3 steps per epoch: the resumed run crosses an epoch
     a, b = tmp_path / "a", tmp_path / "b"
-    _ok(_run([*common, "--output_dir", str(a), "--export", str(a / "vim.pt")]))
-    crashed = _run([*common, "--output_dir", str(b), "--simulate_crash_at_step", "3"])
+    ok(run([*common, "--output_dir", str(a), "--export", str(a / "vim.pt")]))
+    crashed = run([*common, "--output_dir", str(b), "--simulate_crash_at_step", "3"])
     assert crashed.returncode == -9, crashed.stderr[-3000:]
     with open(b / "checkpoints" / "latest") as f:
         assert f.read().strip() == "step2"
-    resumed = _run([*common, "--output_dir", str(b), "--resume", "auto", "--export", str(b / "vim.pt")])
-    _ok(resumed)
+    resumed = run([*common, "--output_dir", str(b), "--resume", "auto", "--export", str(b / "vim.pt")])
+    ok(resumed)
     assert "resumed from" in resumed.stdout and "step 2, epoch 0, batch 4" in resumed.stdout
     sa, sb = (torch.load(p / "vim.pt", weights_only=True)["model"] for p in (a, b))
     assert sa.keys() == sb.keys()
@@ -258,17 +239,17 @@ def test_train_vim_resume_after_sigkill_is_exact(tmp_path, vit_tokenizer, vit_ca
 @needs_deepspeed
 def test_train_vim_from_images_zero3_and_cache_mismatch(tmp_path, vit_tokenizer, vit_cache, image_folder):
     out = tmp_path / "img"
-    proc = _run(["train/train_vim.py", *VIM_ARGS, "--tokenizer", str(vit_tokenizer / "tok.pt"), "--data_path",
+    proc = run(["train/train_vim.py", *VIM_ARGS, "--tokenizer", str(vit_tokenizer / "tok.pt"), "--data_path",
                  image_folder, "--batch_size", "4", "--max_steps", "2", "--num_workers", "0", "--lr", "1e-3",
                  "--deepspeed_config", "zero3", "--output_dir", str(out), "--export", str(out / "vim.pt")])
-    _ok(proc)
+    ok(proc)
     assert "3 classes" in proc.stdout and "16px" in proc.stdout  # the ViT tokenizer fixes the size
     vim = load_vim(str(out / "vim.pt"))
     assert vim.num_classes == 3 and vim.tokenizer is not None
     # a cache made by another tokenizer is refused
     other = ViTVQGAN(**VIT)
     torch.save({"state_dict": other.state_dict(), "config": other.config, "arch": "vit_vqgan"}, tmp_path / "o.pt")
-    bad = _run(["train/train_vim.py", *VIM_ARGS, "--tokenizer", str(tmp_path / "o.pt"), "--token_cache",
+    bad = run(["train/train_vim.py", *VIM_ARGS, "--tokenizer", str(tmp_path / "o.pt"), "--token_cache",
                 str(vit_cache), "--batch_size", "4", "--max_steps", "1"])
     assert bad.returncode != 0 and "different tokenizer" in bad.stderr
 

@@ -30,7 +30,8 @@ from mage_fast.models.checkpoint import load_checkpoint, load_state_dict_strict,
 from mage_fast.models.mage import MAGE  # noqa: E402
 from mage_fast.training import engine as eng  # noqa: E402
 from mage_fast.models.checkpoint import tokenizer_checksum  # noqa: E402
-from mage_fast.training.common import add_common_args, check_common_args, schedule_lengths, start_run  # noqa: E402
+from mage_fast.training.common import (add_common_args, add_model_args, check_common_args,  # noqa: E402
+                                       schedule_lengths, start_run)
 from mage_fast.training.common import check_token_cache as check_cache  # noqa: E402
 from mage_fast.training.loop import LoopConfig, TrainLoop  # noqa: E402
 from mage_fast.training.objective import MAGEObjective  # noqa: E402
@@ -52,11 +53,7 @@ SIZE_KEYS = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_de
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
-    g = ap.add_argument_group("model")
-    g.add_argument("--model", default="vit_base", choices=sorted(PRESETS))
-    for k in SIZE_KEYS:
-        g.add_argument(f"--{k}", type=int, default=None, help="override the preset")
-    g.add_argument("--mlp_ratio", type=float, default=4.0)
+    g = add_model_args(ap, PRESETS, "vit_base")
     g.add_argument("--tokenizer", default=None, help="VQGAN checkpoint (train_tokenizer.py export or the official "
                                                      "vqgan_jax_strongaug.ckpt); its saved config sets the sizes")
     g.add_argument("--vqgan_config", default=None, help="JSON tokenizer sizes merged over the preset's")

@@ -32,8 +32,8 @@ from mage_fast.models.checkpoint import (CheckpointError, build_tokenizer, load_
                                          load_vim, read_state_dict, tokenizer_checksum, tokenizer_export)
 from mage_fast.models.vim import VIM  # noqa: E402
 from mage_fast.training import engine as eng  # noqa: E402
-from mage_fast.training.common import (add_common_args, check_common_args, check_token_cache,  # noqa: E402
-                                       schedule_lengths, start_run)
+from mage_fast.training.common import (add_common_args, add_model_args, check_common_args,  # noqa: E402
+                                       check_token_cache, schedule_lengths, start_run)
 from mage_fast.training.loop import LoopConfig, TrainLoop  # noqa: E402
 from mage_fast.training.optim import adamw, param_groups  # noqa: E402
 from mage_fast.training.schedule import scaled_lr  # noqa: E402
@@ -48,11 +48,7 @@ SIZE_KEYS = ("embed_dim", "depth", "num_heads")
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
-    g = ap.add_argument_group("model")
-    g.add_argument("--model", default="tiny", choices=sorted(PRESETS))
-    for k in SIZE_KEYS:
-        g.add_argument(f"--{k}", type=int, default=None, help="override the preset")
-    g.add_argument("--mlp_ratio", type=float, default=4.0)
+    g = add_model_args(ap, PRESETS, "tiny")
     g.add_argument("--dropout", type=float, default=0.1, help="residual and attention dropout")
     g.add_argument("--num_classes", type=int, default=None,
                    help="class labels [0, N) (default: max label + 1 of the token cache / the folder's classes)")

@@ -7,6 +7,17 @@ import os
 import sys
 
 
+def add_model_args(ap: argparse.ArgumentParser, presets: dict, default: str):
+    """The "model" group: ``--model`` (a preset name), an override flag per preset size key (the
+    keys of ``presets[default]``) and ``--mlp_ratio``; returns the group for script-specific flags."""
+    g = ap.add_argument_group("model")
+    g.add_argument("--model", default=default, choices=sorted(presets))
+    for k in presets[default]:
+        g.add_argument(f"--{k}", type=int, default=None, help="override the preset")
+    g.add_argument("--mlp_ratio", type=float, default=4.0)
+    return g
+
+
 def add_common_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("data")
     g.add_argument("--data_path", default=None, help="ImageFolder root (root/<class>/<img>)")

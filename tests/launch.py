@@ -1,0 +1,27 @@
+"""Running the training scripts under test: a clean environment (no inherited rank variables, one
+thread, this checkout first on PYTHONPATH) and a readable failure."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_deepspeed = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed is not installed")
+
+
+def env():
+    e = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def run(args, timeout=240, launcher=None):
+    cmd = (launcher or [sys.executable]) + args
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
