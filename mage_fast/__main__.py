@@ -187,6 +187,7 @@ def _edit_common(args, mode: str) -> int:
     dev = _device(args.device)
     model, ckpt = load_model(args.ckpt, args.model)
     model = model.to(dev).eval()
+    sampling_defaults(ckpt, args)
     label = resolve_class(args.class_id, ckpt)
     if label == "all":
         raise SystemExit(f"error: {mode} takes one --class-id, not 'all'")
@@ -367,8 +368,10 @@ def main(argv=None) -> int:
         e.add_argument("--ckpt", default=None)
         e.add_argument("--model", default=None)
         e.add_argument("--num-samples", type=int, default=4)
-        e.add_argument("--num-iter", type=int, default=12)
-        e.add_argument("--temperature", type=float, default=4.5)
+        e.add_argument("--num-iter", type=int, default=None,
+                       help="decoding steps (default: the model card's, else the official 20)")
+        e.add_argument("--temperature", type=float, default=None,
+                       help="confidence-noise temperature (default: the model card's, else the official 6.0)")
         e.add_argument("--seed", type=int, default=0)
         e.add_argument("--device", default="auto")
         e.add_argument("--out", default=f"outputs/{name}")

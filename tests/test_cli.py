@@ -124,3 +124,36 @@ def test_class_id_by_name_number_and_all(tiny_ckpt, tmp_path):
     a = np.asarray(Image.open(tmp_path / "all" / "00002.png")).astype(int)
     b = np.asarray(Image.open(tmp_path / "boot" / "00002.png")).astype(int)
     assert np.abs(a - b).max() <= 1  # same image (batch-size rounding aside, as above)
+
+
+def test_inpaint_outpaint_edit_commands(tiny_ckpt, tmp_path):
+    import json
+    import shutil
+
+    ckpt = tmp_path / "cond.pth"
+    shutil.copy(tiny_ckpt, ckpt)
+    (tmp_path / "cond.json").write_text(json.dumps({"class_conditional": True, "classes": ["a", "b"],
+                                                    "sampling": {"num_iter": 3, "temperature": 1.0}}))
+    rng = np.random.default_rng(0)
+    src = tmp_path / "in.png"
+    Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(src)
+    orig = np.asarray(Image.open(src)).astype(int)
+    common = ["--ckpt", str(ckpt), "--model", "tiny", "--image", str(src), "--num-samples", "2"]
+    assert main(["inpaint", *common, "--box", "0,0,64,64", "--out", str(tmp_path / "inp")]) == 0
+    assert main(["outpaint", *common, "--keep-box", "64,64,192,192", "--out", str(tmp_path / "outp")]) == 0
+    assert main(["edit", *common, "--box", "128,128,256,256", "--class-id", "b", "--out", str(tmp_path / "ed")]) == 0
+    for d, (ncol, keep) in {"inp": (4, np.s_[128:, 128:]), "outp": (4, np.s_[96:160, 96:160]),
+                            "ed": (4, np.s_[:64, :64])}.items():
+        files = sorted(os.listdir(tmp_path / d))
+        assert files == ["00000.png", "00001.png", "before_after.png"], files
+        res = np.asarray(Image.open(tmp_path / d / "00000.png")).astype(int)
+        # far from the regenerated tokens (box grown by one 16-px token, then a blurred seam) the
+        # pixels are the original's
+        assert np.abs(res[keep] - orig[keep]).max() <= 1, d
+        assert np.abs(res - orig).max() > 10  # and something was regenerated
+        grid = np.asarray(Image.open(tmp_path / d / "before_after.png"))
+        assert grid.shape[1] >= ncol * 256
+    with pytest.raises(SystemExit, match="takes one --class-id"):
+        main(["edit", *common, "--box", "0,0,64,64", "--class-id", "all", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="needs --class-id"):
+        main(["edit", *common, "--box", "0,0,64,64", "--out", str(tmp_path / "x")])
