@@ -42,7 +42,14 @@ def make_grid(images: Sequence[np.ndarray], ncol: int | None = None, pad: int = 
     return grid
 
 
-def save_grid(images: Sequence[np.ndarray], path: str, ncol: int | None = None) -> str:
+def save_grid(images: Sequence[np.ndarray], path: str, ncol: int | None = None, min_tile: int = 64) -> str:
+    """Write ``make_grid(images, ncol)`` as a PNG; tiles smaller than ``min_tile`` pixels are enlarged
+    by an integer factor (nearest neighbour: each pixel stays a visible square), so a grid of 28-px
+    samples is viewable. The individual PNGs are never resized."""
+    h = images[0].shape[0] if len(images) else min_tile
+    k = max(1, -(-min_tile // h))
+    if k > 1:
+        images = [np.repeat(np.repeat(im, k, axis=0), k, axis=1) for im in images]
     Image.fromarray(make_grid(images, ncol)).save(path)
     return path
 

@@ -157,3 +157,13 @@ def test_inpaint_outpaint_edit_commands(tiny_ckpt, tmp_path):
         main(["edit", *common, "--box", "0,0,64,64", "--class-id", "all", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="needs --class-id"):
         main(["edit", *common, "--box", "0,0,64,64", "--out", str(tmp_path / "x")])
+
+
+def test_grid_enlarges_small_tiles_only(tmp_path):
+    from mage_fast.images import save_grid
+    small = [np.full((28, 28, 3), v, dtype=np.uint8) for v in (0, 100, 200, 255)]
+    g = np.asarray(Image.open(save_grid(small, str(tmp_path / "s.png"), ncol=2)))
+    assert g.shape == make_grid([np.zeros((84, 84, 3), np.uint8)] * 4, 2).shape  # 28 px x 3
+    assert (g[2:86, 88:172] == 100).all()  # the second tile, enlarged, pixel values kept
+    big = [np.zeros((64, 64, 3), np.uint8)] * 2
+    assert np.asarray(Image.open(save_grid(big, str(tmp_path / "b.png")))).shape == make_grid(big).shape
