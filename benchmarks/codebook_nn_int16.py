@@ -7,10 +7,15 @@ The three paths run one after another inside every repeat (so outside load falls
 prints median, min, max per path and the per-repeat ratios' median.
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, print_header, summarize, write_json  # noqa: E402
 
 import mage_fast  # noqa: F401
 from mage_fast import _ext
@@ -26,11 +31,14 @@ def main():
     ap.add_argument("--metric", default="l2")
     ap.add_argument("--data", default="gauss")
     ap.add_argument("--no-cdist", action="store_true")
+    ap.add_argument("--json", default=None, help="default: results/codebook_nn_int16_cpu.json")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     C = _ext.load()
-    print("extension:", C.__file__, "threads:", torch.get_num_threads())
+    env = environment(torch.device("cpu"))
+    print_header("codebook_nn: int16 screening vs fp32 kernel vs cdist+argmin (paths alternate in each repeat)", env)
+    print("extension:", C.__file__, "threads:", torch.get_num_threads(), "load average:", os.getloadavg())
     torch.manual_seed(0)
     if a.data == "gauss":
         z, cb = torch.randn(a.N, a.D), torch.randn(a.K, a.D)
@@ -64,9 +72,16 @@ def main():
     for k, ts in times.items():
         print(f"{k:13s} median {statistics.median(ts) * 1e3:8.1f} ms  min {min(ts) * 1e3:8.1f}  max {max(ts) * 1e3:8.1f}"
               f"  ({2 * a.N * a.K * a.D / statistics.median(ts) / 1e9:.0f} GFLOP/s-equivalent)")
+    ratios = {}
     for ref in [k for k in paths if k != "int16"]:
         r = [x / y for x, y in zip(times[ref], times["int16"])]
+        ratios[ref] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
         print(f"int16 speedup over {ref}: median {statistics.median(r):.2f}x  (min {min(r):.2f}, max {max(r):.2f})")
+    out = write_json({"env": env, "load_average_at_start": os.getloadavg(), "args": vars(a), "int16_stats": st,
+                      "int16_equals_fp32": bool(torch.equal(res["int16"], res["fp32"])),
+                      "paths": {k: summarize(ts, a.repeats, 1) for k, ts in times.items()},
+                      "int16_speedup_per_repeat": ratios}, a.json, "codebook_nn_int16_cpu.json")
+    print("wrote", out)
 
 
 if __name__ == "__main__":
