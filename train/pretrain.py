@@ -30,13 +30,11 @@ from mage_fast.models.checkpoint import load_checkpoint, load_state_dict_strict,
 from mage_fast.models.mage import MAGE  # noqa: E402
 from mage_fast.training import engine as eng  # noqa: E402
 from mage_fast.models.checkpoint import tokenizer_checksum  # noqa: E402
-from mage_fast.training.common import (add_common_args, add_model_args, check_common_args,  # noqa: E402
-                                       schedule_lengths, start_run)
+from mage_fast.training.common import (add_common_args, add_model_args, build_engine,  # noqa: E402
+                                       check_common_args, run_lr, schedule_lengths, start_run)
 from mage_fast.training.common import check_token_cache as check_cache  # noqa: E402
 from mage_fast.training.loop import LoopConfig, TrainLoop  # noqa: E402
 from mage_fast.training.objective import MAGEObjective  # noqa: E402
-from mage_fast.training.optim import adamw, param_groups  # noqa: E402
-from mage_fast.training.schedule import scaled_lr  # noqa: E402
 
 TINY_VQGAN = dict(ch=32, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=1, z_channels=32, embed_dim=32, n_embed=1024)
 OFFICIAL_VQGAN = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=256, embed_dim=256, n_embed=1024)
@@ -144,12 +142,8 @@ def main(argv=None):
                           backend=args.data_backend, two_views=args.contrastive_weight > 0)
     loader = EpochLoader(spec, rank, world)
     total, warmup, per_epoch = schedule_lengths(args, loader.batches_per_epoch)
-    total_batch = args.batch_size * args.accum_iter * world
-    lr = args.lr if args.lr is not None else scaled_lr(args.blr, total_batch)
-    ds_cfg = eng.ds_config(args.deepspeed_config, args.batch_size, args.accum_iter, world, args.clip_grad,
-                           args.precision)
-    opt = adamw(param_groups(objective, args.weight_decay), lr, (0.9, 0.95))
-    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, config=ds_cfg)
+    lr, total_batch = run_lr(args, world)
+    engine, opt, ds_cfg = build_engine(deepspeed, objective, args, world, lr)
     if rank == 0:
         n = sum(p.numel() for p in objective.parameters() if p.requires_grad)
         print(f"MAGE {args.model} {json.dumps({k: cfg[k] for k in SIZE_KEYS})} ({n / 1e6:.2f} M trainable), "

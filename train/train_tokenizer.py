@@ -32,9 +32,9 @@ from mage_fast.models.checkpoint import load_state_dict_strict, tokenizer_export
 from mage_fast.models.vit_vqgan import ViTVQGAN  # noqa: E402
 from mage_fast.models.vqgan import VQModel  # noqa: E402
 from mage_fast.training import engine as eng  # noqa: E402
-from mage_fast.training.common import add_common_args, check_common_args, schedule_lengths, start_run  # noqa: E402
+from mage_fast.training.common import (add_common_args, build_engine, check_common_args,  # noqa: E402
+                                       schedule_lengths, start_run)
 from mage_fast.training.loop import LoopConfig, TrainLoop  # noqa: E402
-from mage_fast.training.optim import adamw, param_groups  # noqa: E402
 from mage_fast.training.tokenizer import PatchDiscriminator, VQGANObjective  # noqa: E402
 
 
@@ -126,9 +126,7 @@ def main(argv=None):
                       backend=args.data_backend)
     loader = EpochLoader(spec, rank, world)
     total, warmup, per_epoch = schedule_lengths(args, loader.batches_per_epoch)
-    cfg = eng.ds_config(args.deepspeed_config, args.batch_size, args.accum_iter, world, args.clip_grad, args.precision)
-    opt = adamw(param_groups(objective, args.weight_decay), args.lr, args.betas)
-    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, config=cfg)
+    engine, opt, cfg = build_engine(deepspeed, objective, args, world, args.lr, args.betas)
     if rank == 0:
         n = sum(p.numel() for p in vq.parameters())
         print(f"tokenizer {arch} {vq_cfg} ({n / 1e6:.2f} M params), {args.img_size}px -> "

@@ -32,11 +32,10 @@ from mage_fast.models.checkpoint import (CheckpointError, build_tokenizer, load_
                                          load_vim, read_state_dict, tokenizer_checksum, tokenizer_export)
 from mage_fast.models.vim import VIM  # noqa: E402
 from mage_fast.training import engine as eng  # noqa: E402
-from mage_fast.training.common import (add_common_args, add_model_args, check_common_args,  # noqa: E402
-                                       check_token_cache, schedule_lengths, start_run)
+from mage_fast.training.common import (add_common_args, add_model_args, build_engine,  # noqa: E402
+                                       check_common_args, check_token_cache, run_lr, schedule_lengths,
+                                       start_run)
 from mage_fast.training.loop import LoopConfig, TrainLoop  # noqa: E402
-from mage_fast.training.optim import adamw, param_groups  # noqa: E402
-from mage_fast.training.schedule import scaled_lr  # noqa: E402
 
 PRESETS = {  # the sizes of mage_fast.models.vim_tiny / vim_base
     "tiny": dict(embed_dim=64, depth=4, num_heads=4),
@@ -147,12 +146,8 @@ def main(argv=None):
     objective = VIMObjective(vim, None if args.token_cache else tokenizer)
 
     total, warmup, per_epoch = schedule_lengths(args, loader.batches_per_epoch)
-    total_batch = args.batch_size * args.accum_iter * world
-    lr = args.lr if args.lr is not None else scaled_lr(args.blr, total_batch)
-    ds_cfg = eng.ds_config(args.deepspeed_config, args.batch_size, args.accum_iter, world, args.clip_grad,
-                           args.precision)
-    opt = adamw(param_groups(objective, args.weight_decay), lr, (0.9, 0.95))
-    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, config=ds_cfg)
+    lr, total_batch = run_lr(args, world)
+    engine, opt, ds_cfg = build_engine(deepspeed, objective, args, world, lr)
     if rank == 0:
         print(f"VIM {args.model} {json.dumps({k: cfg[k] for k in SIZE_KEYS})} ({vim.num_parameters() / 1e6:.2f} M "
               f"params), {tok_exp['arch']} tokenizer {img_size}px -> {grid}^2 = {seq_len} tokens of {codebook_size} "

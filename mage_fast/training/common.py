@@ -114,3 +114,24 @@ def write_run_args(args, rank: int) -> None:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump({"argv": sys.argv, **vars(args)}, f, indent=1, default=str)
+
+
+def build_engine(deepspeed, module, args, world: int, lr: float, betas=(0.9, 0.95)):
+    """AdamW (no weight decay on 1-D tensors and biases) over ``module`` inside a DeepSpeed engine
+    whose config comes from ``--deepspeed_config`` with the command line's batch sizes, clipping
+    and precision. Returns (engine, optimizer, DeepSpeed config)."""
+    from . import engine as eng
+    from .optim import adamw, param_groups
+    ds_cfg = eng.ds_config(args.deepspeed_config, args.batch_size, args.accum_iter, world, args.clip_grad,
+                           args.precision)
+    opt = adamw(param_groups(module, args.weight_decay), lr, betas)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds_cfg)
+    return engine, opt, ds_cfg
+
+
+def run_lr(args, world: int) -> tuple:
+    """-> (lr, total batch): ``--lr`` when given, else ``--blr`` x total batch / 256, with total batch
+    = micro-batch x accumulation x ranks."""
+    from .schedule import scaled_lr
+    total_batch = args.batch_size * args.accum_iter * world
+    return (args.lr if args.lr is not None else scaled_lr(args.blr, total_batch)), total_batch
