@@ -34,6 +34,7 @@ from mage_fast.models.mage import mage_vit_base_patch16, mage_vit_tiny  # noqa: 
 from mage_fast.models.vim import vim_base, vim_tiny  # noqa: E402
 from mage_fast.models.vit_vqgan import vit_vqgan_base, vit_vqgan_tiny  # noqa: E402
 from mage_fast.ops import decode_step, image_keys  # noqa: E402
+from mage_fast.ops.decode_step import decode_step_op  # noqa: E402
 from mage_fast.sampling import mask_schedule  # noqa: E402
 from mage_fast.vim_sampling import generate as vim_generate  # noqa: E402
 from mage_fast.vim_sampling import sample_next  # noqa: E402
@@ -109,7 +110,8 @@ def step_breakdown(vq, mage, vim, B, device, reps, ac_dtype) -> dict:
                "mage_sampling_step": lambda: decode_step(logits, ids, keys, 0, n_masked, 4.5, mask_id),
                "vim_network_pass": vim_pass,
                "vim_sampling_step": lambda: sample_next(vim_logits, keys, half)}
-    return {k: 1e3 * time_fn(fn, device, reps, warmup=1)["median_s"] for k, fn in timings.items()}
+    ms = {k: 1e3 * time_fn(fn, device, reps, warmup=1)["median_s"] for k, fn in timings.items()}
+    return ms, decode_step_op.select(logits, ids, keys, 0, n_masked, 4.5, mask_id).name
 
 
 def plot(results: dict, title: str, path: str) -> str:
@@ -218,8 +220,9 @@ def main(argv=None):
         codes = torch.zeros(B, g, g, dtype=torch.long, device=device)
         dec = time_fn(lambda: vq.decode_code(codes), device, reps, warmup=1)
         print(f"  tokenizer decode alone: {1e3 * dec['median_s']:.1f} ms per batch (shared by every path)")
-        breakdown = step_breakdown(vq, mage, vim, B, device, max(reps, 5), ac_dtype)
-        print("  per step (ms, median): " + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items()))
+        breakdown, step_backend = step_breakdown(vq, mage, vim, B, device, max(reps, 5), ac_dtype)
+        print("  per step (ms, median): " + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items())
+              + f" (MAGE decode_step backend: {step_backend})")
         for name, (fn, head, blocks) in paths.items():
             counts = count_passes(fn, head, blocks, B)  # also the warm-up
             t = time_fn(fn, device, reps, warmup=0)
@@ -236,7 +239,7 @@ def main(argv=None):
     out = {"benchmark": "ar_vs_mage", "size": args.size, "img_size": args.img_size, "patch_size": args.patch_size,
            "seq_len": L, "codebook": args.codebook, "batch_size": B, "weights": "random",
            "autocast": "bf16" if cuda else "none (fp32)", "parameters": params, "environment": env,
-           "tokenizer_decode": dec, "step_breakdown_ms": breakdown, "paths": results, "ratios": ratios,
+           "tokenizer_decode": dec, "step_breakdown_ms": breakdown, "decode_step_backend": step_backend, "paths": results, "ratios": ratios,
            "sampling": {"vim": "unconditional, temperature 1.0, no top-k/top-p, counter-based Gumbel-max",
                         "mage": "unconditional, rng='torch', temperature 4.5, cosine schedule"}}
     name = (f"ar_vs_mage_{device_tag(device)}" + ("" if args.size == "tiny" else f"_{args.size}")
