@@ -2,7 +2,10 @@
 
     python train/evaluate.py recon  --tokenizer out/tok/tokenizer.pt --data_path data/fmnist/test --img_size 28
     python train/evaluate.py probe  --ckpt out/mage.pt --train_cache train_tok.pt --test_cache test_tok.pt
+    python train/evaluate.py probe  --ckpt out/mage.pt --train_cache train_tok.pt --test_cache test_tok.pt --block 2
     python train/evaluate.py pixels --train_path data/fmnist/train --test_path data/fmnist/test --img_size 28
+    python train/evaluate.py token_pixels --ckpt out/mage.pt --train_cache train_tok.pt --test_cache test_tok.pt \
+        --train_limit 10000      # against: pixels ... --train_limit 10000 (the same 10 000 images)
     python train/evaluate.py samples --ckpt out/mage.pt --out grid.png --n 64 --num_iter 12 --temperature 4.5
     python train/evaluate.py vim_probe --ckpt out/vim/vim.pt --train_cache train_tok.pt --test_cache test_tok.pt \
         --layer 3
@@ -13,7 +16,10 @@
 features (block ``--layer``'s output averaged over the image tokens, a parameter-free LayerNorm)
 with the same standardise + logistic-regression protocol as ``probe``. ``vim_samples`` draws
 class-balanced samples (label i mod num_classes; ``--class_id`` for one class, -1 for
-unconditional) with the KV-cached sampler.
+unconditional) with the KV-cached sampler. ``probe --block N`` reads the encoder after block N.
+``token_pixels`` fits the raw-pixel baseline on the tokenizer's reconstructions of the cached
+tokens: compared with ``pixels`` on the same ``--train_limit`` subset, it shows how much of what
+the regression uses survives tokenization.
 
 Linear probe (official feature protocol): the encoder on all tokens (no mask), no final norm, the
 mean over the image tokens, a parameter-free LayerNorm; then features are standardised with the
@@ -48,14 +54,39 @@ def batched_features(fn, ids: torch.Tensor, batch: int = 500) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mage_features(model, ids: torch.Tensor, batch: int = 500) -> torch.Tensor:
+def mage_features(model, ids: torch.Tensor, batch: int = 500, block: int = None) -> torch.Tensor:
+    """The official probe features (all tokens, no mask, no final norm, mean over the image tokens,
+    parameter-free LayerNorm), read after encoder block ``block`` (1..depth; default: the last)."""
     model.eval()
+    depth = len(model.blocks)
+    block = depth if block is None else block
+    if not 1 <= block <= depth:
+        raise ValueError(f"block must be in [1, {depth}], got {block}")
 
     def fn(chunk):
-        full = model._with_class_slot(chunk, model.fake_class_label)
-        h = model.encode_ids(full, final_norm=False)[:, 1:].mean(dim=1)
+        h = model.token_emb(model._with_class_slot(chunk, model.fake_class_label))
+        for blk in model.blocks[:block]:
+            h = blk(h)
+        h = h[:, 1:].mean(dim=1)
         return F.layer_norm(h, h.shape[-1:], eps=1e-6)
     return batched_features(fn, ids, batch)
+
+
+@torch.no_grad()
+def token_pixel_features(model, ids: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """What the raw-pixel baseline reads (channel 0, flattened), taken from the tokenizer's
+    reconstruction of each token grid (clamped to [0, 1]) instead of the image."""
+    g = model.token_grid
+    return batched_features(lambda c: model.vqgan.decode_code(c.view(-1, g, g))[:, 0].clamp(0, 1).flatten(1), ids,
+                            batch)
+
+
+def subset(n: int, limit: int = 0) -> torch.Tensor:
+    """The first ``limit`` of a permutation of range(n) seeded with 0 (all of range(n) when 0), so
+    two commands given the same ``limit`` use the same training images."""
+    if not limit or limit >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit]
 
 
 @torch.no_grad()
@@ -65,10 +96,13 @@ def vim_features(model, ids: torch.Tensor, layer: int, batch: int = 500) -> torc
     return batched_features(lambda chunk: model.probe_features(chunk, layer), ids, batch)
 
 
-def probe_from_caches(features, train_cache: str, test_cache: str) -> dict:
-    """The linear-probe protocol on view 0 of two token caches, with ``features(ids) -> (N, D)``."""
+def probe_from_caches(features, train_cache: str, test_cache: str, train_limit: int = 0) -> dict:
+    """The linear-probe protocol on view 0 of two token caches, with ``features(ids) -> (N, D)``
+    (on ``subset(N, train_limit)`` of the training cache)."""
     ids_tr, y_tr, _ = _load_cache(train_cache)
     ids_te, y_te, _ = _load_cache(test_cache)
+    keep = subset(len(ids_tr), train_limit)
+    ids_tr, y_tr = ids_tr[keep], y_tr[keep]
     return linear_probe(features(ids_tr), y_tr, features(ids_te), y_te)
 
 
@@ -127,10 +161,20 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True)
     p.add_argument("--train_cache", required=True)
     p.add_argument("--test_cache", required=True)
+    p.add_argument("--block", type=int, default=None, help="read the encoder after this block (default: the last)")
+    tp = sub.add_parser("token_pixels", help="the raw-pixel baseline on the tokenizer's reconstructions of the "
+                                             "cached tokens: how much of what the regression uses the tokens keep")
+    tp.add_argument("--ckpt", required=True, help="a MAGE checkpoint (its tokenizer decodes the tokens)")
+    tp.add_argument("--train_cache", required=True)
+    tp.add_argument("--test_cache", required=True)
     x = sub.add_parser("pixels", help="the raw-pixel logistic-regression baseline")
     x.add_argument("--train_path", required=True)
     x.add_argument("--test_path", required=True)
     x.add_argument("--img_size", type=int, default=28)
+    for q in (p, tp, x):
+        q.add_argument("--train_limit", type=int, default=0,
+                       help="fit on this many training images (a seeded subset, the same one in every command: a "
+                            "token cache lists the images in folder order); 0: all")
     s = sub.add_parser("samples", help="generate a PNG grid")
     s.add_argument("--ckpt", required=True)
     s.add_argument("--out", required=True)
@@ -183,8 +227,16 @@ def main(argv=None):
                "codebook": vq.n_embed}
     elif args.cmd == "probe":
         model = build_from_checkpoint(args.ckpt)
-        res = {"what": "MAGE linear probe", "ckpt": args.ckpt,
-               **probe_from_caches(lambda ids: mage_features(model, ids), args.train_cache, args.test_cache)}
+        if args.block is not None and not 1 <= args.block <= len(model.blocks):
+            raise SystemExit(f"error: --block must be in [1, {len(model.blocks)}], got {args.block}")
+        res = {"what": "MAGE linear probe", "ckpt": args.ckpt, "block": args.block or len(model.blocks),
+               **probe_from_caches(lambda ids: mage_features(model, ids, block=args.block), args.train_cache,
+                                   args.test_cache, args.train_limit)}
+    elif args.cmd == "token_pixels":
+        model = build_from_checkpoint(args.ckpt).eval()
+        res = {"what": "raw-pixel linear probe on the tokenizer's reconstructions", "ckpt": args.ckpt,
+               **probe_from_caches(lambda ids: token_pixel_features(model, ids), args.train_cache, args.test_cache,
+                                   args.train_limit)}
     elif args.cmd == "vim_probe":
         model = _load_vim(args.ckpt)
         layer = args.layer if args.layer is not None else max(1, model.depth // 2)
@@ -198,6 +250,8 @@ def main(argv=None):
         res = vim_samples(args)
     elif args.cmd == "pixels":
         xtr, ytr = _folder_tensor(args.train_path, args.img_size)
+        keep = subset(len(xtr), args.train_limit)
+        xtr, ytr = xtr[keep], ytr[keep]
         xte, yte = _folder_tensor(args.test_path, args.img_size)
         res = {"what": "raw-pixel linear probe", **linear_probe(xtr[:, 0].flatten(1), ytr, xte[:, 0].flatten(1), yte)}
     else:
