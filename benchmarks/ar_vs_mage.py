@@ -239,7 +239,8 @@ def main(argv=None):
     out = {"benchmark": "ar_vs_mage", "size": args.size, "img_size": args.img_size, "patch_size": args.patch_size,
            "seq_len": L, "codebook": args.codebook, "batch_size": B, "weights": "random",
            "autocast": "bf16" if cuda else "none (fp32)", "parameters": params, "environment": env,
-           "tokenizer_decode": dec, "step_breakdown_ms": breakdown, "decode_step_backend": step_backend, "paths": results, "ratios": ratios,
+           "tokenizer_decode": dec, "step_breakdown_ms": breakdown, "decode_step_backend": step_backend,
+           "paths": results, "ratios": ratios,
            "sampling": {"vim": "unconditional, temperature 1.0, no top-k/top-p, counter-based Gumbel-max",
                         "mage": "unconditional, rng='torch', temperature 4.5, cosine schedule"}}
     name = (f"ar_vs_mage_{device_tag(device)}" + ("" if args.size == "tiny" else f"_{args.size}")

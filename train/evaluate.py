@@ -53,15 +53,21 @@ def batched_features(fn, ids: torch.Tensor, batch: int = 500) -> torch.Tensor:
                                                          mininterval=2.0)])
 
 
+def encoder_block(model, block: int = None) -> int:
+    """``block`` checked against the encoder's depth (None: the last block)."""
+    depth = len(model.blocks)
+    block = depth if block is None else block
+    if not 1 <= block <= depth:
+        raise ValueError(f"block must be in [1, {depth}], got {block}")
+    return block
+
+
 @torch.no_grad()
 def mage_features(model, ids: torch.Tensor, batch: int = 500, block: int = None) -> torch.Tensor:
     """The official probe features (all tokens, no mask, no final norm, mean over the image tokens,
     parameter-free LayerNorm), read after encoder block ``block`` (1..depth; default: the last)."""
     model.eval()
-    depth = len(model.blocks)
-    block = depth if block is None else block
-    if not 1 <= block <= depth:
-        raise ValueError(f"block must be in [1, {depth}], got {block}")
+    block = encoder_block(model, block)
 
     def fn(chunk):
         h = model.token_emb(model._with_class_slot(chunk, model.fake_class_label))
@@ -227,10 +233,12 @@ def main(argv=None):
                "codebook": vq.n_embed}
     elif args.cmd == "probe":
         model = build_from_checkpoint(args.ckpt)
-        if args.block is not None and not 1 <= args.block <= len(model.blocks):
-            raise SystemExit(f"error: --block must be in [1, {len(model.blocks)}], got {args.block}")
-        res = {"what": "MAGE linear probe", "ckpt": args.ckpt, "block": args.block or len(model.blocks),
-               **probe_from_caches(lambda ids: mage_features(model, ids, block=args.block), args.train_cache,
+        try:
+            block = encoder_block(model, args.block)
+        except ValueError as e:
+            raise SystemExit(f"error: --{e}")
+        res = {"what": "MAGE linear probe", "ckpt": args.ckpt, "block": block,
+               **probe_from_caches(lambda ids: mage_features(model, ids, block=block), args.train_cache,
                                    args.test_cache, args.train_limit)}
     elif args.cmd == "token_pixels":
         model = build_from_checkpoint(args.ckpt).eval()
