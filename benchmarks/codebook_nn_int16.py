@@ -38,7 +38,8 @@ def main():
     C = _ext.load()
     env = environment(torch.device("cpu"))
     print_header("codebook_nn: int16 screening vs fp32 kernel vs cdist+argmin (paths alternate in each repeat)", env)
-    print("extension:", C.__file__, "threads:", torch.get_num_threads(), "load average:", os.getloadavg())
+    load_at_start = os.getloadavg()
+    print("extension:", C.__file__, "threads:", torch.get_num_threads(), "load average:", load_at_start)
     torch.manual_seed(0)
     if a.data == "gauss":
         z, cb = torch.randn(a.N, a.D), torch.randn(a.K, a.D)
@@ -77,7 +78,7 @@ def main():
         r = [x / y for x, y in zip(times[ref], times["int16"])]
         ratios[ref] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
         print(f"int16 speedup over {ref}: median {statistics.median(r):.2f}x  (min {min(r):.2f}, max {max(r):.2f})")
-    out = write_json({"env": env, "load_average_at_start": os.getloadavg(), "args": vars(a), "int16_stats": st,
+    out = write_json({"env": env, "load_average_at_start": load_at_start, "args": vars(a), "int16_stats": st,
                       "int16_equals_fp32": bool(torch.equal(res["int16"], res["fp32"])),
                       "paths": {k: summarize(ts, a.repeats, 1) for k, ts in times.items()},
                       "int16_speedup_per_repeat": ratios}, a.json, "codebook_nn_int16_cpu.json")

@@ -50,6 +50,10 @@ build() {
         $PY setup.py build_ext --inplace
 }
 
+ensure_built() {  # a call that lands on a fresh machine has no extension yet
+    [ -n "$(ls mage_fast/_C*.so 2> /dev/null)" ] || check build build
+}
+
 case "${1:-}" in
 wheels)
     mkdir -p .whl
@@ -76,7 +80,7 @@ test)
     ;;
 bench)
     use_wheels
-    [ -n "$(ls mage_fast/_C*.so 2> /dev/null)" ] || check build build
+    ensure_built
     check kernels $PY benchmarks/kernels.py --device cuda --out "$OUT/kernels_cuda.json"
     check decode $PY benchmarks/decode_throughput.py --device cuda --out "$OUT/decode_throughput_cuda.json"
     check train_throughput_vitb $PY benchmarks/train_throughput.py --model vit_base --img_size 256 --ch_mult '' \
@@ -84,7 +88,7 @@ bench)
     ;;
 train)
     use_wheels
-    [ -n "$(ls mage_fast/_C*.so 2> /dev/null)" ] || check build build
+    ensure_built
     run_dir=/tmp/gpu_pretrain
     rm -rf $run_dir
     args=(train/pretrain.py --model vit_base --synthetic --synthetic_length 2048 --img_size 256
