@@ -70,6 +70,10 @@ def _configs(shapes):
 _HALF_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4), (256, 64, 8, 3)])
 _F32_CONFIGS = _configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)])
 _KEY = ["K", "D", "COSINE", "COMPUTE_F32"]
+
+
+def configs_for(f32: bool) -> list:
+    return _F32_CONFIGS if f32 else _HALF_CONFIGS
 _codebook_nn_half = triton.autotune(_HALF_CONFIGS, key=_KEY)(_codebook_nn_kernel)
 _codebook_nn_f32 = triton.autotune(_F32_CONFIGS, key=_KEY)(_codebook_nn_kernel)
 

@@ -61,7 +61,7 @@ def _gumbel(h, LIBDEVICE: tl.constexpr):  # h: uint32 hash -> -log(-log(u)), u i
 def _sample_kernel(
     logits_ptr,  # (B, N, C) any strides
     ids_ptr,  # (B, N) int64 contiguous
-    key_ptr,  # (B,) int64
+    key_ptr,  # (B,) int64 contiguous
     sampled_ptr,  # (B, N) int64 out
     conf_ptr,  # (B, N) fp32 out
     N, C, step, noise_scale, mask_id,
@@ -90,7 +90,7 @@ def _sample_kernel(
     g2 = _gumbel(_mix32(_mix32(_mix32(key ^ STREAM_CONF) + row) + 0), LIBDEVICE)
     ids = tl.load(ids_ptr + b.to(tl.int64) * N + n, mask=n_ok, other=0)
     unknown = ids == mask_id
-    conf = tl.where(unknown, logp + noise_scale * g2, float("inf"))
+    conf = tl.where(unknown, logp + noise_scale * g2, float("inf"))  # product rounded first: no fp fusion
     tl.store(sampled_ptr + b.to(tl.int64) * N + n, tl.where(unknown, sample.to(tl.int64), ids), mask=n_ok)
     tl.store(conf_ptr + b.to(tl.int64) * N + n, conf, mask=n_ok)
 
@@ -117,25 +117,42 @@ def _remask_kernel(
     tl.store(next_ptr + b * N + i, tl.where(rank < mask_len, mask_id, s), mask=i_ok)
 
 
+# Compile options of both kernels. No fp fusion: ``a + b * c`` must round the product first, as torch,
+# the C++ op (-ffp-contract=off) and CUDA (--fmad=false) do, or the re-masked set depends on the backend
+# at ties (Triton 3.9 contracts to fma.rn.f32 by default). compile_check and the tests compile with these.
+LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
+
+
+def sample_blocks(N: int, C: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_C, num_warps) of the sampling kernel: whole rows of codes, about 4096 logits a program."""
+    block_c = next_pow2(C)
+    block_n = max(1, min(next_pow2(N), (16384 if INTERPRET else 4096) // block_c))
+    return block_n, block_c, 4 if block_n * block_c <= 4096 else 8
+
+
+def remask_blocks(N: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_J, num_warps) of the re-masking kernel: the whole row against BLOCK_J positions a step."""
+    block_all = next_pow2(N)
+    block_j = max(1, min(block_all, (16384 if INTERPRET else 8192) // block_all))
+    return block_all, block_j, 4 if block_all <= 256 else 8
+
+
 def decode_step_triton(logits, ids, key, step: int, mask_len: int, noise_scale: float, mask_id: int):
     B, N, C = logits.shape
-    ids = ids.contiguous()
+    ids, key = ids.contiguous(), key.contiguous()  # the kernels index both as dense rows
     sampled = torch.empty((B, N), dtype=torch.int64, device=logits.device)
     next_ids = torch.empty((B, N), dtype=torch.int64, device=logits.device)
     conf = torch.empty((B, N), dtype=torch.float32, device=logits.device)
     if B * N == 0:
         return sampled, next_ids
-    block_c = next_pow2(C)
-    block_n = max(1, min(next_pow2(N), (16384 if INTERPRET else 4096) // block_c))
-    warps = 4 if block_n * block_c <= 4096 else 8
+    block_n, block_c, warps = sample_blocks(N, C)
     _sample_kernel[(B, triton.cdiv(N, block_n))](
         logits, ids, key, sampled, conf, N, C, int(step), float(noise_scale), int(mask_id),
         *logits.stride(), STREAM_SAMPLE=_STREAM_SAMPLE, STREAM_CONF=_STREAM_CONF, LIBDEVICE=not INTERPRET,
-        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
-    block_all = next_pow2(N)
-    block_j = max(1, min(block_all, (16384 if INTERPRET else 8192) // block_all))
+        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, **LAUNCH_OPTIONS)
+    block_all, block_j, warps = remask_blocks(N)
     _remask_kernel[(B,)](conf, sampled, next_ids, N, int(mask_len), int(mask_id),
-                         BLOCK_N=block_all, BLOCK_J=block_j, num_warps=4 if block_all <= 256 else 8)
+                         BLOCK_N=block_all, BLOCK_J=block_j, num_warps=warps, **LAUNCH_OPTIONS)
     return sampled, next_ids
 
 

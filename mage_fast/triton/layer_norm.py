@@ -107,6 +107,11 @@ def _warps(D: int) -> int:
     return 4 if D <= 1024 else 8
 
 
+def blocks(D: int, rows: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps) for ``rows`` rows of length D."""
+    return min(_block_m(D), next_pow2(rows)), next_pow2(D), _warps(D)
+
+
 @torch.library.custom_op(lib_name("layer_norm_fwd"), mutates_args=())
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

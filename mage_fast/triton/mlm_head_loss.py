@@ -55,6 +55,13 @@ def _smoothed_ce_kernel(
         tl.store(logits_ptr + offs, (g * w[:, None]).to(logits_ptr.dtype.element_ty), mask=ok)
 
 
+def ce_blocks(R: int, C: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) of the loss kernel: whole rows, about 4096 logits a program."""
+    bc = next_pow2(C)
+    br = max(1, min(next_pow2(R), (32768 if INTERPRET else 4096) // bc))
+    return br, bc, 4 if br * bc <= 4096 else 8
+
+
 @torch.library.custom_op(lib_name("smoothed_ce_"), mutates_args=("logits",))
 def smoothed_ce_(logits: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
                  denom: torch.Tensor, smoothing: float, write_grad: bool) -> torch.Tensor:
@@ -62,11 +69,11 @@ def smoothed_ce_(logits: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
     R, C = logits.shape
     loss = torch.empty(R, dtype=torch.float32, device=logits.device)
     if R:
-        bc = next_pow2(C)
-        br = max(1, min(next_pow2(R), (32768 if INTERPRET else 4096) // bc))
+        br, bc, warps = ce_blocks(R, C)
+        bias, target, weight = bias.contiguous(), target.contiguous(), weight.contiguous()  # indexed densely
         _smoothed_ce_kernel[(triton.cdiv(R, br),)](logits, bias, target, weight, denom, loss, R, C, logits.stride(0),
                                                    float(smoothing), WRITE_GRAD=write_grad, BLOCK_R=br, BLOCK_C=bc,
-                                                   num_warps=4 if br * bc <= 4096 else 8)
+                                                   num_warps=warps)
     return loss
 
 
