@@ -6,9 +6,15 @@ log-sum-exp. Backward, two kernels without atomics: one per key block accumulate
 the query blocks, one per query block accumulates dQ over the key blocks; both recompute the
 probabilities from the stored log-sum-exp. ``delta = rowsum(dO * O)`` is one torch reduction.
 
-Dropout keeps attention weight (m, n) of head ``bh`` when ``tl.rand(seed + bh, m*Nk + n) >= p``
-(32-bit counters: Philox's fast path on a GPU), recomputed identically in the backward, so no
-mask is stored. :func:`dropout_keep_mask` materialises the same mask for tests.
+Dropout keeps attention weight (m, n) of head ``bh`` when the top 24 bits of a counter hash of
+(seed, bh, m*Nk + n) are at least ``p * 2^24``, recomputed identically in the backward (in either
+orientation of the tile), so no mask is stored. The hash is two rounds of the ``mix32`` finaliser
+(2 multiplies, 3 xor-shifts) per element after a per-head key: a Philox round per element (``tl.rand``,
+of which one output was used) doubled the forward kernel's instructions. :func:`dropout_keep_mask`
+materialises the same mask for tests.
+
+Grids are one-dimensional, (query or key blocks) x (batch * heads) folded into x: CUDA caps grid y
+at 65535, which batch * heads passes at 4096 sequences of 16 heads.
 
 Head dims that are not powers of two (48) are padded to the next one with masked loads; lengths
 that are not block multiples (129, 257) are masked likewise.
@@ -27,9 +33,27 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _keep(seed, bh, m, n, N_Q, N_K, p_drop):
-    """Dropout keep mask, (len(m), len(n)) or its transpose: Philox keyed by seed + head, 32-bit counters."""
-    return tl.rand(seed + bh, m * N_K + n) >= p_drop
+def _mix32(x):  # uint32 -> uint32, wrapping
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _head_key(seed, bh):
+    """uint32 key of head ``bh`` under the int64 ``seed`` (both halves of the seed enter)."""
+    lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return _mix32(lo ^ _mix32(hi + bh.to(tl.uint32) * 0x9E3779B9))
+
+
+@triton.jit
+def _keep(key, m, n, N_K, p_drop):
+    """Dropout keep mask, (len(m), len(n)) or its transpose: a counter hash of (head key, m*N_K + n)."""
+    h = _mix32(_mix32(key + (m * N_K + n).to(tl.uint32)) ^ key)
+    return (h >> 8).to(tl.float32) >= p_drop * 16777216.0
 
 
 @triton.jit
@@ -45,14 +69,15 @@ def _fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # (B, H, N_Q|N_K, D) with strides s*b, s*h, s*n and unit last stride
     o_ptr,  # (B, H, N_Q, D) contiguous
     lse_ptr,  # (B, H, N_Q) fp32: base-2 log-sum-exp of the scaled scores
-    seed_ptr,  # (1,) int64 dropout seed
+    seed_ptr,  # (1,) int64 dropout seed; None without dropout
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, N_Q, N_K, D, qk_scale, p_drop,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    blocks = tl.cdiv(N_Q, BLOCK_M)
+    start_m = tl.program_id(0) % blocks
+    bh = tl.program_id(0) // blocks
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -63,7 +88,7 @@ def _fwd_kernel(
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if F32:
         q = q.to(tl.float32)
-    seed = tl.load(seed_ptr) if DROPOUT else 0
+    key = _head_key(tl.load(seed_ptr), bh) if DROPOUT else 0
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # precision raised: softmax and output in fp32
@@ -88,7 +113,7 @@ def _fwd_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DROPOUT:
-            p = tl.where(_keep(seed, bh, m[:, None], n[None, :], N_Q, N_K, p_drop), p, 0.0)
+            p = tl.where(_keep(key, m[:, None], n[None, :], N_K, p_drop), p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
         m_i = m_new
     inv = 1.0 / l_i
@@ -112,8 +137,9 @@ def _bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    blocks = tl.cdiv(N_K, BLOCK_N)
+    start_n = tl.program_id(0) % blocks
+    bh = tl.program_id(0) // blocks
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -126,7 +152,7 @@ def _bwd_dkdv_kernel(
     if F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    seed = tl.load(seed_ptr) if DROPOUT else 0
+    key = _head_key(tl.load(seed_ptr), bh) if DROPOUT else 0
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     start_m0 = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
@@ -148,7 +174,7 @@ def _bwd_dkdv_kernel(
         pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
         dpt = _dot(v, tl.trans(do), F32)  # (BLOCK_N, BLOCK_M) = (dO V^T)^T
         if DROPOUT:
-            keep = _keep(seed, bh, m[None, :], n[:, None], N_Q, N_K, p_drop)
+            keep = _keep(key, m[None, :], n[:, None], N_K, p_drop)
             pdt = tl.where(keep, pt / (1.0 - p_drop), 0.0)
             dpt = tl.where(keep, dpt / (1.0 - p_drop), 0.0)
         else:
@@ -172,8 +198,9 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    blocks = tl.cdiv(N_Q, BLOCK_M)
+    start_m = tl.program_id(0) % blocks
+    bh = tl.program_id(0) // blocks
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -188,7 +215,7 @@ def _bwd_dq_kernel(
         do = do.to(tl.float32)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * N_Q + m, mask=m_ok, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * N_Q + m, mask=m_ok, other=0.0)
-    seed = tl.load(seed_ptr) if DROPOUT else 0
+    key = _head_key(tl.load(seed_ptr), bh) if DROPOUT else 0
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     end_n = tl.minimum((start_m + 1) * BLOCK_M, N_K) if CAUSAL else N_K
     for start_n in range(0, end_n, BLOCK_N):
@@ -207,7 +234,7 @@ def _bwd_dq_kernel(
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), F32)
         if DROPOUT:
-            keep = _keep(seed, bh, m[:, None], n[None, :], N_Q, N_K, p_drop)
+            keep = _keep(key, m[:, None], n[None, :], N_K, p_drop)
             dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, F32)
@@ -219,12 +246,13 @@ def _bwd_dq_kernel(
 @triton.jit
 def _keep_mask_kernel(out_ptr, seed_ptr, N_Q, N_K, p_drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(BH, N_Q, N_K) bool: the dropout mask the kernels above use (tests only)."""
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    seed = tl.load(seed_ptr)
+    blocks = tl.cdiv(N_Q, BLOCK_M)
+    m = (tl.program_id(0) % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(0) // blocks
+    key = _head_key(tl.load(seed_ptr), bh)
     for start_n in range(0, N_K, BLOCK_N):
         n = start_n + tl.arange(0, BLOCK_N)
-        keep = _keep(seed, bh, m[:, None], n[None, :], N_Q, N_K, p_drop)
+        keep = _keep(key, m[:, None], n[None, :], N_K, p_drop)
         tl.store(out_ptr + (bh.to(tl.int64) * N_Q + m[:, None]) * N_K + n[None, :], keep,
                  mask=(m[:, None] < N_Q) & (n[None, :] < N_K))
 
@@ -249,13 +277,19 @@ _dq_tuned = triton.autotune([triton.Config({"BLOCK_M": c.kwargs["BLOCK_N"], "BLO
                             key=_KEY)(_bwd_dq_kernel)
 
 
+def launch_grid(grid_len, bh):
+    """Grid of a kernel whose programs cover ``grid_len(BLOCK_M, BLOCK_N)`` blocks of each of ``bh`` heads."""
+    return lambda meta: (grid_len(meta["BLOCK_M"], meta["BLOCK_N"]) * bh,)
+
+
 def _launch(kernel, tuned, grid_len, bh, args, meta, n_q, n_k):
     """Interpreter: one fixed, large block (programs run one by one). GPU: the autotuned kernel."""
+    grid = launch_grid(grid_len, bh)
     if INTERPRET:
-        bm, bn = max(16, min(128, next_pow2(n_q))), max(16, min(128, next_pow2(n_k)))
-        kernel[(triton.cdiv(grid_len(bm, bn), 1), bh)](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+        blocks = dict(BLOCK_M=max(16, min(128, next_pow2(n_q))), BLOCK_N=max(16, min(128, next_pow2(n_k))))
+        kernel[grid(blocks)](*args, **blocks, **meta)
     else:
-        tuned[lambda mt: (grid_len(mt["BLOCK_M"], mt["BLOCK_N"]), bh)](*args, **meta)
+        tuned[grid](*args, **meta)
 
 
 def _strides(*ts):
@@ -270,7 +304,7 @@ def _unit_last(t):
 
 
 @torch.library.custom_op(lib_name("attention_fwd"), mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor, dropout_p: float,
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float,
                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, N_Q, D = q.shape
@@ -292,7 +326,7 @@ def _(q, k, v, seed, dropout_p, causal, scale):
 
 @torch.library.custom_op(lib_name("attention_bwd"), mutates_args=())
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, seed: torch.Tensor, dropout_p: float, causal: bool,
+                  lse: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float, causal: bool,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     do = do.contiguous()
@@ -342,8 +376,10 @@ def attention(q, k, v, dropout_p: float = 0.0, causal: bool = False, scale: Opti
               seed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton backend of :func:`mage_fast.ops.attention`. ``seed`` fixes the dropout mask (tests)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if seed is None:
-        seed = new_seed(q.device) if dropout_p > 0 else torch.zeros(1, dtype=torch.int64, device=q.device)
+    if dropout_p <= 0:
+        seed = None  # the kernels read no seed without dropout: nothing to allocate
+    elif seed is None:
+        seed = new_seed(q.device)
     return FlashAttention.apply(q, k, v, float(dropout_p), bool(causal), scale, seed)
 
 
@@ -351,7 +387,7 @@ def dropout_keep_mask(B: int, H: int, n_q: int, n_k: int, dropout_p: float, seed
     """(B, H, n_q, n_k) bool: the keep mask the kernels draw for this seed (for tests)."""
     out = torch.empty((B, H, n_q, n_k), dtype=torch.bool, device=seed.device)
     bm, bn = min(64, next_pow2(n_q)), min(256, next_pow2(n_k))
-    _keep_mask_kernel[(triton.cdiv(n_q, bm), B * H)](out, seed, n_q, n_k, float(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
+    _keep_mask_kernel[(triton.cdiv(n_q, bm) * B * H,)](out, seed, n_q, n_k, float(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
     return out
 
 
