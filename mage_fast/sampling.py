@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import numpy as np
 import torch
 
+from .decoding.modes import resolve_mode, run_counts
+from .models.checks import check_number
 from .ops.decode_step import decode_step, image_keys
 
 RNG_MODES = ("official", "torch")
@@ -131,15 +134,42 @@ def official_gen_image(model, bsz: int, seed: int, num_iter: int = 12, choice_te
     return _decode_images(model, sampled)
 
 
-def _cfg_logits(model, ids, class_tokens, scale: float):
+def _cfg_logits(model, ids, class_tokens, scale: float, code_logits=None):
     """Classifier-free guidance: one batched pass over (conditional, unconditional);
-    returns ``l_c + scale * (l_c - l_u)`` (scale 0 = plain conditional)."""
+    returns ``l_c + scale * (l_c - l_u)`` (scale 0 = plain conditional). ``code_logits(ids,
+    class_tokens)`` is the network pass (default ``model.code_logits``)."""
+    code_logits = code_logits or model.code_logits
     if scale == 0.0:
-        return model.code_logits(ids, class_tokens)
+        return code_logits(ids, class_tokens)
     fake = torch.full_like(class_tokens, model.fake_class_label)
-    both = model.code_logits(torch.cat([ids, ids]), torch.cat([class_tokens, fake]))
+    both = code_logits(torch.cat([ids, ids]), torch.cat([class_tokens, fake]))
     cond, uncond = both.float().chunk(2)
     return cond + scale * (cond - uncond)
+
+
+def decode_loop(model, net, ids: torch.Tensor, steps, *, num_iter: int, mask_lens, temperature: float, anneal,
+                rng: str, keys: Optional[torch.Tensor], ac, class_tokens: Optional[torch.Tensor] = None,
+                guidance=lambda r: 0.0, record: Optional[list] = None):
+    """The sampling loop of :func:`generate`: at each step the mode's network pass ``net(ids,
+    class_tokens, i)`` (see :mod:`mage_fast.decoding`), then sampling and re-masking. With
+    ``rng="torch"`` it holds no host sync and every shape follows from ``mask_lens``, so it traces
+    as one graph. Returns (sampled, ids); ``record`` collects (ids, sampled) after each step."""
+    L, mask_id = model.seq_len, model.mask_token_label
+    sampled = ids
+    for i, step in enumerate(steps):
+        r = (step + 1) / num_iter
+        with ac:
+            if class_tokens is None:
+                logits = net(ids, None, i)
+            else:
+                logits = _cfg_logits(model, ids, class_tokens, guidance(r), lambda x, c, i=i: net(x, c, i))
+        if rng == "official":
+            sampled, ids = _official_remask(ids, logits.float(), step, num_iter, temperature, mask_id, L)
+        else:
+            sampled, ids = decode_step(logits, ids, keys, step, mask_lens[i], temperature * anneal(r), mask_id)
+        if record is not None:
+            record.append((ids, sampled))
+    return sampled, ids
 
 
 @torch.no_grad()
@@ -148,7 +178,7 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
              autocast_dtype: Optional[torch.dtype] = None, schedule: str = "cosine",
              temperature_annealing: str = "linear", class_ids: Optional[torch.Tensor] = None,
              guidance_scale: float = 0.0, guidance_schedule: str = "constant",
-             init_ids: Optional[torch.Tensor] = None, return_trace: bool = False):
+             init_ids: Optional[torch.Tensor] = None, return_trace: bool = False, mode="exact"):
     """MAGE generation by iterative decoding: unconditional, class-conditional, or from partly
     known tokens (inpainting, outpainting, editing).
 
@@ -180,6 +210,11 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         return_trace: also return a dict with ``ids`` (steps, B, L) after each step (masked
             positions = mask id), ``sampled`` (steps, B, L), and ``fixed_at`` (B, L): the step at
             which each token was fixed (-1 for given tokens).
+        mode: the network pass, a name in :data:`mage_fast.decoding.MODES` or a
+            :class:`mage_fast.decoding.DecodeMode`: ``"exact"`` (default, the official pass),
+            ``"drop_train"`` / ``"drop_all"`` (masked tokens dropped in the encoder), ``"cached"``
+            (per-layer key/value reuse between full passes), ``"int8"``, and the fast preset
+            ``"fast"`` (drop_all + cached + int8). See docs/DECODING.md for speed and quality.
 
     Returns:
         images (B, 3, S, S), the tokenizer's decode (not clamped, as the official); then the
@@ -190,8 +225,14 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
     """
     if rng not in RNG_MODES:
         raise ValueError(f"rng must be one of {RNG_MODES}, got {rng!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_number(batch_size, "batch_size", lo=1, integer=True)
+    check_number(num_iter, "num_iter", lo=1, integer=True)
+    check_number(temperature, "temperature", lo=0)
+    check_number(guidance_scale, "guidance_scale", lo=0)
+    check_number(first_index, "first_index", lo=0, integer=True)
+    if model.training:
+        warnings.warn("generate() got a model in training mode: dropout is active, so the samples differ from "
+                      "eval mode's; call model.eval() first", stacklevel=2)
     anneal = _lookup(TEMPERATURE_ANNEALING, temperature_annealing, "temperature annealing")
     guide = _lookup(GUIDANCE_SCHEDULES, guidance_schedule, "guidance schedule")
     _lookup(SCHEDULES, schedule, "mask schedule")
@@ -241,21 +282,16 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         np.random.seed(seed)
     else:
         keys = image_keys(seed, torch.arange(first_index, first_index + batch_size, device=dev))
-    sampled = ids
-    for i, step in enumerate(steps):
-        r = (step + 1) / num_iter
-        with ac:
-            if class_tokens is None:
-                logits = model.code_logits(ids)
-            else:
-                logits = _cfg_logits(model, ids, class_tokens, guidance_scale * guide(r))
-        if rng == "official":
-            sampled, ids = _official_remask(ids, logits.float(), step, num_iter, temperature, mask_id, L)
-        else:
-            sampled, ids = decode_step(logits, ids, keys, step, mask_lens[i], temperature * anneal(r), mask_id)
-        if return_trace:
-            trace_ids.append(ids)
-            trace_sampled.append(sampled)
+    net = resolve_mode(mode).build(model, run_counts(L if init_ids is None else n, mask_lens),
+                                   None if rng == "official" else keys)
+    record = [] if return_trace else None
+    sampled, ids = decode_loop(model, net, ids, steps, num_iter=num_iter, mask_lens=mask_lens,
+                               temperature=temperature, anneal=anneal, rng=rng, keys=None if rng == "official" else keys,
+                               ac=ac, class_tokens=class_tokens, guidance=lambda r: guidance_scale * guide(r),
+                               record=record)
+    for step_ids, step_sampled in record or ():
+        trace_ids.append(step_ids)
+        trace_sampled.append(step_sampled)
     imgs = _decode_images(model, sampled)
     out = (imgs,)
     if return_ids:

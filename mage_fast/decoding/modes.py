@@ -1,0 +1,241 @@
+"""Decoding modes: strategies for the network pass of the one sampling loop.
+
+A mode decides what each step's network pass computes; the loop (sampling, confidence,
+re-masking) is :func:`mage_fast.generate` for every mode. Every shape a mode uses follows from
+the mask schedule alone (how many tokens are masked at each step), never from the data, so a
+mode runs without host syncs and traces as one graph.
+
+- ``drop``: which masked tokens the encoder skips. ``"none"`` (official generation: the encoder
+  sees all L+1 tokens), ``"train"`` (as MAGE trained: ``ceil(mask_ratio_min * L)`` masked tokens
+  dropped, or all of them when fewer are masked; which ones is drawn per image and step), ``"all"``
+  (the encoder sees the class slot and the known tokens only). The decoder overwrites every
+  masked position with the class-slot vector in all cases, as the official decoder does.
+- ``refresh_every``: 0 = no cache. k >= 1 = a full pass at steps 0, k, 2k, ... keeping every
+  layer's keys/values; between them a cached pass recomputes only the rows whose input changed
+  or whose output is needed (encoder: the class slot and the tokens fixed at the previous step;
+  decoder: the class slot and the tokens masked at the previous step) and writes their fresh
+  keys/values into the caches; every other row's keys/values are reused from when it was last
+  computed.
+- ``quant``: ``"int8"`` / ``"fp8"`` Linear layers through torchao (see :mod:`.quant`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..ops.decode_step import counter_uniform
+from ..ops.token_drop import keep_index
+from .quant import QUANT_KINDS, quantized_weights
+from .stack import gather_rows, scatter_rows, stack_full, stack_partial
+
+DROP_KINDS = ("none", "train", "all")
+_STREAM_DROP = 0x2545F491
+
+
+@dataclass(frozen=True)
+class DecodeMode:
+    """One decoding mode (see the module docstring). ``DecodeMode()`` is the exact official pass."""
+    drop: str = "none"
+    refresh_every: int = 0
+    quant: str = "none"
+
+    def __post_init__(self):
+        if self.drop not in DROP_KINDS:
+            raise ValueError(f"drop must be one of {DROP_KINDS}, got {self.drop!r}")
+        if self.quant not in QUANT_KINDS:
+            raise ValueError(f"quant must be one of {QUANT_KINDS}, got {self.quant!r}")
+        if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be an int >= 0 (0 = no cache), got {self.refresh_every!r}")
+        if self.refresh_every and self.drop == "train":
+            raise ValueError("cached decoding composes with drop='none' or drop='all', not 'train'")
+
+    @property
+    def is_exact(self) -> bool:
+        return self == DecodeMode()
+
+    def describe(self) -> str:
+        parts = [f"drop={self.drop}"]
+        parts.append(f"cache: full pass every {self.refresh_every} steps" if self.refresh_every else "no cache")
+        parts.append(f"quant={self.quant}")
+        return ", ".join(parts)
+
+    def build(self, model, counts: Sequence[int], keys: Optional[torch.Tensor] = None) -> "NetworkPass":
+        """The network pass for one decoding run (see :class:`NetworkPass`)."""
+        return NetworkPass(model, self, counts, keys)
+
+
+# Named modes (`generate(mode=...)`, the CLI's --mode). "fast" is the fast preset.
+MODES = {
+    "exact": DecodeMode(),
+    "drop_train": DecodeMode(drop="train"),
+    "drop_all": DecodeMode(drop="all"),
+    "cached": DecodeMode(refresh_every=4),
+    "int8": DecodeMode(quant="int8"),
+    "cached_int8": DecodeMode(refresh_every=4, quant="int8"),
+    "fast": DecodeMode(drop="all", refresh_every=4, quant="int8"),
+}
+
+
+def resolve_mode(mode) -> DecodeMode:
+    """A :class:`DecodeMode` from a name in :data:`MODES` or a DecodeMode."""
+    if isinstance(mode, DecodeMode):
+        return mode
+    if isinstance(mode, str) and mode in MODES:
+        return MODES[mode]
+    raise ValueError(f"unknown decoding mode {mode!r}; choose from {sorted(MODES)} or pass a DecodeMode")
+
+
+def first_true(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions of the first ``n`` True entries of each row of mask (B, N), ascending -> (B, n)
+    int64. Every row must hold at least n True entries (the schedule guarantees it)."""
+    return keep_index(~mask, n)
+
+
+def drop_mask_for(masked: torch.Tensor, num_drop: int, keys: torch.Tensor, step: int) -> torch.Tensor:
+    """Which image tokens the encoder drops: ``num_drop`` of the masked ones per row, uniformly at
+    random from counter-based random numbers keyed by (key, step, position).
+    masked: (B, L) bool; keys: (B,) int64 -> (B, L) bool, a subset of ``masked``."""
+    B, L = masked.shape
+    if num_drop == 0:
+        return torch.zeros_like(masked)
+    pos = torch.arange(L, device=masked.device).view(1, L)
+    u = counter_uniform(keys.view(B, 1), _STREAM_DROP, torch.full_like(pos, step), pos)  # (B, L) in (0, 1)
+    score = torch.where(masked, u, 2.0)
+    chosen = torch.sort(score, dim=1, stable=True).indices[:, :num_drop]
+    return torch.zeros_like(masked).scatter(1, chosen, True)
+
+
+def encode_dropped(net, full: torch.Tensor, drop: torch.Tensor, num_keep: int, keep_kv: bool = False):
+    """Encoder on the tokens not dropped. full: (B, L+1) ids (class slot at 0, masked = mask id);
+    drop: (B, L+1) bool, True = dropped (never the class slot); num_keep = L+1 - dropped per row.
+    Returns (latent (B, num_keep, D) after the final norm, keep (B, num_keep), ks, vs): the official
+    ``forward_encoder`` latent for the same ``token_drop_mask``."""
+    keep = keep_index(drop, num_keep)  # (B, K)
+    x = net.token_emb(torch.gather(full, 1, keep), positions=keep)
+    h, ks, vs = stack_full(net.blocks, x, keep_kv)
+    return net.norm(h), keep, ks, vs
+
+
+class _State:
+    __slots__ = ("batch", "E", "enc_ks", "enc_vs", "enc_len", "dec_ks", "dec_vs", "prev_masked")
+
+
+class NetworkPass:
+    """One decoding run's network pass: ``pass_(ids, class_tokens, i)`` -> (B, L, C) code logits.
+
+    Args:
+        model: the :class:`mage_fast.MAGE`.
+        mode: a :class:`DecodeMode`.
+        counts: masked tokens at the input of each step of the run (from the schedule).
+        keys: (B,) per-image keys for the random choice of dropped tokens (default: row index).
+
+    Rows of known positions in the returned logits are zeros (sampling ignores them).
+    """
+
+    def __init__(self, model, mode: DecodeMode, counts: Sequence[int], keys: Optional[torch.Tensor] = None):
+        self.model, self.mode, self.counts = model, mode, [int(c) for c in counts]
+        self.net = model if mode.quant == "none" else quantized_weights(model, mode.quant)
+        self.keys = keys
+        self.state: Optional[_State] = None
+
+    def __call__(self, ids: torch.Tensor, class_tokens: Optional[torch.Tensor], i: int) -> torch.Tensor:
+        model, mode = self.model, self.mode
+        if mode.is_exact:
+            return model.code_logits(ids, class_tokens, check=False)  # the sampler's own states
+        B, L = ids.shape
+        full = model._with_class_slot(ids, model.fake_class_label if class_tokens is None else class_tokens)
+        masked = ids == model.mask_token_label  # (B, L)
+        k = mode.refresh_every
+        st = self.state
+        full_pass = not k or i % k == 0 or st is None or st.batch != B
+        if full_pass:
+            st = self.state = _State()
+            st.batch = B
+            self._encode_full(st, full, masked, i)
+            logits = self._decode_full(st, masked, i)
+        else:
+            self._encode_cached(st, full, masked, i)
+            logits = self._decode_cached(st, masked, i)
+        st.prev_masked = masked
+        return logits
+
+    # ------------------------------------------------------------------ encoder
+    def _row_keys(self, B: int, device) -> torch.Tensor:
+        if self.keys is None:
+            return torch.arange(B, device=device)
+        n = self.keys.shape[0]
+        return self.keys.repeat(B // n) if B != n else self.keys  # classifier-free guidance doubles the batch
+
+    def _encode_full(self, st: _State, full, masked, i: int):
+        net, mode, L = self.net, self.mode, masked.shape[1]
+        cache = mode.refresh_every > 0
+        m = self.counts[i]
+        num_drop = {"none": 0, "all": m, "train": min(m, math.ceil(self.model.mask_ratio_min * L))}[mode.drop]
+        if num_drop == 0:
+            h, st.enc_ks, st.enc_vs = stack_full(net.blocks, net.token_emb(full), cache)
+            st.E = net.decoder_embed(net.norm(h))  # (B, L+1, Dd)
+        else:
+            drop = drop_mask_for(masked, num_drop, self._row_keys(masked.shape[0], masked.device), i)
+            drop = torch.cat([torch.zeros_like(drop[:, :1]), drop], 1)  # the class slot is never dropped
+            h, keep, st.enc_ks, st.enc_vs = encode_dropped(net, full, drop, L + 1 - num_drop, cache)
+            e = net.decoder_embed(h)  # (B, K, Dd)
+            st.E = scatter_rows(e.new_zeros(e.shape[0], L + 1, e.shape[2]), keep, e)
+        st.enc_len = L + 1 - num_drop  # cache slots in use (drop='all': class slot + known, in keep order)
+
+    def _encode_cached(self, st: _State, full, masked, i: int):
+        net = self.net
+        B = masked.shape[0]
+        n_new = self.counts[i - 1] - self.counts[i]
+        new = first_true(st.prev_masked & ~masked, n_new) + 1  # (B, n_new) sequence positions fixed last step
+        pos = torch.cat([torch.zeros_like(new[:, :1]), new], 1)  # (B, 1 + n_new): class slot + new
+        if self.mode.drop == "none":
+            slots = pos
+        else:  # drop='all': the new tokens join the cache at its end
+            S = st.enc_len
+            st.enc_ks = [torch.cat([c, c.new_zeros(*c.shape[:2], n_new, c.shape[3])], 2) for c in st.enc_ks]
+            st.enc_vs = [torch.cat([c, c.new_zeros(*c.shape[:2], n_new, c.shape[3])], 2) for c in st.enc_vs]
+            slots = torch.cat([torch.zeros_like(new[:, :1]), S + torch.arange(n_new, device=new.device).expand(B, -1)], 1)
+            st.enc_len = S + n_new
+        x = net.token_emb(torch.gather(full, 1, pos), positions=pos)
+        h = stack_partial(net.blocks, x, slots, st.enc_ks, st.enc_vs)
+        st.E = scatter_rows(st.E, pos, net.decoder_embed(net.norm(h)))
+
+    # ------------------------------------------------------------------ decoder
+    def _head(self, h: torch.Tensor, rows: torch.Tensor, img_pos: torch.Tensor, B: int, L: int) -> torch.Tensor:
+        """MLM head on rows (B, m) of h -> (B, L, C) logits, zeros except at img_pos (B, m)."""
+        model = self.model
+        we = self.net.token_emb.word_embeddings.weight.detach()
+        lm = self.net.mlm_layer(gather_rows(h, rows), we, num_outputs=model.codebook_size)  # (B, m, C)
+        return scatter_rows(lm.new_zeros(B, L, lm.shape[-1]), img_pos, lm)
+
+    def _decode_full(self, st: _State, masked, i: int) -> torch.Tensor:
+        net = self.net
+        B, L = masked.shape
+        allm = torch.cat([torch.zeros_like(masked[:, :1]), masked], 1)  # (B, L+1)
+        x = torch.where(allm.unsqueeze(-1), st.E[:, :1], st.E) + net.decoder_pos_embed_learned
+        h, st.dec_ks, st.dec_vs = stack_full(net.decoder_blocks, x, self.mode.refresh_every > 0)
+        h = net.decoder_norm(h)
+        rows = first_true(masked, self.counts[i])  # (B, m) image positions still masked
+        return self._head(h, rows + 1, rows, B, L)
+
+    def _decode_cached(self, st: _State, masked, i: int) -> torch.Tensor:
+        net = self.net
+        B, L = masked.shape
+        fresh = first_true(st.prev_masked, self.counts[i - 1]) + 1  # (B, F) masked at the previous step
+        pos = torch.cat([torch.zeros_like(fresh[:, :1]), fresh], 1)  # (B, 1 + F) with the class slot
+        allm = torch.cat([torch.zeros_like(masked[:, :1]), masked], 1)
+        now_masked = torch.gather(allm, 1, pos)  # (B, 1 + F)
+        e = gather_rows(st.E, pos)
+        pe = net.decoder_pos_embed_learned[0][pos]  # (B, 1 + F, Dd)
+        x = torch.where(now_masked.unsqueeze(-1), st.E[:, :1], e) + pe
+        h = net.decoder_norm(stack_partial(net.decoder_blocks, x, pos, st.dec_ks, st.dec_vs))
+        sel = first_true(now_masked, self.counts[i])  # (B, m) rows of h still masked
+        return self._head(h, sel, torch.gather(pos, 1, sel) - 1, B, L)
+
+
+def run_counts(num_unknown: int, mask_lens: Sequence[int]) -> list[int]:
+    """Masked tokens at the input of each step: ``num_unknown``, then the schedule's mask_lens."""
+    return [int(num_unknown)] + [int(m) for m in mask_lens[:-1]]

@@ -1,0 +1,77 @@
+"""Low-precision copies of MAGE's transformer for decoding (int8 on the CPU, fp8 on new GPUs).
+
+The copy holds only what a network pass reads (embeddings, encoder, decoder, MLM head), never
+the tokenizer; its Linear layers are quantized with torchao (PyTorch's quantization library):
+``int8``: int8 weights (per output channel) and int8 activations with dynamic per-token scales
+(``Int8DynamicActivationInt8WeightConfig``); ``fp8``: fp8 e4m3 weights and dynamic activations
+(``Float8DynamicActivationFloat8WeightConfig``, CUDA compute capability >= 8.9 only).
+Copies are cached per model and rebuilt when a parameter changes in place.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+import torch.nn as nn
+
+QUANT_KINDS = ("none", "int8", "fp8")
+_PARTS = ("token_emb", "blocks", "norm", "decoder_embed", "decoder_blocks", "decoder_norm", "mlm_layer")
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class PassWeights(nn.Module):
+    """The network-pass parts of a MAGE (no tokenizer), with the model's attribute names."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name in _PARTS:
+            setattr(self, name, copy.deepcopy(getattr(model, name)))
+        self.decoder_pos_embed_learned = nn.Parameter(model.decoder_pos_embed_learned.detach().clone(),
+                                                      requires_grad=False)
+
+
+def quant_support(kind: str, device: torch.device) -> str | None:
+    """None when ``kind`` runs on ``device``, else the reason it does not."""
+    if kind not in QUANT_KINDS:
+        return f"unknown quantization {kind!r}; choose from {QUANT_KINDS}"
+    if kind == "none":
+        return None
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        return "needs torchao (pip install 'mage_fast[quant]')"
+    if kind == "fp8":
+        if device.type != "cuda":
+            return "fp8 needs a CUDA GPU (compute capability >= 8.9)"
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            return f"fp8 needs compute capability >= 8.9, this GPU has {torch.cuda.get_device_capability(device)}"
+    return None
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def quantized_weights(model: nn.Module, kind: str) -> nn.Module:
+    """A cached :class:`PassWeights` copy of ``model`` with its Linear layers quantized to ``kind``."""
+    dev = next(model.parameters()).device
+    why = quant_support(kind, dev)
+    if why is not None:
+        raise RuntimeError(f"quantization {kind!r} is not available: {why}")
+    key = (kind, _fingerprint(model))
+    hit = _CACHE.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    from torchao.quantization import quantize_
+    if kind == "int8":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+        config = Int8DynamicActivationInt8WeightConfig()
+    else:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+        config = Float8DynamicActivationFloat8WeightConfig()
+    weights = PassWeights(model).eval()
+    with torch.no_grad():
+        quantize_(weights, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    _CACHE[model] = (key, weights)
+    return weights
