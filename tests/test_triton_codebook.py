@@ -78,3 +78,15 @@ def test_custom_op_traces():
     z, e = torch.randn(6, 8, device=DEV), torch.randn(11, 8, device=DEV)
     torch.library.opcheck(triton_codebook.codebook_nn_custom, (z, e, "l2"),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_ties_across_codebook_splits_go_to_lowest_index(metric):
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(40, 16, generator=g)
+    e = torch.cat([base, 3 * torch.randn(1500, 16, generator=g), base])  # copies 1540 codes apart
+    z = base[[3, 7, 0, 39]] + 0.01 * torch.randn(4, 16, generator=g)
+    sms = 1 if DEV == "cpu" else torch.cuda.get_device_properties(0).multi_processor_count
+    assert triton_codebook.splits(z.shape[0], e.shape[0], sms) > 1, "the codebook is not split: nothing tested"
+    got = triton_codebook.codebook_nn(z.to(DEV), e.to(DEV), metric).cpu()
+    assert torch.equal(got, torch.tensor([3, 7, 0, 39]))

@@ -191,13 +191,15 @@ def codebook_cases(subset: bool = False) -> Iterator[Case]:
     from . import codebook
     N, D = 64 * 256, 256
     paths = [("bf16", "bf16", "bf16"), ("fp32", "fp32", "fp32"), ("autocast", "bf16", "fp32")]
+    yield Case(f"codebook norms D={D}", codebook._code_norm_kernel, {"norm_ptr": "fp32"}, "bf16",
+               dict(COSINE=False, BLOCK_K=4096 // D, BLOCK_D=D), dict(K=262144, D=D, stride_ek=D), 4, 1, False)
     for K in ((262144,) if subset else (1024, 262144)):
         for name, zt, et in (paths[2:] if subset else paths):
             f32 = zt != "bf16" or et != "bf16"
             for c in _configs(codebook.configs_for(f32), subset):
                 yield Case(f"codebook K={K} D={D} {name}", codebook._codebook_nn_kernel,
                            {"z_ptr": zt, "e_ptr": et, "norm_ptr": "fp32", "best_ptr": "i64", "out_ptr": "i64"}, et,
-                           dict(COSINE=False, COMPUTE_F32=f32, BLOCK_D=D, **c.kwargs),
+                           {**codebook.launch_meta(D, f32, cosine=False), **c.kwargs},
                            dict(N=N, K=K, D=D, stride_zn=D, stride_ek=D, codes_per_program=K),
                            c.num_warps, c.num_stages, autotuned=True)
 
