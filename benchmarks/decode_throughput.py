@@ -1,24 +1,29 @@
-"""Iterative-decoding throughput: mage_fast against the official-equivalent eager path, one run.
+"""Iterative-decoding throughput: every decoding mode against the official-equivalent path, one run.
 
-Both paths run the same model and weights (random unless --ckpt) at the same batch size:
+All paths run the same model and weights (random unless --ckpt) at the same batch size:
 
 - official: the official ``gen_image`` loop (``mage_fast.official_gen_image``) with every op on its
   plain-torch reference (``force_backend("torch")``): fp32 q.k attention with autocast off, all
   2025 logits, ``Categorical`` sampling, NumPy Gumbel noise, a full sort and host syncs per step.
-- mage_fast: ``mage_fast.generate(rng="torch")``: dispatched ops (SDPA/flash attention, fused
-  kernels where built), only the 1024 code logits of the 256 image rows, counter-based random
-  numbers, exact-k re-masking, no host sync in the loop; bf16 autocast on CUDA.
+- one path per decoding mode (``--mode``, default every mode in ``mage_fast.decoding.MODES``):
+  ``mage_fast.generate(rng="torch", mode=...)``; ``exact`` is today's bit-exact path. bf16 autocast
+  on CUDA.
+- vqgan_decode: the tokenizer decode alone (part of every generation above).
 
-Reported per path: ms per decoding step (median and spread over repeated single steps) and
-images/s for whole generations (T steps plus the VQGAN decode). JSON goes to benchmarks/results/.
+Whole generations (T steps plus the VQGAN decode) are timed; the repeats cycle through the paths
+(official, mode 1, mode 2, ..., official, ...), so load from other processes falls on all of them.
+Speed-ups are medians of per-round ratios against the official path of the same round.
+``--only PATH`` runs one path alone (for whole-process timing, e.g. under ``/usr/bin/time``).
 
-    python benchmarks/decode_throughput.py                     # offline default (ViT-B, random weights)
-    python benchmarks/decode_throughput.py --ckpt mage-vitb-1600.pth --batch-size 64
+    python benchmarks/decode_throughput.py --threads 1 --batch-sizes 1 4      # offline (ViT-B, random weights)
+    python benchmarks/decode_throughput.py --mode exact fast --batch-sizes 4 --gen-repeats 3
+    python benchmarks/decode_throughput.py --only fast --batch-sizes 4 --gen-repeats 1
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -27,8 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mage_fast  # noqa: E402
 from common import device_tag, environment, print_header, summarize, time_fn, write_json  # noqa: E402
 from mage_fast.models import MODEL_FACTORIES  # noqa: E402
-from mage_fast.ops import decode_step, force_backend, image_keys  # noqa: E402
-from mage_fast.sampling import _official_remask, mask_schedule  # noqa: E402
+from mage_fast.decoding import MODES  # noqa: E402
+from mage_fast.ops import force_backend  # noqa: E402
+from mage_fast.sampling import _decode_images  # noqa: E402
 
 
 def build(args, device):
@@ -41,90 +47,100 @@ def build(args, device):
     return model.to(device).eval()
 
 
-def official_step(model, ids, step, T, temperature):
-    """One step of the official loop (network pass + official re-masking)."""
-    B = ids.shape[0]
-    full = torch.cat([torch.full((B, 1), model.fake_class_label, device=ids.device, dtype=torch.long), ids], 1)
-    x = model.token_emb(full)
-    for blk in model.blocks:
-        x = blk(x)
-    x = model.norm(x)
-    logits = model.forward_decoder(x, torch.zeros_like(full), full == model.mask_token_label)[:, 1:, :model.codebook_size]
-    return _official_remask(ids, logits, step, T, temperature, model.mask_token_label, model.seq_len)[1]
+def _generation(model, name, B, T, temp, ac):
+    if name == "official":
+        def run():
+            with force_backend("torch"):
+                return mage_fast.official_gen_image(model, B, seed=0, num_iter=T, choice_temperature=temp)
+    elif name == "vqgan_decode":
+        ids = torch.randint(0, model.codebook_size, (B, model.seq_len), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(next(model.parameters()).device)
+
+        def run():
+            with ac:
+                return _decode_images(model, ids)
+    else:
+        def run():
+            with ac:
+                return mage_fast.generate(model, B, num_iter=T, temperature=temp, seed=0, rng="torch", mode=name)
+    return run
+
+
+def _ratios(runs: dict, reps: int) -> dict:
+    """Per-round speed-ups against the official path of the same round: median, min, max."""
+    out = {}
+    for name, ts in runs.items():
+        if name in ("official", "vqgan_decode") or "official" not in runs:
+            continue
+        r = sorted(runs["official"][i] / ts[i] for i in range(reps))
+        out[name] = {"median": statistics.median(r), "min": r[0], "max": r[-1], "per_round": r}
+    return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_base", choices=sorted(MODEL_FACTORIES))
     p.add_argument("--ckpt", default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="default: 1 on CPU, 64 on CUDA")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 4 on CPU, 64 on CUDA")
     p.add_argument("--num-iter", type=int, default=20)
     p.add_argument("--temperature", type=float, default=6.0)
-    p.add_argument("--step-repeats", type=int, default=None, help="timed single steps (default 5 CPU / 50 CUDA)")
-    p.add_argument("--gen-repeats", type=int, default=None, help="timed whole generations (default 2 CPU / 5 CUDA)")
+    p.add_argument("--mode", nargs="+", default=sorted(MODES), choices=sorted(MODES),
+                   help="decoding modes to time beside the official path (default: all)")
+    p.add_argument("--only", default=None, help="run one path alone: official, vqgan_decode or a mode name")
+    p.add_argument("--gen-repeats", type=int, default=None, help="timed rounds (default 2 CPU / 5 CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_throughput_<device>.json)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
-    B = args.batch_size or (64 if cuda else 1)
-    step_reps = args.step_repeats or (50 if cuda else 5)
-    gen_reps = args.gen_repeats or (5 if cuda else 2)
+    sizes = args.batch_sizes or ([64] if cuda else [1, 4])
+    reps = args.gen_repeats or (5 if cuda else 2)
     T, temp = args.num_iter, args.temperature
+    names = [args.only] if args.only else ["official"] + list(args.mode) + ["vqgan_decode"]
+    for n in names:
+        if n not in ("official", "vqgan_decode") and n not in MODES:
+            raise SystemExit(f"unknown path {n!r}")
     env = environment(device)
-    print_header(f"decode throughput: {args.model}, batch {B}, T={T}, temperature {temp}", env)
+    env["load_average_at_start"] = os.getloadavg()
+    print_header(f"decode throughput: {args.model}, batch sizes {sizes}, T={T}, temperature {temp}, "
+                 f"threads {torch.get_num_threads()}, load average {env['load_average_at_start'][0]:.2f}", env)
     model = build(args, device)
-    L, mask_id = model.seq_len, model.mask_token_label
-    ids0 = torch.full((B, L), mask_id, dtype=torch.long, device=device)
     ac = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    keys = image_keys(0, torch.arange(B, device=device))
-    sched = mask_schedule(T, L)
-
-    def fast_step():
-        with ac:
-            logits = model.code_logits(ids0)
-        return decode_step(logits, ids0, keys, 0, sched[0], temp * (1 - 1 / T), mask_id)
-
-    def official_step_ref():
-        with force_backend("torch"):
-            return official_step(model, ids0, 0, T, temp)
-
-    def fast_gen():
-        with ac:
-            return mage_fast.generate(model, B, num_iter=T, temperature=temp, seed=0, rng="torch")
-
-    def official_gen():
-        with force_backend("torch"):
-            return mage_fast.official_gen_image(model, B, seed=0, num_iter=T, choice_temperature=temp)
-
-    paths = {"official": (official_step_ref, official_gen), "mage_fast": (fast_step, fast_gen)}
     results = {}
     with torch.inference_mode():
-        # Repeats alternate between the paths (ABAB...), so load from other processes falls on both.
-        for kind, reps, warm in (("step", step_reps, 1), ("generate", gen_reps, 1 if cuda else 0)):
-            for name, fns in paths.items():
-                time_fn(fns[0 if kind == "step" else 1], device, 0, warmup=warm)
-            runs = {name: [] for name in paths}
+        for B in sizes:
+            fns = {n: _generation(model, n, B, T, temp, ac) for n in names}
+            for n in names:  # warm-up on 2-step runs (and the int8 copy, made once per model)
+                time_fn(_generation(model, n, B, min(T, 2), temp, ac), device, 0, warmup=1)
+            runs = {n: [] for n in names}
             for _ in range(reps):
-                for name, fns in paths.items():
-                    runs[name].append(time_fn(fns[0 if kind == "step" else 1], device, 1, warmup=0)["median_s"])
-            for name in paths:
-                results.setdefault(name, {})[kind] = summarize(runs[name], reps, warm)
-        for name in paths:
-            st, gt = results[name]["step"], results[name]["generate"]
-            results[name].update(ms_per_step=1e3 * st["median_s"], images_per_s=B / gt["median_s"])
-            print(f"  {name:<10} {1e3 * st['median_s']:9.1f} ms/step (min {1e3 * st['min_s']:.1f}, max "
-                  f"{1e3 * st['max_s']:.1f}, n={step_reps}) | {B / gt['median_s']:8.3f} images/s "
-                  f"(generation median {gt['median_s']:.2f} s, IQR {gt['iqr_s']:.2f} s, n={gen_reps})")
-    speed_step = results["official"]["ms_per_step"] / results["mage_fast"]["ms_per_step"]
-    speed_img = results["mage_fast"]["images_per_s"] / results["official"]["images_per_s"]
-    print(f"  speed-up: {speed_step:.2f}x per step, {speed_img:.2f}x images/s")
+                for n, fn in fns.items():
+                    runs[n].append(time_fn(fn, device, 1, warmup=0)["median_s"])
+            res = {}
+            for n in names:
+                st = summarize(runs[n], reps, 1)
+                st["images_per_s"] = B / st["median_s"]
+                res[n] = st
+            ratios = _ratios(runs, reps)
+            for n in names:
+                st = res[n]
+                extra = f" | {ratios[n]['median']:.2f}x official [{ratios[n]['min']:.2f}, {ratios[n]['max']:.2f}]" \
+                    if n in ratios else ""
+                desc = "" if n in ("official", "vqgan_decode") else f"  ({MODES[n].describe()})"
+                print(f"  B={B} {n:<13} {st['median_s']:8.2f} s [{st['min_s']:.2f}, {st['max_s']:.2f}] "
+                      f"{st['images_per_s']:7.3f} images/s{extra}{desc}")
+            results[str(B)] = {"paths": res, "speedup_images_per_s_vs_official": ratios}
+    env["load_average_at_end"] = os.getloadavg()
     out = {"benchmark": "decode_throughput", "model": args.model, "checkpoint": args.ckpt or "random weights",
-           "batch_size": B, "num_iter": T, "temperature": temp, "environment": env, "paths": results,
-           "speedup_step": speed_step, "speedup_images_per_s": speed_img,
+           "batch_sizes": sizes, "num_iter": T, "temperature": temp, "environment": env, "repeats": reps,
+           "modes": {n: MODES[n].describe() for n in names if n in MODES}, "results": results,
            "autocast": "bf16" if cuda else "none (fp32)"}
-    path = write_json(out, args.out, f"decode_throughput_{device_tag(device)}.json")
+    default = f"decode_throughput_{device_tag(device)}" + (f"_{args.only}" if args.only else "_modes") + ".json"
+    path = write_json(out, args.out, default)
     print(f"  wrote {path}")
 
 

@@ -1,0 +1,210 @@
+"""Decoding modes (mage_fast.decoding): what each network-pass strategy must reproduce."""
+import pytest
+import torch
+
+import mage_fast
+from mage_fast.decoding import MODES, DecodeMode, encode_dropped, run_counts
+from mage_fast.decoding.modes import drop_mask_for, first_true
+from mage_fast.ops import image_keys
+from mage_fast.sampling import TEMPERATURE_ANNEALING, decode_loop, schedule_from
+
+
+def _has_torchao():
+    try:
+        import torchao  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_torchao = pytest.mark.skipif(not _has_torchao(), reason="torchao not installed (the 'quant' extra)")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    m = mage_fast.mage_vit_tiny().eval()
+    with torch.no_grad():  # random weights, scaled up so the logits depend clearly on the input
+        for p in m.parameters():
+            if p.dim() == 2 and p.requires_grad:
+                p.mul_(2.0)
+    return m
+
+
+def _partly_known(model, B, n_known, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = model.seq_len
+    ids = torch.full((B, L), model.mask_token_label)
+    for b in range(B):
+        pos = torch.randperm(L, generator=g)[:n_known]
+        ids[b, pos] = torch.randint(0, model.codebook_size, (n_known,), generator=g)
+    return ids
+
+
+def test_exact_is_the_default_and_refresh_every_step_equals_exact(tiny):
+    kw = dict(num_iter=6, temperature=4.5, return_ids=True)
+    _, ref = mage_fast.generate(tiny, 3, rng="torch", **kw)
+    _, same = mage_fast.generate(tiny, 3, rng="torch", mode="exact", **kw)
+    assert torch.equal(ref, same)
+    for drop in ("none",):
+        _, ids = mage_fast.generate(tiny, 3, rng="torch", mode=DecodeMode(drop=drop, refresh_every=1), **kw)
+        assert torch.equal(ids, ref)
+    _, off = mage_fast.generate(tiny, 2, rng="official", **kw)
+    _, off_cached = mage_fast.generate(tiny, 2, rng="official", mode=DecodeMode(refresh_every=1), **kw)
+    assert torch.equal(off, off_cached)
+    # a cache that is never refreshed after step 0 does change the result (the cached path runs)
+    _, stale = mage_fast.generate(tiny, 3, rng="torch", mode=DecodeMode(refresh_every=6), **kw)
+    assert not torch.equal(stale, ref)
+
+
+def test_refresh_every_step_equals_exact_with_guidance(tiny):
+    kw = dict(num_iter=5, temperature=2.0, return_ids=True, rng="torch", class_ids=torch.tensor([3, 7]),
+              guidance_scale=1.5)
+    _, ref = mage_fast.generate(tiny, 2, **kw)
+    _, ids = mage_fast.generate(tiny, 2, mode=DecodeMode(refresh_every=1), **kw)
+    assert torch.equal(ids, ref)
+
+
+@pytest.mark.parametrize("drop", ["none", "all"])
+def test_cached_pass_on_unchanged_input_equals_full_pass(tiny, drop):
+    """Keys/values cached from the same input: the cached pass recomputes only the fresh rows, and
+    must give the full pass's logits at every masked row (this checks slots, gathers and scatters)."""
+    ids = _partly_known(tiny, 3, 90)
+    m = int((ids[0] == tiny.mask_token_label).sum())
+    with torch.no_grad():
+        exact = tiny.code_logits(ids)
+        net = DecodeMode(drop=drop, refresh_every=2).build(tiny, [m, m])
+        full = net(ids, None, 0)
+        cached = net(ids, None, 1)  # nothing changed since the full pass: zero tokens fixed
+    masked = ids == tiny.mask_token_label
+    if drop == "none":
+        assert torch.equal(full[masked], exact[masked]) or torch.allclose(full[masked], exact[masked], atol=1e-5)
+    torch.testing.assert_close(cached[masked], full[masked], atol=2e-5, rtol=1e-4)
+    assert torch.count_nonzero(cached[~masked]) == 0
+
+
+def test_cached_pass_after_new_tokens_matches_full_pass_of_new_input(tiny):
+    """Step i fixes tokens; the cached pass at i+1 recomputes the new tokens and all masked rows.
+    With an encoder and decoder of depth 2 only the known tokens' stale keys/values differ from a
+    full pass, so the logits stay close (and are not identical: the cache really was reused)."""
+    ids0 = _partly_known(tiny, 2, 60, seed=1)
+    ids1 = ids0.clone()
+    masked0 = ids0 == tiny.mask_token_label
+    new = first_true(masked0, 10)
+    ids1.scatter_(1, new, torch.randint(0, 1024, new.shape, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        net = DecodeMode(refresh_every=2).build(tiny, [196, 186])
+        net(ids0, None, 0)
+        cached = net(ids1, None, 1)
+        exact = tiny.code_logits(ids1)
+    m1 = ids1 == tiny.mask_token_label
+    err = (cached[m1] - exact[m1]).norm() / exact[m1].norm()
+    assert 0 < err < 0.2
+
+
+def test_encode_dropped_equals_official_forward_encoder(official_tiny, fixture_data):
+    """The drop modes' encoder, given the official token_drop_mask, is the official forward_encoder."""
+    d = fixture_data
+    model = official_tiny
+    gt, drop, allm = d["vq_indices"], d["train_token_drop_mask"].bool(), d["train_token_all_mask"].bool()
+    ids = torch.where(allm[:, 1:], model.mask_token_label, gt)
+    full = torch.cat([torch.full_like(ids[:, :1], model.fake_class_label), ids], 1)
+    num_keep = full.shape[1] - int(drop[0].sum())
+    with torch.no_grad():
+        latent, keep, _, _ = encode_dropped(model, full, drop, num_keep)
+        ours_official_api = model.forward_encoder(d["images"], d["train_token_drop_mask"], d["train_token_all_mask"])[0]
+    assert latent.shape == (2, 129, 64)
+    assert torch.equal(latent, ours_official_api)
+    torch.testing.assert_close(latent, d["train_latent"], atol=1e-5, rtol=1e-4)
+
+
+def test_drop_train_pass_equals_official_encoder_and_decoder(official_tiny):
+    """A drop='train' network pass equals forward_encoder + forward_decoder with the same masks."""
+    model = official_tiny
+    ids = _partly_known(model, 2, 40, seed=3)
+    masked = ids == model.mask_token_label
+    keys = torch.tensor([11, 12])
+    with torch.no_grad():
+        logits = DecodeMode(drop="train").build(model, [216], keys)(ids, None, 0)
+        drop = drop_mask_for(masked, 128, keys, 0)
+        z = torch.zeros_like(drop[:, :1])
+        drop_f, allm_f = torch.cat([z, drop], 1).float(), torch.cat([z, masked], 1).float()
+        h, _, _ = model.encode_masked(torch.where(masked, 0, ids), drop_f, allm_f)
+        ref = model.forward_decoder(h, drop_f, allm_f)[:, 1:, :1024]
+    torch.testing.assert_close(logits[masked], ref[masked], atol=1e-5, rtol=1e-5)
+
+
+def test_drop_mask_is_a_random_subset_of_the_masked_tokens():
+    g = torch.Generator().manual_seed(0)
+    masked = torch.rand(4, 256, generator=g) < 0.7
+    n = int(masked.sum(1).min())
+    keys = torch.tensor([1, 2, 3, 4])
+    d0 = drop_mask_for(masked, n - 5, keys, 0)
+    assert bool((d0 <= masked).all()) and d0.sum(1).tolist() == [n - 5] * 4
+    assert not torch.equal(d0, drop_mask_for(masked, n - 5, keys, 1))  # a new draw each step
+    assert not torch.equal(d0[0], d0[1])  # and per image
+
+
+@pytest.mark.parametrize("name", ["drop_train", "drop_all"])
+def test_drop_modes_generate_valid_ids(tiny, name):
+    _, ids = mage_fast.generate(tiny, 2, num_iter=6, temperature=4.5, rng="torch", mode=name, return_ids=True)
+    assert ids.shape == (2, 256) and int(ids.max()) < 1024 and int(ids.min()) >= 0
+
+
+# int8 tolerance: relative L2 error of the code logits at masked rows, shipped model, fp32 reference.
+INT8_REL_TOL = 0.05
+
+
+@needs_torchao
+def test_int8_logits_within_tolerance_of_fp32():
+    from mage_fast.__main__ import load_model
+    model, _ = load_model(None, None)
+    model.eval()
+    ids = _partly_known(model, 4, 20, seed=4)
+    masked = ids == model.mask_token_label
+    m = int(masked[0].sum())
+    cls = model.class_token_ids(torch.tensor([0, 3, 5, 9]))
+    with torch.no_grad():
+        ref = model.code_logits(ids, cls)
+        q = DecodeMode(quant="int8").build(model, [m])(ids, cls, 0)
+        fp = DecodeMode(drop="none", refresh_every=1).build(model, [m])(ids, cls, 0)
+    err = ((q[masked] - ref[masked]).norm() / ref[masked].norm()).item()
+    assert 0 < err < INT8_REL_TOL
+    assert ((fp[masked] - ref[masked]).norm() / ref[masked].norm()).item() < 1e-5
+    # the same top code at most masked rows
+    assert (q[masked].argmax(-1) == ref[masked].argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("name", sorted(MODES))
+def test_mode_loop_traces_as_one_graph(tiny, name):
+    """The whole sampling loop, in each mode, traces with fullgraph=True (no graph break, no host
+    sync) and gives the eager result."""
+    if MODES[name].quant != "none" and not _has_torchao():
+        pytest.skip("torchao not installed")
+    T, B = 5, 1
+    _, mask_lens = schedule_from(T, 256, 256)
+    keys = image_keys(0, torch.arange(B))
+
+    def loop(net, ids):
+        return decode_loop(tiny, net, ids, range(T), num_iter=T, mask_lens=mask_lens, temperature=4.5,
+                           anneal=TEMPERATURE_ANNEALING["linear"], rng="torch", keys=keys,
+                           ac=torch.autocast("cpu", enabled=False))[0]
+
+    ids = torch.full((B, 256), tiny.mask_token_label)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = loop(MODES[name].build(tiny, run_counts(256, mask_lens), keys), ids)
+        compiled = torch.compile(loop, fullgraph=True, backend="eager")
+        out = compiled(MODES[name].build(tiny, run_counts(256, mask_lens), keys), ids)
+    assert torch.equal(ref, out)
+
+
+def test_unknown_mode_and_bad_settings_raise(tiny):
+    with pytest.raises(ValueError, match="unknown decoding mode"):
+        mage_fast.generate(tiny, 1, num_iter=2, mode="fastest")
+    with pytest.raises(ValueError, match="drop"):
+        DecodeMode(drop="some")
+    with pytest.raises(ValueError, match="compose"):
+        DecodeMode(drop="train", refresh_every=2)
+    with pytest.raises(ValueError, match="refresh_every"):
+        DecodeMode(refresh_every=-1)
