@@ -57,3 +57,11 @@ def test_public_function_dispatches(monkeypatch):
     torch.testing.assert_close(layer_norm(x, w, b), layer_norm_ref(x, w, b))
     torch.library.opcheck(triton_ln.layer_norm_fwd, (x.detach(), w.detach(), b.detach(), 1e-5),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_rows_split_in_two_pieces_leave_few_lanes_idle():
+    assert triton_ln.pieces(768) == (512, 256) and triton_ln.pieces(48) == (32, 16)
+    assert triton_ln.pieces(1024) == (1024, 16) and triton_ln.pieces(3) == (2, 16)
+    for D in range(1, 4097):
+        a, b = triton_ln.pieces(D)
+        assert a <= D <= a + b and (a + b - D) <= max(16, D // 2), D

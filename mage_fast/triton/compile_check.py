@@ -225,20 +225,21 @@ def row_op_cases(subset: bool = False) -> Iterator[Case]:
     from . import layer_norm, mlm_head_loss, token_drop, token_embed
     M, D, L, K, C = 64 * 257, 768, 257, 129, 1024
     for dtype in (("bf16",) if subset else ("bf16", "fp32")):
-        bm, bd, w = layer_norm.blocks(D, M)
+        meta = layer_norm.blocks(D, M)
+        w = meta.pop("num_warps")
         ln = {"mean_ptr": "fp32", "rstd_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32"}
-        yield Case(f"layer_norm D={D} {dtype}", layer_norm._ln_fwd_kernel, ln, dtype,
-                   dict(BLOCK_M=bm, BLOCK_D=bd), dict(M=M, D=D), w, 1, False)
-        yield Case(f"layer_norm D={D} {dtype}", layer_norm._ln_bwd_kernel, ln, dtype,
-                   dict(BLOCK_M=bm, BLOCK_D=bd), dict(M=M, D=D), w, 1, False)
+        yield Case(f"layer_norm D={D} {dtype}", layer_norm._ln_fwd_kernel, ln, dtype, meta, dict(M=M, D=D), w, 1,
+                   False)
+        yield Case(f"layer_norm D={D} {dtype}", layer_norm._ln_bwd_kernel, ln, dtype, meta, dict(M=M, D=D), w, 1,
+                   False)
         if subset:
             continue
-        emb = {"ids_ptr": "i64", "pos_ptr": "i64", "mean_ptr": "fp32", "rstd_ptr": "fp32", "dw_ptr": "fp32",
-               "dp_ptr": "fp32", "dlnw_ptr": "fp32", "dlnb_ptr": "fp32"}
-        yield Case(f"token_embed D={D} {dtype}", token_embed._embed_fwd_kernel, emb, dtype,
-                   dict(BLOCK_M=bm, BLOCK_D=bd), dict(M=M, D=D), w, 1, False)
-        yield Case(f"token_embed D={D} {dtype}", token_embed._embed_bwd_kernel, emb, dtype,
-                   dict(BLOCK_M=bm, BLOCK_D=bd), dict(M=M, D=D), w, 1, False)
+        emb = {"ids_ptr": "i64", "pos_ptr": "i64", "hot_ptr": "i64", "mean_ptr": "fp32", "rstd_ptr": "fp32",
+               "dw_ptr": "fp32", "dp_ptr": "fp32", "dlnw_ptr": "fp32", "dlnb_ptr": "fp32"}
+        yield Case(f"token_embed D={D} {dtype}", token_embed._embed_fwd_kernel, emb, dtype, meta, dict(M=M, D=D), w,
+                   1, False)
+        yield Case(f"token_embed D={D} {dtype}", token_embed._embed_bwd_kernel, emb, dtype, meta, dict(M=M, D=D), w,
+                   1, False)
         bk, bdd = token_drop._blocks(K, D)
         yield Case(f"token_drop D={D} {dtype}", token_drop._gather_kernel, {"idx_ptr": "i64"}, dtype,
                    dict(BLOCK_K=bk, BLOCK_D=bdd), dict(L=L, K=K, D=D), 4, 1, False)
