@@ -28,7 +28,7 @@ def test_triton_ranks_above_the_torch_paths(name):
     assert "sdpa" not in order or order.index("triton") < order.index("sdpa")
 
 
-@pytest.mark.skipif(DEV == "cuda", reason="checks the CPU verdict")
+@pytest.mark.skipif(DEV == "cuda", reason="checks the CPU verdict (not on a CUDA device)")
 def test_cpu_tensors_are_declined_with_a_reason_and_the_reference_runs():
     op = Op.registry["layer_norm"]
     x, w = torch.randn(3, 4), torch.ones(4)
@@ -82,3 +82,37 @@ def test_attention_libraries_say_why_they_decline(name):
         assert verdict == f"{top} is not installed"
     else:
         assert "CUDA only" in verdict
+
+
+def test_a_deferring_backend_yields_to_the_next_but_beats_the_reference(monkeypatch):
+    op = Op("defer_demo", lambda x: "torch")
+    monkeypatch.setitem(Op.registry, "defer_demo", op)
+    mid_ok = {"v": True}
+    op.register("mid", lambda x: "mid", lambda x: None if mid_ok["v"] else "mid declines")
+    op.register("fast", lambda x: "fast", lambda x: None, defer=lambda x: "cost model says slower")
+    assert op(1) == "mid"
+    assert dict(op.explain(1))["fast"] == "deferred: cost model says slower"
+    assert dict(op.explain(1))["mid"] == "selected"
+    mid_ok["v"] = False  # only the reference is left: the deferring backend still runs
+    assert op(1) == "fast" and dict(op.explain(1))["fast"].startswith("selected")
+    mid_ok["v"] = True
+    monkeypatch.setenv("MAGE_FAST_BACKEND_DEFER_DEMO", "fast")  # forcing ignores deferral
+    assert op(1) == "fast"
+
+
+def test_triton_attention_defers_to_sdpa_on_padded_shapes():
+    import types
+
+    from mage_fast.backends import triton as tb
+    assert abs(tb.attention_padding(257, 257, 64) - 1.40) < 0.01  # encoder, N=257
+    assert abs(tb.attention_padding(129, 129, 64) - 1.85) < 0.01  # training encoder, N=129
+    assert tb.attention_padding(256, 256, 64) == 1.0
+    assert abs(tb.attention_padding(256, 256, 48) - 4 / 3) < 1e-9  # d=48 padded to 64
+
+    def fake(n, d):
+        return types.SimpleNamespace(device=torch.device("cuda"), shape=(64, 12, n, d))
+    why = tb._attention_defer(fake(257, 64), fake(257, 64), fake(257, 64))
+    assert why is not None and "1.40x" in why
+    assert tb._attention_defer(fake(256, 64), fake(256, 64), fake(256, 64)) is None
+    q = torch.randn(1, 2, 257, 64)
+    assert tb._attention_defer(q, q, q) is None  # CPU / interpreter calls keep the registered order

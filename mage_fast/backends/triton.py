@@ -173,7 +173,33 @@ def _attention(q, k, v, dropout_p=0.0, causal=False, scale=None):
     return _kernels("attention").attention(q, k, v, dropout_p=dropout_p, causal=causal, scale=scale)
 
 
-attention_op.register(NAME, _attention, _attention_supports)
+# Tiles (BLOCK_M, BLOCK_N) of the forward autotune configs (mage_fast.triton.attention._fwd_configs).
+_ATTENTION_TILES = ((128, 64), (64, 64), (128, 32), (64, 32))
+ATTENTION_PAD_LIMIT = 1.15
+
+
+def attention_padding(n_q: int, n_k: int, d: int) -> float:
+    """Cost model of the Triton attention: the work its best-fitting forward tile does (lengths padded
+    to tile multiples, the head dim to a power of two) over the ideal ``n_q * n_k * d``."""
+    dp = max(16, 1 << (max(d, 1) - 1).bit_length())
+    tiles = min(-(-n_q // bm) * bm * -(-n_k // bn) * bn for bm, bn in _ATTENTION_TILES)
+    return tiles * dp / (max(n_q, 1) * max(n_k, 1) * max(d, 1))
+
+
+def _attention_defer(q, k, v, dropout_p=0.0, causal=False, scale=None) -> Optional[str]:
+    """On CUDA, leave the call to the next backend (SDPA) unless the cost model says the Triton tiles do
+    close to the ideal work: no measurement on a GPU shows these kernels faster than SDPA yet.
+    MAGE_FAST_BACKEND_ATTENTION=triton forces them."""
+    if q.device.type != "cuda":
+        return None
+    pad = attention_padding(q.shape[2], k.shape[2], q.shape[3])
+    if pad > ATTENTION_PAD_LIMIT:
+        return (f"cost model: padded work {pad:.2f}x the ideal at N={q.shape[2]}/{k.shape[2]}, d={q.shape[3]} "
+                f"(> {ATTENTION_PAD_LIMIT}); unmeasured against SDPA")
+    return None
+
+
+attention_op.register(NAME, _attention, _attention_supports, defer=_attention_defer)
 
 
 # Library kernels, when installed, rank above Triton for half-precision CUDA calls: each is a
