@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mage_fast  # noqa: E402
 from common import device_tag, environment, print_header, summarize, time_fn, write_json  # noqa: E402
 from mage_fast.models import MODEL_FACTORIES  # noqa: E402
-from mage_fast.decoding import MODES  # noqa: E402
+from mage_fast.decoding import MODES, resolve_mode  # noqa: E402
 from mage_fast.ops import force_backend  # noqa: E402
 from mage_fast.sampling import _decode_images  # noqa: E402
 
@@ -84,8 +84,9 @@ def main(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 4 on CPU, 64 on CUDA")
     p.add_argument("--num-iter", type=int, default=20)
     p.add_argument("--temperature", type=float, default=6.0)
-    p.add_argument("--mode", nargs="+", default=sorted(MODES), choices=sorted(MODES),
-                   help="decoding modes to time beside the official path (default: all)")
+    p.add_argument("--mode", nargs="+", default=sorted(MODES),
+                   help="decoding modes to time beside the official path: names in mage_fast.decoding.MODES or specs "
+                        "such as drop=all,refresh=2,quant=int8 (default: every named mode)")
     p.add_argument("--only", default=None, help="run one path alone: official, vqgan_decode or a mode name")
     p.add_argument("--gen-repeats", type=int, default=None, help="timed rounds (default 2 CPU / 5 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -101,9 +102,7 @@ def main(argv=None):
     reps = args.gen_repeats or (5 if cuda else 2)
     T, temp = args.num_iter, args.temperature
     names = [args.only] if args.only else ["official"] + list(args.mode) + ["vqgan_decode"]
-    for n in names:
-        if n not in ("official", "vqgan_decode") and n not in MODES:
-            raise SystemExit(f"unknown path {n!r}")
+    modes = {n: resolve_mode(n) for n in names if n not in ("official", "vqgan_decode")}
     env = environment(device)
     env["load_average_at_start"] = os.getloadavg()
     print_header(f"decode throughput: {args.model}, batch sizes {sizes}, T={T}, temperature {temp}, "
@@ -117,9 +116,10 @@ def main(argv=None):
             for n in names:  # warm-up on 2-step runs (and the int8 copy, made once per model)
                 time_fn(_generation(model, n, B, min(T, 2), temp, ac), device, 0, warmup=1)
             runs = {n: [] for n in names}
-            for _ in range(reps):
+            for r in range(reps):
                 for n, fn in fns.items():
                     runs[n].append(time_fn(fn, device, 1, warmup=0)["median_s"])
+                    print(f"    round {r + 1}/{reps} B={B} {n}: {runs[n][-1]:.2f} s", flush=True)
             res = {}
             for n in names:
                 st = summarize(runs[n], reps, 1)
@@ -130,14 +130,14 @@ def main(argv=None):
                 st = res[n]
                 extra = f" | {ratios[n]['median']:.2f}x official [{ratios[n]['min']:.2f}, {ratios[n]['max']:.2f}]" \
                     if n in ratios else ""
-                desc = "" if n in ("official", "vqgan_decode") else f"  ({MODES[n].describe()})"
+                desc = f"  ({modes[n].describe()})" if n in modes else ""
                 print(f"  B={B} {n:<13} {st['median_s']:8.2f} s [{st['min_s']:.2f}, {st['max_s']:.2f}] "
                       f"{st['images_per_s']:7.3f} images/s{extra}{desc}")
             results[str(B)] = {"paths": res, "speedup_images_per_s_vs_official": ratios}
     env["load_average_at_end"] = os.getloadavg()
     out = {"benchmark": "decode_throughput", "model": args.model, "checkpoint": args.ckpt or "random weights",
            "batch_sizes": sizes, "num_iter": T, "temperature": temp, "environment": env, "repeats": reps,
-           "modes": {n: MODES[n].describe() for n in names if n in MODES}, "results": results,
+           "modes": {n: m.describe() for n, m in modes.items()}, "results": results,
            "autocast": "bf16" if cuda else "none (fp32)"}
     default = f"decode_throughput_{device_tag(device)}" + (f"_{args.only}" if args.only else "_modes") + ".json"
     path = write_json(out, args.out, default)

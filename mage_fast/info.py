@@ -40,7 +40,8 @@ def versions() -> dict:
     # Read from package metadata: importing deepspeed or DALI just to print a version is slow.
     for label, dists in (("numpy", ("numpy",)), ("triton", ("triton",)), ("deepspeed", ("deepspeed",)),
                          ("nvidia-dali", ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110")),
-                         ("flash-attn", ("flash-attn", "flash_attn_4", "flash-attn-4")), ("xformers", ("xformers",))):
+                         ("flash-attn", ("flash-attn", "flash_attn_4", "flash-attn-4")), ("xformers", ("xformers",)),
+                        ("torchao", ("torchao",))):
         out[label] = "not installed"
         for dist in dists:
             try:
@@ -102,4 +103,19 @@ def report() -> str:
             lines.append(f"  {name:<32} -> {chosen}")
             for b, v in verdicts:
                 lines.append(f"      {b:<10} {v}")
+    lines.append("")
+    lines.extend(decoding_modes_report(devices))
     return "\n".join(lines)
+
+
+def decoding_modes_report(devices) -> list[str]:
+    """The decoding modes of ``generate(mode=...)`` / ``--mode``, and where each one runs."""
+    from .decoding import MODES, quant_support
+    lines = ["decoding modes (generate(mode=...), --mode; 'exact' is the default):"]
+    for name, mode in MODES.items():
+        where = []
+        for dev in devices:
+            why = quant_support(mode.quant, dev)
+            where.append(f"{dev.type}: " + ("yes" if why is None else f"no ({why})"))
+        lines.append(f"  {name:<12} {mode.describe():<58} {'; '.join(where)}")
+    return lines

@@ -80,12 +80,31 @@ MODES = {
 
 
 def resolve_mode(mode) -> DecodeMode:
-    """A :class:`DecodeMode` from a name in :data:`MODES` or a DecodeMode."""
-    if isinstance(mode, DecodeMode):
+    """A mode from a name in :data:`MODES`, a spec ``"drop=all,refresh=4,quant=int8"`` (any subset
+    of the three keys), a :class:`DecodeMode`, or any object with DecodeMode's ``build`` method."""
+    if isinstance(mode, DecodeMode) or (not isinstance(mode, str) and callable(getattr(mode, "build", None))):
         return mode
     if isinstance(mode, str) and mode in MODES:
         return MODES[mode]
-    raise ValueError(f"unknown decoding mode {mode!r}; choose from {sorted(MODES)} or pass a DecodeMode")
+    if isinstance(mode, str) and "=" in mode:
+        fields = {"drop": "drop", "refresh": "refresh_every", "quant": "quant"}
+        kw = {}
+        for part in mode.split(","):
+            key, _, value = part.partition("=")
+            if key.strip() not in fields:
+                raise ValueError(f"unknown key {key.strip()!r} in mode spec {mode!r}; use {sorted(fields)}")
+            kw[fields[key.strip()]] = int(value) if key.strip() == "refresh" else value.strip()
+        return DecodeMode(**kw)
+    raise ValueError(f"unknown decoding mode {mode!r}; choose from {sorted(MODES)}, a spec such as "
+                     f"'drop=all,refresh=4,quant=int8', or pass a DecodeMode")
+
+
+def mode_name(mode: DecodeMode) -> str:
+    """The name of ``mode`` in :data:`MODES`, else its spec string."""
+    for name, m in MODES.items():
+        if m == mode:
+            return name
+    return f"drop={mode.drop},refresh={mode.refresh_every},quant={mode.quant}"
 
 
 def first_true(mask: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,0 +1,274 @@
+"""Quality of every decoding mode against the exact mode, on the same work.
+
+For each mode (names in ``mage_fast.decoding.MODES`` or specs such as ``drop=all,refresh=2``),
+on the shipped model (default) with its model-card sampling settings, class-balanced labels:
+
+- KL divergence of the mode's code logits from the exact pass on the same decoding states (the
+  mode's own trajectory; the exact pass is run beside it at every step), per step, averaged over
+  the masked positions of the first ``--kl-samples`` images;
+- tokens that differ from exact decoding under the same random numbers (``rng="torch"``, same
+  seed and image indices), as a fraction of all tokens;
+- an offline Frechet distance (EfficientNet-Lite0 pooled features, images resized to
+  ``--feature-size``) of ``--num-samples`` samples against as many test-split images; the exact
+  mode is run with two seeds, and the distance between them and their two distances to the test
+  split give the noise floor;
+- images/s of each mode on this model (network passes plus tokenizer decode) and, with
+  ``--throughput-json``, the ViT-B speed-up from ``decode_throughput.py`` for the plot.
+
+    python benchmarks/decode_quality.py --num-samples 2000 --throughput-json \\
+        benchmarks/results/decode_throughput_cpu_modes_b4.json
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mage_fast  # noqa: E402
+from common import environment, print_header, write_json  # noqa: E402
+from mage_fast.decoding import MODES, mode_name, resolve_mode  # noqa: E402
+from mage_fast.eval.frechet import _efficientnet, frechet_distance, gaussian_stats  # noqa: E402
+
+FMNIST_TEST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+
+
+class KLProbe:
+    """A mode whose network pass also runs the exact pass on the same ids and records, per step,
+    the KL divergence KL(p_exact || p_mode) summed over codes and averaged over masked positions."""
+
+    def __init__(self, mode, log: dict):
+        self.mode, self.log = resolve_mode(mode), log
+
+    def build(self, model, counts, keys=None):
+        inner = self.mode.build(model, counts, keys)
+
+        def run(ids, class_tokens, i):
+            out = inner(ids, class_tokens, i)
+            ref = model.code_logits(ids, class_tokens)
+            masked = ids == model.mask_token_label
+            lp, lq = F.log_softmax(ref[masked].float(), -1), F.log_softmax(out[masked].float(), -1)
+            kl = (lp.exp() * (lp - lq)).sum(-1)  # (n_masked,)
+            self.log.setdefault(i, []).append((float(kl.sum()), int(kl.numel())))
+            return out
+        return run
+
+
+def load_test_images(n: int, seed: int) -> torch.Tensor:
+    with gzip.open(FMNIST_TEST, "rb") as f:
+        data = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    idx = np.random.default_rng(seed).permutation(len(data))[:n]
+    x = torch.from_numpy(data[idx].copy()).float().div(255.0)
+    return x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+@torch.no_grad()
+def features(net, imgs: torch.Tensor, size: int, batch: int = 100) -> torch.Tensor:
+    out = []
+    for i in range(0, len(imgs), batch):
+        x = F.interpolate(imgs[i: i + batch], size=size, mode="bilinear", align_corners=False)
+        x = (x * 255 - 127.0) / 128.0  # EfficientNet-Lite's input normalisation
+        out.append(F.adaptive_avg_pool2d(net.extract_features(x), 1).flatten(1).float())
+    return torch.cat(out)
+
+
+def to_8bit(imgs: torch.Tensor) -> torch.Tensor:
+    """As saved to PNG: clamped to [0, 1] and rounded to 8 bits."""
+    return imgs.clamp(0, 1).mul(255).round().div(255)
+
+
+def fd(a: torch.Tensor, b: torch.Tensor) -> float:
+    return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+
+
+@torch.no_grad()
+def run_mode(model, mode, n: int, bs: int, seed: int, T: int, temp: float, num_classes: int, kl_samples: int):
+    imgs, ids, kl_log, secs, timed = [], [], {}, 0.0, 0
+    for start in range(0, n, bs):
+        b = min(bs, n - start)
+        labels = torch.arange(start, start + b) % num_classes
+        probe = start < kl_samples and not resolve_mode(mode).is_exact
+        m = KLProbe(mode, kl_log) if probe else mode
+        t0 = time.perf_counter()
+        im, tok = mage_fast.generate(model, b, num_iter=T, temperature=temp, seed=seed, rng="torch", first_index=start,
+                                     class_ids=labels, mode=m, return_ids=True)
+        if not probe:
+            secs += time.perf_counter() - t0
+            timed += b
+        imgs.append(to_8bit(im))
+        ids.append(tok)
+    kl = {int(i): s / c for i, v in sorted(kl_log.items()) for s, c in [tuple(map(sum, zip(*v)))]}
+    return torch.cat(imgs), torch.cat(ids), kl, (timed / secs if secs > 0 else None)
+
+
+def plot(rows, path, x_key, x_label):
+    """Frechet distance against speed, one point per mode; the exact mode's two seeds span the
+    noise band. matplotlib when installed, else drawn with PIL."""
+    pts = [r for r in rows if r.get(x_key)]
+    ex = [r["frechet"] for r in rows if r["mode"].startswith("exact")]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return _plot_pil(pts, ex, path, x_key, x_label)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in pts:
+        ax.scatter(r[x_key], r["frechet"], color="k" if r["mode"] == "exact" else "tab:blue")
+        ax.annotate(r["mode"], (r[x_key], r["frechet"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhspan(min(ex), max(ex), color="0.85", label="exact, two seeds (noise floor)")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("Frechet distance to the test split (lower is better)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_pil(pts, ex, path, x_key, x_label):
+    from PIL import Image, ImageDraw, ImageFont
+    W, H, pad = 900, 560, 80
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:
+        font = ImageFont.load_default()
+    xs, ys = [r[x_key] for r in pts], [r["frechet"] for r in pts] + ex
+    x_lo, x_hi = 0.0, max(xs) * 1.1
+    y_lo, y_hi = min(ys) * 0.97, max(ys) * 1.03
+
+    def xy(x, y):
+        return pad + (W - 2 * pad) * (x - x_lo) / (x_hi - x_lo), H - pad - (H - 2 * pad) * (y - y_lo) / (y_hi - y_lo)
+
+    band = [xy(x_lo, max(ex)), xy(x_hi, min(ex))]
+    d.rectangle([band[0][0], band[0][1], band[1][0], band[1][1]], fill="#dddddd")
+    d.line([(pad, H - pad), (W - pad, H - pad)], fill="black")
+    d.line([(pad, pad), (pad, H - pad)], fill="black")
+    for k in range(6):
+        xv, yv = x_lo + (x_hi - x_lo) * k / 5, y_lo + (y_hi - y_lo) * k / 5
+        px, _ = xy(xv, y_lo)
+        _, py = xy(x_lo, yv)
+        d.text((px - 10, H - pad + 6), f"{xv:.2f}", fill="black", font=font)
+        d.text((8, py - 7), f"{yv:.1f}", fill="black", font=font)
+    for r in pts:
+        px, py = xy(r[x_key], r["frechet"])
+        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill="black" if r["mode"] == "exact" else "#1f77b4")
+        d.text((px + 6, py - 14), r["mode"], fill="black", font=font)
+    d.text((pad, H - pad + 28), x_label, fill="black", font=font)
+    d.text((pad, 20), "Frechet distance to the test split (lower is better); grey band: exact mode, two seeds",
+           fill="black", font=font)
+    img.save(path)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="default: the shipped model")
+    p.add_argument("--modes", nargs="+", default=[n for n in MODES if n != "exact"])
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--kl-samples", type=int, default=250, help="images whose steps get the KL probe")
+    p.add_argument("--num-iter", type=int, default=None, help="default: the model card's")
+    p.add_argument("--temperature", type=float, default=None, help="default: the model card's")
+    p.add_argument("--feature-size", type=int, default=112, help="EfficientNet-Lite0 input size")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--throughput-json", default=None, help="decode_throughput.py JSON for the ViT-B speed axis")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_quality_<model>.json)")
+    p.add_argument("--replot", default=None, help="a decode_quality JSON: redo its plot (with --throughput-json)")
+    args = p.parse_args(argv)
+    if args.replot:
+        return replot(args.replot, args.throughput_json)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from mage_fast.__main__ import load_model, model_card
+    model, ckpt = load_model(args.ckpt, None)
+    model.eval()
+    card = model_card(ckpt).get("sampling", {})
+    T = args.num_iter or card.get("num_iter", 20)
+    temp = args.temperature if args.temperature is not None else card.get("temperature", 6.0)
+    num_classes = len(model_card(ckpt).get("classes", [])) or 1
+    env = environment(torch.device("cpu"))
+    env["load_average_at_start"] = os.getloadavg()
+    print_header(f"decode quality: {os.path.basename(ckpt)}, {args.num_samples} samples/mode, T={T}, "
+                 f"temperature {temp}, {num_classes} classes, features at {args.feature_size} px", env)
+    net = _efficientnet()
+    ref = features(net, load_test_images(args.num_samples, 0), args.feature_size)
+    n, bs = args.num_samples, args.batch_size
+    ex_imgs, ex_ids, _, ex_speed = run_mode(model, "exact", n, bs, 0, T, temp, num_classes, 0)
+    ex_feat = features(net, ex_imgs, args.feature_size)
+    ex1_imgs, ex1_ids, _, _ = run_mode(model, "exact", n, bs, 1, T, temp, num_classes, 0)
+    ex1_feat = features(net, ex1_imgs, args.feature_size)
+    floor = {"exact_seed0_vs_test": fd(ex_feat, ref), "exact_seed1_vs_test": fd(ex1_feat, ref),
+             "exact_seed0_vs_seed1": fd(ex_feat, ex1_feat),
+             "token_diff_seed0_vs_seed1": float((ex_ids != ex1_ids).float().mean())}
+    print(f"  noise floor: exact seed 0 {floor['exact_seed0_vs_test']:.2f}, seed 1 {floor['exact_seed1_vs_test']:.2f}, "
+          f"seed 0 vs 1 {floor['exact_seed0_vs_seed1']:.2f}; tokens differing between seeds "
+          f"{100 * floor['token_diff_seed0_vs_seed1']:.1f} %")
+    speedup = _speedups(args.throughput_json)
+    rows = [dict(mode="exact", spec=mode_name(resolve_mode("exact")), frechet=floor["exact_seed0_vs_test"],
+                 frechet_vs_exact=0.0, token_diff=0.0, kl_per_step={}, images_per_s=ex_speed,
+                 vitb_speedup=speedup.get("exact")),
+            dict(mode="exact_seed1", spec="seed 1", frechet=floor["exact_seed1_vs_test"],
+                 frechet_vs_exact=floor["exact_seed0_vs_seed1"], token_diff=floor["token_diff_seed0_vs_seed1"],
+                 kl_per_step={}, images_per_s=None, vitb_speedup=None)]
+    for name in args.modes:
+        imgs, ids, kl, speed = run_mode(model, name, n, bs, 0, T, temp, num_classes, args.kl_samples)
+        feat = features(net, imgs, args.feature_size)
+        row = dict(mode=name, spec=mode_name(resolve_mode(name)), frechet=fd(feat, ref), frechet_vs_exact=fd(feat, ex_feat),
+                   token_diff=float((ids != ex_ids).float().mean()), kl_per_step=kl,
+                   kl_mean=float(np.mean(list(kl.values()))) if kl else 0.0, images_per_s=speed,
+                   vitb_speedup=speedup.get(name))
+        rows.append(row)
+        print(f"  {name:<34} Frechet {row['frechet']:7.2f} (vs exact samples {row['frechet_vs_exact']:6.2f}) | "
+              f"tokens != exact {100 * row['token_diff']:5.1f} % | mean KL/step {row['kl_mean']:.4f} | "
+              f"{speed or 0:7.1f} images/s here" + (f" | ViT-B {row['vitb_speedup']:.2f}x official" if row["vitb_speedup"] else ""))
+    env["load_average_at_end"] = os.getloadavg()
+    out = {"benchmark": "decode_quality", "checkpoint": ckpt, "num_samples": n, "num_iter": T, "temperature": temp,
+           "feature_extractor": f"EfficientNet-Lite0 pooled, bilinear resize to {args.feature_size} px",
+           "reference": f"{n} seeded-random Fashion-MNIST test images", "noise_floor": floor, "rows": rows,
+           "throughput_json": args.throughput_json, "environment": env}
+    path = write_json(out, args.out, f"decode_quality_{os.path.splitext(os.path.basename(ckpt))[0]}.json")
+    print(f"  wrote {path} and {_plot_rows(rows, path, bool(speedup))}")
+
+
+def _speedups(throughput_json) -> dict:
+    """Mode name / spec -> median images/s speed-up against the official path (largest batch)."""
+    if not throughput_json:
+        return {}
+    with open(throughput_json) as f:
+        tj = json.load(f)
+    last = max(tj["results"], key=int)
+    return {k: v["median"] for k, v in tj["results"][last]["speedup_images_per_s_vs_official"].items()}
+
+
+def _plot_rows(rows, path, vitb: bool) -> str:
+    png = os.path.splitext(path)[0] + ".png"
+    if vitb:
+        return plot(rows, png, "vitb_speedup", "ViT-B, T=20, batch 4: images/s relative to the official path "
+                                               "(decode_throughput.py, same run)")
+    return plot(rows, png, "images_per_s", "images/s on this model (this run)")
+
+
+def replot(path: str, throughput_json) -> None:
+    with open(path) as f:
+        out = json.load(f)
+    speedup = _speedups(throughput_json)
+    for r in out["rows"]:
+        key = r["mode"] if r["mode"] in speedup else r.get("spec")
+        r["vitb_speedup"] = speedup.get(key, speedup.get(r["mode"]))
+    out["throughput_json"] = throughput_json
+    write_json(out, path, "")
+    print(f"  rewrote {path} and {_plot_rows(out['rows'], path, bool(speedup))}")
+
+
+if __name__ == "__main__":
+    main()
