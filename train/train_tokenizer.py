@@ -48,6 +48,9 @@ def parse_args(argv=None):
     g.add_argument("--num_res_blocks", type=int, default=2)
     g.add_argument("--z_channels", type=int, default=256, help="latent and code dim")
     g.add_argument("--n_embed", type=int, default=1024, help="codebook size")
+    g.add_argument("--grayscale", action="store_true",
+                   help="VQGAN only: one channel inside (encoder reads the channel mean, decoder paints one "
+                        "channel repeated to 3), so outputs cannot drift in colour")
     g = ap.add_argument_group("ViT-VQGAN (--arch vit)")
     g.add_argument("--patch_size", type=int, default=8, help="patch side = downsampling factor")
     g.add_argument("--embed_dim", type=int, default=256, help="encoder width")
@@ -82,6 +85,8 @@ def parse_args(argv=None):
             ap.error(f"--img_size {args.img_size} is not a multiple of the downsampling "
                      f"{2 ** (len(args.ch_mult) - 1)}")
     else:
+        if args.grayscale:
+            ap.error("--grayscale is a VQGAN option (--arch vqgan)")
         if args.patch_size < 1 or args.img_size % args.patch_size:
             ap.error(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
         for w, h in ((args.embed_dim, args.num_heads), (args.decoder_embed_dim or args.embed_dim,
@@ -105,6 +110,8 @@ def build_tokenizer_model(args):
         return vq, cfg, "vit_vqgan"
     cfg = dict(ch=args.ch, ch_mult=list(args.ch_mult), num_res_blocks=args.num_res_blocks, z_channels=args.z_channels,
                embed_dim=args.z_channels, n_embed=args.n_embed)
+    if args.grayscale:
+        cfg["grayscale"] = True
     return VQModel(**cfg, resolution=args.img_size, ckpt_path=args.init_from), cfg, "vqgan"
 
 

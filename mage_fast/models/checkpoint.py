@@ -154,6 +154,8 @@ def infer_config(sd: StateDict) -> dict:
         z = sd["vqgan.encoder.conv_out.weight"].shape[0]
         cfg["vqgan_config"] = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=nrb, z_channels=z, embed_dim=e_dim,
                                    n_embed=int(n_embed))
+        if sd["vqgan.encoder.conv_in.weight"].shape[1] == 1:  # a grayscale VQGAN (one channel inside)
+            cfg["vqgan_config"]["grayscale"] = True
         grid = int(round((sd["token_emb.position_embeddings.weight"].shape[0] - 1) ** 0.5))
         cfg["img_size"] = grid * 2 ** (len(ch_mult) - 1)
     patch = sd.get("patch_embed.proj.weight")

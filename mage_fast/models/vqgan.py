@@ -4,6 +4,12 @@ Convolutional encoder with average-pool downsampling and no attention, a vector 
 ``n_embed`` codes of dim ``embed_dim``, and a decoder with nearest x2 upsampling. Residual blocks
 that change width add a 1x1 projection *of their own output* (MaskGIT's Flax code did so and the
 released weights depend on it).
+
+``grayscale=True`` (not in the official model; default off) keeps the 3-channel image interface but
+works in one channel inside: the encoder reads the mean of the three input channels (its
+``conv_in`` takes 1 channel) and the decoder's ``conv_out`` paints 1 channel that is repeated to
+3, so a reconstruction or sample cannot drift in colour. Same parameter names; only those two
+convolutions change shape.
 """
 from __future__ import annotations
 
@@ -152,7 +158,7 @@ class VQModel(nn.Module):
 
     def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, embed_dim=256,
                  n_embed=1024, in_channels=3, out_ch=3, resolution=256, ckpt_path: Optional[str] = None,
-                 **official_extras):
+                 grayscale: bool = False, **official_extras):
         super().__init__()
         unknown = set(official_extras) - {"double_z", "attn_resolutions", "dropout"}
         if unknown:
@@ -162,13 +168,18 @@ class VQModel(nn.Module):
         if embed_dim != z_channels:
             raise ValueError(f"embed_dim ({embed_dim}) must equal z_channels ({z_channels}): the MaskGIT "
                              f"VQGAN quantizes the encoder output directly")
+        if not isinstance(grayscale, bool):
+            raise TypeError(f"grayscale must be True or False, got {grayscale!r}")
         cfg = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels)
         self.config = dict(cfg, embed_dim=embed_dim, n_embed=n_embed, in_channels=in_channels, out_ch=out_ch,
                            resolution=resolution)
+        if grayscale:  # only recorded when on: official and older configs stay as they were
+            self.config["grayscale"] = True
+        self.grayscale = grayscale
         self.resolution = resolution
         self.downsample = 2 ** (len(ch_mult) - 1)
-        self.encoder = Encoder(in_channels=in_channels, **cfg)
-        self.decoder = Decoder(out_ch=out_ch, **cfg)
+        self.encoder = Encoder(in_channels=1 if grayscale else in_channels, **cfg)
+        self.decoder = Decoder(out_ch=1 if grayscale else out_ch, **cfg)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=0.25)
         self.check_input_range = True
         if ckpt_path is not None:
@@ -193,13 +204,18 @@ class VQModel(nn.Module):
         if x.shape[2] % self.downsample or x.shape[3] % self.downsample:
             raise ValueError(f"image height and width must be multiples of {self.downsample}, got "
                              f"{x.shape[2]}x{x.shape[3]}")
+        if self.grayscale:
+            x = x.mean(dim=1, keepdim=True)
         return self.encoder(x)
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
-        return self.decoder(quant)
+        out = self.decoder(quant)
+        if self.grayscale:  # one painted channel, shown as out_ch identical ones
+            out = out.repeat(1, self.config["out_ch"], 1, 1)
+        return out
 
     def decode_code(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: (B, h, w) ids -> images (B, 3, h*f, w*f)."""
+        """codes: (B, h, w) ids -> images (B, out_ch, h*f, w*f)."""
         B, h, w = codes.shape
         return self.decode(self.quantize.get_codebook_entry(codes.reshape(-1), (B, h, w, self.quantize.e_dim)))
 
