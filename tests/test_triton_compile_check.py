@@ -97,7 +97,9 @@ def test_contraction_scan_reads_ptx():
 
 
 def test_gpu_resources_json_is_current():
-    """The committed per-config resources cover every kernel group (regenerate: python -m mage_fast.triton.compile_check)."""
+    """The committed per-config resources cover every kernel group.
+
+    Regenerate with ``python -m mage_fast.triton.compile_check`` (TRITON_INTERPRET unset)."""
     path = REPO / "benchmarks" / "results" / "gpu_resources_sm90.json"
     data = json.loads(path.read_text())
     ops = {r["op"].split()[0] for r in data["records"]}

@@ -5,9 +5,9 @@ a given call (returning ``None``) or why it declines (a short reason). The first
 accepts is used; the plain-torch reference is always last and always accepts, so a call never
 fails for lack of a backend. A backend may also *defer* a call it supports (``defer`` returns why,
 e.g. a cost model predicting it slower): the call then goes to the next backend that accepts it,
-unless that is only the reference, which a deferring backend still beats. Forcing ignores deferral. ``MAGE_FAST_BACKEND=<name>`` (all ops) or
-``MAGE_FAST_BACKEND_<OP>=<name>`` (one op) forces a backend; :func:`force_backend` does the same
-inside a ``with`` block.
+unless that is only the reference, which a deferring backend still beats.
+``MAGE_FAST_BACKEND=<name>`` (all ops) or ``MAGE_FAST_BACKEND_<OP>=<name>`` (one op) forces a
+backend (ignoring deferral); :func:`force_backend` does the same inside a ``with`` block.
 """
 from __future__ import annotations
 
