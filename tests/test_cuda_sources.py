@@ -93,3 +93,80 @@ def test_cuda_binding_parses(tmp_path):
     r = subprocess.run(["g++", "-std=c++20", "-fsyntax-only", "-w", *incs, str(CSRC / "cuda" / "ops_cuda.cpp")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def _nvdisasm():
+    try:
+        from triton import knobs
+        path = knobs.nvidia.nvdisasm.path
+    except Exception:
+        return shutil.which("nvdisasm")
+    return path if path and os.path.isfile(path) else shutil.which("nvdisasm")
+
+
+NVDISASM = _nvdisasm()
+
+
+@pytest.fixture(scope="module")
+def sm90_kernels(tmp_path_factory):
+    """{kernel name: (ptxas -v lines, SASS instructions)} of every .cu file for sm_90a."""
+    if NVCC is None or NVDISASM is None:
+        pytest.skip("nvcc or nvdisasm (shipped with Triton) not found")
+    tmp = tmp_path_factory.mktemp("sm90")
+    kernels = {}
+    for cu in CU_FILES:
+        cubin = tmp / (cu.stem + ".cubin")
+        r = subprocess.run([NVCC, "-cubin", *NVCC_FLAGS, *ARCHS["sm90a"], "-Xptxas", "-v", str(cu), "-o", str(cubin)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        logs = {}
+        for block in r.stderr.split("Compiling entry function '")[1:]:
+            logs[block.split("'")[0]] = block
+        sass = subprocess.run([NVDISASM, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+        for block in sass.split("//--------------------- .text.")[1:]:
+            name = block.split(" ")[0]
+            ins = [line.split("*/", 1)[1].strip() for line in block.splitlines()
+                   if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+            kernels[name] = (logs.get(name, ""), ins)
+    return kernels
+
+
+def _pick(kernels, *parts):
+    found = {k: v for k, v in kernels.items() if all(p in k for p in parts)}
+    assert found, f"no kernel named with {parts} in {sorted(kernels)}"
+    return found
+
+
+def test_cuda_kernels_do_not_spill(sm90_kernels):
+    for name, (log, _) in sm90_kernels.items():
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+        assert m and m.groups() == ("0", "0"), f"{name}: {m.group(0) if m else 'no ptxas report'}"
+
+
+def test_fp32_nearest_neighbour_reads_shared_memory_128_bits_at_a_time(sm90_kernels):
+    for name, (_, ins) in _pick(sm90_kernels, "nn_kernel").items():
+        lds = [i for i in ins if i.startswith("LDS")]
+        ffma = sum(i.startswith("FFMA") for i in ins)
+        assert lds and all(i.startswith("LDS.128") for i in lds), f"{name}: narrow shared loads {lds[:4]}"
+        assert ffma >= 8 * len(lds), f"{name}: {len(lds)} shared loads for {ffma} FMAs"
+
+
+def test_tensor_core_nearest_neighbour_copies_by_cp_async(sm90_kernels):
+    asynchronous = _pick(sm90_kernels, "nn_tc_kernel", "Lb1E")  # the ASYNC = true instantiations
+    assert len(asynchronous) == 2  # fp16 and bf16
+    for name, (_, ins) in asynchronous.items():
+        assert sum(i.startswith("LDGSTS") for i in ins) >= 4, f"{name}: no cp.async (LDGSTS)"
+
+
+def test_decode_step_reads_16_bit_logits_without_a_copy(sm90_kernels):
+    assert len(_pick(sm90_kernels, "sample_kernel")) == 3  # fp32, fp16, bf16 logits
+    binding = (CSRC / "cuda" / "ops_cuda.cpp").read_text()
+    body = binding[binding.index("decode_step_cuda("):binding.index("TORCH_LIBRARY_IMPL")]
+    assert "at::kFloat)" not in body.split("conf =")[0], "decode_step_cuda converts the logits to fp32"
+
+
+def test_cuda_runtime_results_are_checked():
+    bare = re.compile(r"^\s*(cudaGetDevice|cudaDeviceGetAttribute|cudaMemsetAsync|cudaSetDevice)\s*\(", re.M)
+    for path in CU_FILES + [CSRC / "cuda" / "ops_cuda.cpp"]:
+        hits = bare.findall(path.read_text())
+        assert not hits, f"{path.name}: result of {hits} discarded"

@@ -6,6 +6,10 @@
 //     position) by a bitwise radix select with warp-wide counts, then every key <= it is re-masked:
 //     exactly mask_len positions, ties broken by the lower position, no sort.
 // Built with --fmad=false (setup.py, CMake) so every fp32 operation rounds as the reference's.
+// Logits are read in their own dtype (fp32, fp16 or bf16) and widened to fp32 in registers (exact, as
+// the reference's .float()): no fp32 copy of the (B, N, C) logits (67 MB a step at batch 64, C=1024).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -19,16 +23,21 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
-// logits: (B, N, C) strides (sB, sN, 1); ids: (B, N); key: (B,) -> conf: (B, N), sampled: (B, N)
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// logits: (B, N, C) strides (sB, sN, 1) in T; ids: (B, N); key: (B,) -> conf: (B, N), sampled: (B, N)
+template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    sample_kernel(const float* __restrict__ logits, int64_t sB, int64_t sN, const int64_t* __restrict__ ids,
+    sample_kernel(const T* __restrict__ logits, int64_t sB, int64_t sN, const int64_t* __restrict__ ids,
                   const int64_t* __restrict__ key, int64_t B, int64_t N, int64_t C, int64_t step, float noise_scale,
                   int64_t mask_id, float* __restrict__ conf, int64_t* __restrict__ sampled) {
   const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (r >= B * N) return;  // the whole warp leaves together
   const int64_t b = r / N, n = r % N;
-  const float* l = logits + b * sB + n * sN;  // (C,)
+  const T* l = logits + b * sB + n * sN;  // (C,)
   const uint32_t k32 = static_cast<uint32_t>(key[b]);
   const uint32_t row = static_cast<uint32_t>(step * N + n);  // counter mod 2^32, as the reference
   const uint32_t hs = row_hash(k32, kStreamSample, row);
@@ -36,7 +45,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   float best = -inf, mx = -inf;
   int64_t arg = lane < C ? lane : INT64_MAX;
   for (int64_t c = lane; c < C; c += 32) {
-    const float x = l[c];
+    const float x = widen(l[c]);  // precision raised: fp32 from here on
     const float g = -logf(-logf(uniform_from_hash(mix32(hs + static_cast<uint32_t>(c)))));
     const float s = x + g;
     if (s > best) {
@@ -57,7 +66,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
   const float m = isinf(mx) ? 0.0f : mx;  // torch.logsumexp replaces an infinite max by 0
   float sum = 0.0f;
-  for (int64_t c = lane; c < C; c += 32) sum += expf(l[c] - m);
+  for (int64_t c = lane; c < C; c += 32) sum += expf(widen(l[c]) - m);
   sum = warp_sum(sum);
   if (lane == 0) {
     const bool unknown = ids[r] == mask_id;
@@ -65,7 +74,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     if (unknown) {
       const float lse = logf(sum) + m;
       const float g2 = -logf(-logf(counter_uniform(k32, kStreamConf, row, 0u)));
-      conf[r] = (l[arg] - lse) + noise_scale * g2;
+      conf[r] = (widen(l[arg]) - lse) + noise_scale * g2;
     } else {
       conf[r] = inf;
     }
@@ -103,17 +112,26 @@ __global__ void select_kernel(const float* __restrict__ conf, const int64_t* __r
 }  // namespace cuda
 }  // namespace mage_fast
 
-extern "C" int mage_fast_cuda_decode_step(const float* logits, int64_t sB, int64_t sN, const int64_t* ids,
+extern "C" int mage_fast_cuda_decode_step(const void* logits, int dtype, int64_t sB, int64_t sN, const int64_t* ids,
                                           const int64_t* key, int64_t B, int64_t N, int64_t C, int64_t step,
                                           int64_t mask_len, float noise_scale, int64_t mask_id, float* conf,
                                           int64_t* sampled, int64_t* next_ids, void* stream) {
   using namespace mage_fast::cuda;
   if (B <= 0 || N <= 0) return 0;
-  if (C <= 0 || mask_len < 0 || mask_len > N || N >= (int64_t{1} << 31)) return static_cast<int>(cudaErrorInvalidValue);
+  if (C <= 0 || mask_len < 0 || mask_len > N || N >= (int64_t{1} << 31) || dtype < 0 || dtype > 2)
+    return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int64_t rows = B * N;
-  sample_kernel<<<static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock), kWarpsPerBlock * 32, 0, s>>>(
-      logits, sB, sN, ids, key, B, N, C, step, noise_scale, mask_id, conf, sampled);
+  const unsigned blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  if (dtype == 0)
+    sample_kernel<<<blocks, kWarpsPerBlock * 32, 0, s>>>(static_cast<const float*>(logits), sB, sN, ids, key, B, N,
+                                                         C, step, noise_scale, mask_id, conf, sampled);
+  else if (dtype == 1)
+    sample_kernel<<<blocks, kWarpsPerBlock * 32, 0, s>>>(static_cast<const __half*>(logits), sB, sN, ids, key, B, N,
+                                                         C, step, noise_scale, mask_id, conf, sampled);
+  else
+    sample_kernel<<<blocks, kWarpsPerBlock * 32, 0, s>>>(static_cast<const __nv_bfloat16*>(logits), sB, sN, ids, key,
+                                                         B, N, C, step, noise_scale, mask_id, conf, sampled);
   select_kernel<<<static_cast<unsigned>((B + 3) / 4), 128, 0, s>>>(conf, sampled, B, N, mask_len, mask_id, next_ids);
   return static_cast<int>(cudaGetLastError());
 }

@@ -24,9 +24,11 @@ int mage_fast_cuda_codebook_nn(const float* z, const float* codebook, int64_t N,
 int mage_fast_cuda_codebook_nn_16bit(const void* z, const void* codebook, int bf16, int64_t N, int64_t K, int64_t D,
                                      int metric, void* workspace, int64_t* out, void* stream);
 
-/* logits: (B, N, C) fp32 with strides (sB, sN, 1); ids, sampled, next_ids: (B, N) int64 contiguous;
- * key: (B,) int64; conf: (B, N) fp32 workspace. 0 <= mask_len <= N. */
-int mage_fast_cuda_decode_step(const float* logits, int64_t sB, int64_t sN, const int64_t* ids, const int64_t* key,
+/* logits: (B, N, C) with strides (sB, sN, 1), dtype 0 = fp32, 1 = fp16, 2 = bf16 (widened to fp32 in
+ * registers); ids, sampled, next_ids: (B, N) int64 contiguous; key: (B,) int64; conf: (B, N) fp32
+ * workspace. 0 <= mask_len <= N. */
+int mage_fast_cuda_decode_step(const void* logits, int dtype, int64_t sB, int64_t sN, const int64_t* ids,
+                               const int64_t* key,
                                int64_t B, int64_t N, int64_t C, int64_t step, int64_t mask_len, float noise_scale,
                                int64_t mask_id, float* conf, int64_t* sampled, int64_t* next_ids, void* stream);
 

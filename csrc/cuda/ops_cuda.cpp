@@ -1,5 +1,5 @@
-// CUDA bindings of torch.ops.mage_fast (schemas in csrc/ops.cpp): argument checks, fp32
-// conversion, workspace allocation, then the C launchers of csrc/cuda/*.cu on the current stream.
+// CUDA bindings of torch.ops.mage_fast (schemas in csrc/ops.cpp): argument checks, dtype
+// switches, workspace allocation, then the C launchers of csrc/cuda/*.cu on the current stream.
 // Compiled only in CUDA builds (setup.py with a CUDA torch and nvcc; CMake with MAGE_FAST_CUDA=ON).
 #include <ATen/ATen.h>
 #include <cuda_runtime_api.h>
@@ -18,7 +18,9 @@ void check_launch(int err, const char* op) {
 
 int compute_capability_major(int device) {
   int major = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  const cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  TORCH_CHECK(err == cudaSuccess, "mage_fast: cudaDeviceGetAttribute(ComputeCapabilityMajor) failed on device ",
+              device, ": ", cudaGetErrorString(err));
   return major;
 }
 
@@ -75,13 +77,14 @@ std::tuple<at::Tensor, at::Tensor> decode_step_cuda(const at::Tensor& logits, co
   TORCH_CHECK(C > 0, "mage_fast::decode_step: no classes (C = 0)");
   TORCH_CHECK(0 <= mask_len && mask_len <= N, "mage_fast::decode_step: mask_len must be in [0, N], got ", mask_len);
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor lf = logits.to(at::kFloat);  // (B, N, C), precision raised to fp32
-  if (lf.stride(2) != 1) lf = lf.contiguous();
+  // read in its own dtype (the kernel widens to fp32 in registers): no fp32 copy of the logits
+  const at::Tensor lf = logits.stride(2) == 1 ? logits : logits.contiguous();  // (B, N, C)
+  const int dtype = lf.scalar_type() == at::kFloat ? 0 : lf.scalar_type() == at::kHalf ? 1 : 2;
   const at::Tensor idc = ids.contiguous(), keyc = key.contiguous();
   at::Tensor sampled = at::empty({B, N}, ids.options());                   // (B, N)
   at::Tensor next_ids = at::empty({B, N}, ids.options());                  // (B, N)
   at::Tensor conf = at::empty({B, N}, logits.options().dtype(at::kFloat)); // (B, N) workspace
-  check_launch(mage_fast_cuda_decode_step(lf.data_ptr<float>(), lf.stride(0), lf.stride(1), idc.data_ptr<int64_t>(),
+  check_launch(mage_fast_cuda_decode_step(lf.data_ptr(), dtype, lf.stride(0), lf.stride(1), idc.data_ptr<int64_t>(),
                                           keyc.data_ptr<int64_t>(), B, N, C, step, mask_len,
                                           static_cast<float>(noise_scale), mask_id, conf.data_ptr<float>(),
                                           sampled.data_ptr<int64_t>(), next_ids.data_ptr<int64_t>(),
