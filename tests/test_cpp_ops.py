@@ -495,3 +495,17 @@ def test_decode_step_cuda(B, N, C, step, mask_len, noise, every):
     ties = ops.decode_step(torch.zeros(2, 37, 5, device="cuda"), torch.full((2, 37), 5, device="cuda"),
                            torch.tensor([3, 4], device="cuda"), 1, 9, 0.0, 5)[1].cpu()
     assert torch.equal((ties[0] == 5).nonzero().flatten(), torch.arange(9))
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_decode_step_cuda_16bit_logits(dtype):
+    """16-bit logits are widened in the kernel, as the reference's .float(): the same ids."""
+    g = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn(3, 65, 1024, generator=g)).to(dtype)[:, 1:]  # the model's view: strided
+    ids = torch.full((3, 64), 1024, dtype=torch.long)
+    ids[:, ::3] = torch.randint(0, 1024, (3, 22), generator=g)
+    key = torch.tensor([5, 2**32 - 1, 77], dtype=torch.long)
+    want = decode_step_ref(logits, ids, key, 2, 20, 1.5, 1024)
+    got = ops.decode_step(logits.cuda(), ids.cuda(), key.cuda(), 2, 20, 1.5, 1024)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
