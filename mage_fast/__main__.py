@@ -1,4 +1,8 @@
-"""mage_fast command line: generate, inpaint, edit, outpaint, info."""
+"""mage_fast command line: generate, inpaint, outpaint, edit (sampling); eval (linear probe, few-shot,
+fine-tuning), fid (sample quality); info (versions and backends).
+
+Bad input or settings print one line on stderr, ``error: ...``, and exit with status 2 before any
+output is written (set MAGE_FAST_DEBUG=1 for the traceback)."""
 from __future__ import annotations
 
 import argparse
@@ -8,15 +12,33 @@ import sys
 import time
 
 DEFAULT_CKPT = os.path.join(os.path.dirname(__file__), "assets", "mage_fmnist.pt")
+SEED_MAX = 2 ** 31 - 1
+
+
+def _input_error():
+    from mage_fast.models.checks import InputError
+    return InputError
+
+
+class CLIError(Exception):
+    """A command-line mistake: printed as ``error: <message>``, exit status 2."""
 
 
 def _device(name: str):
     import torch
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name} was asked for, but torch sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -27,17 +49,19 @@ def load_model(ckpt: str | None, model_name: str | None):
     from mage_fast.models.checkpoint import build_from_checkpoint
     if ckpt is None:
         if not os.path.isfile(DEFAULT_CKPT):
-            raise SystemExit(f"error: no --ckpt given and the shipped default model {DEFAULT_CKPT} is not present")
+            raise CLIError(f"no --ckpt given and the shipped default model {DEFAULT_CKPT} is not present")
         ckpt = DEFAULT_CKPT
+    if os.path.isdir(ckpt):
+        raise CLIError(f"--ckpt {ckpt} is a directory; expected a checkpoint file")
     if not os.path.isfile(ckpt):
-        raise SystemExit(f"error: checkpoint not found: {ckpt}")
+        raise CLIError(f"checkpoint not found: {ckpt}")
     if model_name is None:
         return build_from_checkpoint(ckpt), ckpt
     if model_name not in MODEL_FACTORIES:
-        raise SystemExit(f"error: --model must be one of {sorted(MODEL_FACTORIES)}, got {model_name!r}")
+        raise CLIError(f"--model must be one of {sorted(MODEL_FACTORIES)}, got {model_name!r}")
     model = MODEL_FACTORIES[model_name](vqgan_ckpt_path=None)
     mage_fast.load_checkpoint(model, ckpt)
-    return model, ckpt
+    return model.eval(), ckpt
 
 
 OFFICIAL_SAMPLING = {"num_iter": 20, "temperature": 6.0}
@@ -45,12 +69,8 @@ OFFICIAL_SAMPLING = {"num_iter": 20, "temperature": 6.0}
 
 def model_card(ckpt: str) -> dict:
     """The checkpoint's model card, ``<ckpt>.json`` beside it ({} when there is none)."""
-    import json
-    card = os.path.splitext(ckpt)[0] + ".json"
-    if not os.path.isfile(card):
-        return {}
-    with open(card) as f:
-        return json.load(f)
+    from mage_fast.models.checkpoint import read_model_card
+    return read_model_card(ckpt)
 
 
 def sampling_defaults(ckpt: str, args) -> None:
@@ -62,21 +82,22 @@ def sampling_defaults(ckpt: str, args) -> None:
             setattr(args, key, rec.get(key, official))
 
 
-def resolve_class(spec: str | None, ckpt: str):
+def resolve_class(spec: str | None, ckpt: str, model=None):
     """``--class-id`` -> None, an int label, or "all" (image i gets label i mod the card's classes).
 
     Accepts a label number or a class name from the model card's ``classes`` list; with a card, the
     label must be one of its classes, and a card that says the model is not class-conditional
-    refuses conditioning."""
+    refuses conditioning. Without a card the model's own range applies (``model.num_classes``, else
+    the vocabulary's class range)."""
     if spec is None:
         return None
     card = model_card(ckpt)
     names = card.get("classes")
     if card and not card.get("class_conditional", names is not None):
-        raise SystemExit(f"error: {ckpt} was trained unconditionally (its model card says so); drop --class-id")
+        raise CLIError(f"{ckpt} was trained unconditionally (its model card says so); drop --class-id")
     if spec == "all":
         if not names:
-            raise SystemExit("error: --class-id all needs a model card listing the classes")
+            raise CLIError("--class-id all needs a model card listing the classes")
         return "all"
     if spec.lstrip("-").isdigit():
         label = int(spec)
@@ -84,10 +105,10 @@ def resolve_class(spec: str | None, ckpt: str):
         label = names.index(spec)
     else:
         known = f": one of {', '.join(names)}" if names else ""
-        raise SystemExit(f"error: --class-id is a label number{' or a class name' if names else ''}{known}; "
-                         f"got {spec!r}")
-    if names and not 0 <= label < len(names):
-        raise SystemExit(f"error: --class-id {label} is outside the model's {len(names)} classes (0..{len(names) - 1})")
+        raise CLIError(f"--class-id is a label number{' or a class name' if names else ''}{known}; got {spec!r}")
+    n = len(names) if names else (getattr(model, "num_classes", None) or getattr(model, "num_classes_max", None))
+    if n is not None and not 0 <= label < n:
+        raise CLIError(f"--class-id {label} is outside the model's {n} classes (0..{n - 1})")
     return label
 
 
@@ -100,41 +121,108 @@ def _batch_class_ids(label, start: int, n: int, num_classes: int):
     return torch.tensor([label])
 
 
+def _need(value, flag: str, lo=None, hi=None, integer=False, lo_open=False) -> None:
+    from mage_fast.models.checks import check_number
+    try:
+        check_number(value, flag, lo=lo, hi=hi, integer=integer, lo_open=lo_open)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _check_sampling_args(args, count_flag: str) -> None:
+    """Settings every sampling command shares, checked before anything is loaded or written."""
+    _need(getattr(args, count_flag.lstrip("-").replace("-", "_")), count_flag, lo=1, integer=True)
+    if args.num_iter is not None:
+        _need(args.num_iter, "--num-iter", lo=1, hi=10_000, integer=True)
+    if args.temperature is not None:
+        _need(args.temperature, "--temperature", lo=0)
+    _need(args.guidance, "--guidance", lo=0)
+    _need(args.seed, "--seed", lo=0, hi=SEED_MAX, integer=True)
+    if args.guidance > 0 and args.class_id is None:
+        raise CLIError("--guidance needs --class-id: classifier-free guidance steers towards a class")
+
+
+def _notes(notes: list) -> None:
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+
+
+def _model_summary(ckpt: str) -> dict:
+    from mage_fast.runs import file_sha256
+    return {"model": os.path.abspath(ckpt), "model_sha256": file_sha256(ckpt)}
+
+
+def class_names(model, ckpt: str) -> list[str]:
+    names = model_card(ckpt).get("classes") or getattr(model, "class_names", None)
+    return list(names) if names else []
+
+
+def _grid_layout(label, num_images: int, grid: int, names: list[str]):
+    """Indices of the images that go into grid.png, the number of columns and the column labels.
+    ``--class-id all``: one column per class (image i has class i mod C), each labelled with its
+    name; one class: a title naming it; unconditional: a square-ish grid."""
+    if label == "all":
+        C = len(names)
+        rows = max(1, min(grid // C if grid >= C else 1, math.ceil(num_images / C)))
+        idx = [r * C + c for r in range(rows) for c in range(C) if r * C + c < num_images]
+        return idx, C, names, None
+    n = min(grid, num_images)
+    title = None
+    if label is not None:
+        title = f"class {label}: {names[label]}" if names and label < len(names) else f"class {label}"
+    return list(range(n)), None, None, title
+
+
 def cmd_generate(args) -> int:
+    import numpy as np
     import torch
+    from PIL import Image
     from tqdm.auto import tqdm
 
     import mage_fast
-    from mage_fast.images import save_grid, save_pngs, to_uint8
+    from mage_fast.images import save_grid, to_uint8
+    from mage_fast.runs import check_output_dir, finish_run, prepare_run, sample_name, save_atomic_png, versions
 
-    if args.num_images < 1 or args.batch_size < 1:
-        raise SystemExit("error: --num-images and --batch-size must be >= 1")
+    _check_sampling_args(args, "--num-images")
+    _need(args.batch_size, "--batch-size", lo=1, integer=True)
+    _need(args.grid, "--grid", lo=0, integer=True)
     if args.rng == "official" and (args.class_id is not None or args.schedule != "cosine"
                                    or args.temperature_annealing != "linear"):
-        print("note: class conditioning / non-official schedules use rng=torch")
-        args.rng = "torch"
+        raise CLIError("--rng official reproduces the official unconditional sampler only (cosine schedule, linear "
+                       "annealing, no class); use --rng torch (the default) for other settings")
+    check_output_dir(args.out)
     dev = _device(args.device)
-    try:
-        model, ckpt = load_model(args.ckpt, args.model)
-    except mage_fast.CheckpointError as e:
-        raise SystemExit(f"error: {e}")
+    model, ckpt = load_model(args.ckpt, args.model)
     model = model.to(dev).eval()
     sampling_defaults(ckpt, args)
-    label = resolve_class(args.class_id, ckpt)
-    num_classes = len(model_card(ckpt).get("classes") or [])
-    os.makedirs(args.out, exist_ok=True)
+    label = resolve_class(args.class_id, ckpt, model)
+    names = class_names(model, ckpt)
+    num_classes = len(names)
+    settings = {k: getattr(args, k) for k in ("num_iter", "temperature", "seed", "rng", "schedule",
+                                              "temperature_annealing", "guidance", "guidance_schedule")}
+    settings["class_id"] = label
+    if args.rng == "official":  # the official script's images depend on the batch they are drawn in
+        settings["batch_size"] = args.batch_size
+    manifest = dict(kind="generate", **_model_summary(ckpt), settings=settings, first_index=0,
+                    num_images=args.num_images, sample_pattern="{:05d}.png", image_size=model.img_size,
+                    classes=names or None, versions=versions())
+    done = prepare_run(args.out, manifest, overwrite=args.overwrite, resume=args.resume, image_size=model.img_size)
     num_batches = math.ceil(args.num_images / args.batch_size)
-    grid_imgs, t0 = [], time.perf_counter()
+    t0, made = time.perf_counter(), 0
     print(f"generating {args.num_images} images with {ckpt} on {dev} (T={args.num_iter}, "
-          f"temperature={args.temperature}, rng={args.rng})")
+          f"temperature={args.temperature}, rng={args.rng}" + (f", class {label}" if label is not None else "") + ")")
+    if done:
+        print(f"resuming: {len(done)} of {args.num_images} images are already written and readable")
     for b in tqdm(range(num_batches), desc="batches", unit="batch"):
         start = b * args.batch_size
         n = min(args.batch_size, args.num_images - start)
+        want_trace = args.process and b == 0
+        if all(i in done for i in range(start, start + n)) and not want_trace:
+            continue
         # rng=official: batch b is seeded with (seed + b) at full batch size, as the official script.
         # rng=torch: one seed, images keyed by their global index (independent of --batch-size).
         seed = args.seed + b if args.rng == "official" else args.seed
         bs = args.batch_size if args.rng == "official" else n
-        want_trace = args.process and b == 0
         out = mage_fast.generate(model, bs, num_iter=args.num_iter, temperature=args.temperature, seed=seed,
                                  rng=args.rng, first_index=start, schedule=args.schedule,
                                  temperature_annealing=args.temperature_annealing,
@@ -145,23 +233,32 @@ def cmd_generate(args) -> int:
         if want_trace:
             path = save_process(model, out[1], os.path.join(args.out, "process.png"), rows=min(n, 4))
             print(f"decoding process: {path}")
-        save_pngs(imgs, args.out, first_index=start)
-        grid_imgs.extend(to_uint8(imgs)[: max(0, args.grid - len(grid_imgs))])
-    grid = save_grid(grid_imgs, os.path.join(args.out, "grid.png"))
+        for i, arr in enumerate(to_uint8(imgs)):
+            if start + i not in done:
+                save_atomic_png(arr, os.path.join(args.out, sample_name(start + i)))
+                made += 1
     dt = time.perf_counter() - t0
-    print(f"wrote {args.num_images} PNGs and {grid} in {dt:.1f} s ({args.num_images / dt:.2f} images/s)")
+    grid = None
+    if args.grid:
+        idx, ncol, labels, title = _grid_layout(label, args.num_images, args.grid, names)
+        tiles = [np.asarray(Image.open(os.path.join(args.out, sample_name(i))).convert("RGB")) for i in idx]
+        grid = save_grid(tiles, os.path.join(args.out, "grid.png"), ncol=ncol, col_labels=labels, title=title)
+    finish_run(args.out, images_written_this_run=made, seconds=round(dt, 3))
+    rate = f" ({made / dt:.2f} images/s)" if made and dt > 0 else ""
+    print(f"wrote {made} PNGs{' and ' + grid if grid else ''} to {args.out} in {dt:.1f} s{rate}")
     return 0
 
 
 def save_process(model, trace: dict, path: str, rows: int = 4, max_cols: int = 8) -> str:
-    """Rows = images, columns = steps (evenly chosen): the step's predicted image with the tokens
-    still masked after it shaded grey; last column: when each token was fixed (blue early,
-    yellow late, grey given)."""
+    """Rows = images, columns = steps (evenly chosen, labelled with their step numbers): the step's
+    predicted image with the tokens still masked after it shaded grey; last column: when each token
+    was fixed (blue early, yellow late, grey given), explained by a legend under the picture."""
     import numpy as np
     import torch
 
-    from mage_fast.images import save_grid, shade_tokens, step_heatmap, to_uint8
+    from mage_fast.images import heatmap_legend, save_grid, shade_tokens, step_heatmap, to_uint8
     steps = trace["ids"].shape[0]
+    start = trace["start_step"]
     cols = sorted(set(np.linspace(0, steps - 1, min(max_cols, steps)).round().astype(int).tolist()))
     g, mask_id = model.token_grid, model.mask_token_label
     tiles = []
@@ -172,52 +269,99 @@ def save_process(model, trace: dict, path: str, rows: int = 4, max_cols: int = 8
             pics = to_uint8(model.vqgan.decode(z))
         for j, c in enumerate(cols):
             tiles.append(shade_tokens(pics[j], (trace["ids"][c, r] == mask_id).view(g, g).cpu().numpy()))
-        tiles.append(step_heatmap(trace["fixed_at"][r].view(g, g).cpu().numpy(), steps + trace["start_step"],
-                                  pics.shape[1]))
-    return save_grid(tiles, path, ncol=len(cols) + 1)
+        tiles.append(step_heatmap(trace["fixed_at"][r].view(g, g).cpu().numpy(), steps + start, pics.shape[1]))
+    labels = [f"step {start + c + 1}" for c in cols] + ["fixed at"]
+    total = steps + start
+    tile_w = max(tiles[0].shape[1], 64)
+    legend = heatmap_legend(total, width=(len(cols) + 1) * (tile_w + 2) + 2)
+    return save_grid(tiles, path, ncol=len(cols) + 1, col_labels=labels,
+                     title=f"decoding, {total} steps (grey: still masked)", footer=legend)
+
+
+def _read_mask(path: str, size: int):
+    import numpy as np
+    import torch
+
+    from mage_fast.images import read_rgb
+    from PIL import Image
+    a = read_rgb(path)
+    if a.shape[:2] != (size, size):
+        im = Image.fromarray(np.round(a.mean(-1) * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
+        gray = np.asarray(im) / 255.0
+        print(f"note: --mask {path} is {a.shape[1]}x{a.shape[0]}: resized to {size}x{size} (nearest)",
+              file=sys.stderr)
+    else:
+        gray = a.mean(-1)
+    region = torch.from_numpy(gray > 0.5)
+    if not bool(region.any()):
+        raise CLIError(f"--mask {path} has no white pixel: nothing to regenerate (white = regenerate)")
+    return region
 
 
 def _edit_common(args, mode: str) -> int:
-    import torch
-
     import mage_fast
     from mage_fast.editing import box_to_pixel_mask, inpaint, outpaint
-    from mage_fast.images import load_image, save_grid, save_pngs, shade_tokens, to_uint8
+    from mage_fast.images import load_image, save_grid, shade_tokens, to_uint8
+    from mage_fast.runs import (check_output_dir, file_sha256, finish_run, prepare_run, sample_name, save_atomic_png,
+                                versions)
 
+    _check_sampling_args(args, "--num-samples")
+    args.mask, args.box = getattr(args, "mask", None), getattr(args, "box", None)
+    args.keep_box, args.grow = getattr(args, "keep_box", None), getattr(args, "grow", None)
+    if mode != "outpaint":
+        _need(args.grow, "--grow", lo=0, hi=64, integer=True)
+        if not args.mask and not args.box:
+            raise CLIError("give --box x0,y0,x1,y1 or --mask MASK.png")
+        if args.mask and args.box:
+            raise CLIError("give --box or --mask, not both")
+    box = _parse_box(args.keep_box if mode == "outpaint" else args.box) if (mode == "outpaint" or args.box) else None
+    if args.mask and not os.path.exists(args.mask):
+        raise CLIError(f"--mask not found: {args.mask}")
+    if os.path.isdir(args.image):
+        raise CLIError(f"--image {args.image} is a directory; expected an image file")
+    if not os.path.isfile(args.image):
+        raise CLIError(f"--image not found: {args.image}")
+    check_output_dir(args.out)
     dev = _device(args.device)
     model, ckpt = load_model(args.ckpt, args.model)
     model = model.to(dev).eval()
     sampling_defaults(ckpt, args)
-    label = resolve_class(args.class_id, ckpt)
+    label = resolve_class(args.class_id, ckpt, model)
     if label == "all":
-        raise SystemExit(f"error: {mode} takes one --class-id, not 'all'")
+        raise CLIError(f"{mode} takes one --class-id, not 'all'")
     S = model.img_size
-    if not os.path.isfile(args.image):
-        raise SystemExit(f"error: image not found: {args.image}")
-    img = load_image(args.image, S).to(dev)
+    notes: list[str] = []
+    img = load_image(args.image, S, background=args.background, notes=notes, min_size=max(8, S // 8)).to(dev)
+    _notes(notes)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= S and 0 <= y0 < y1 <= S):
+            flag = "--keep-box" if mode == "outpaint" else "--box"
+            raise CLIError(f"{flag} must satisfy 0 <= x0 < x1 <= {S} and 0 <= y0 < y1 <= {S} (pixels of the model's "
+                           f"{S}x{S} input), got {','.join(map(str, box))}")
+    region = _read_mask(args.mask, S) if args.mask else None
     kw = dict(num_samples=args.num_samples, num_iter=args.num_iter, temperature=args.temperature, seed=args.seed,
-              schedule=args.schedule, class_id=label, guidance_scale=args.guidance)
-    try:
-        if mode == "outpaint":
-            res = outpaint(model, img, _parse_box(args.keep_box), **kw)
-        else:
-            if args.mask:
-                from mage_fast.images import Image
-                import numpy as np
-                m = Image.open(args.mask).convert("L").resize((S, S), Image.NEAREST)
-                region = torch.from_numpy(np.asarray(m) > 127)
-            elif args.box:
-                region = box_to_pixel_mask(_parse_box(args.box), S)
-            else:
-                raise SystemExit("error: give --box x0,y0,x1,y1 or --mask MASK.png")
-            res = inpaint(model, img, region, grow=args.grow, **kw)
-    except (ValueError, mage_fast.CheckpointError) as e:
-        raise SystemExit(f"error: {e}")
-    os.makedirs(args.out, exist_ok=True)
-    save_pngs(res["images"], args.out)
+              schedule=args.schedule, class_id=label, guidance_scale=args.guidance, progress=True)
+    settings = {k: getattr(args, k, None) for k in ("num_iter", "temperature", "seed", "schedule", "guidance", "grow",
+                                                     "box", "keep_box", "background")}
+    settings.update(class_id=label, image_sha256=file_sha256(args.image),
+                    mask_sha256=file_sha256(args.mask) if args.mask else None)
+    manifest = dict(kind=mode, **_model_summary(ckpt), settings=settings, first_index=0, num_images=args.num_samples,
+                    sample_pattern="{:05d}.png", image=os.path.abspath(args.image), image_size=S, versions=versions())
+    if mode == "outpaint":
+        res_fn = lambda: outpaint(model, img, box, **kw)  # noqa: E731
+    else:
+        res_fn = lambda: inpaint(model, img, region if region is not None else box_to_pixel_mask(box, S),  # noqa: E731
+                                 grow=args.grow, **kw)
+    prepare_run(args.out, manifest, overwrite=args.overwrite, resume=False)
+    res = res_fn()
+    for i, arr in enumerate(to_uint8(res["images"])):
+        save_atomic_png(arr, os.path.join(args.out, sample_name(i)))
     orig = to_uint8(img[None])[0]
     tiles = [orig, shade_tokens(orig, res["token_mask"].cpu().numpy())] + list(to_uint8(res["images"]))
-    grid = save_grid(tiles, os.path.join(args.out, "before_after.png"), ncol=len(tiles))
+    labels = ["original", "region"] + [f"result {i}" for i in range(args.num_samples)]
+    grid = save_grid(tiles, os.path.join(args.out, "before_after.png"), ncol=len(tiles), col_labels=labels)
+    finish_run(args.out)
     print(f"{mode}: regenerated {int(res['token_mask'].sum())} of {model.seq_len} tokens from schedule step "
           f"{res['start_step']}; wrote {args.num_samples} results and {grid} (original | region | results)")
     return 0
@@ -229,7 +373,7 @@ def _parse_box(text: str):
     except ValueError:
         box = []
     if len(box) != 4:
-        raise SystemExit(f"error: a box is x0,y0,x1,y1 in pixels, got {text!r}")
+        raise CLIError(f"a box is x0,y0,x1,y1 in pixels, got {text!r}")
     return box
 
 
@@ -239,12 +383,42 @@ def cmd_inpaint(args) -> int:
 
 def cmd_edit(args) -> int:
     if args.class_id is None:
-        raise SystemExit("error: edit needs --class-id (the class to paint into the region)")
+        raise CLIError("edit needs --class-id (the class to paint into the region)")
     return _edit_common(args, "edit")
 
 
 def cmd_outpaint(args) -> int:
     return _edit_common(args, "outpaint")
+
+
+# The official probe: blr 0.1 at batch 16384, i.e. lr = 0.1 * 16384 / 256 = 6.4 for LARS.
+OFFICIAL_PROBE_LR = 0.1 * 16384 / 256
+PROBE_BATCH = 256
+FINETUNE_BLR = 5e-4
+
+
+def _subset(items: list, limit, seed: int) -> list:
+    """A seeded random subset of ``limit`` items, kept in the folder's order."""
+    if not limit or limit >= len(items):
+        return items
+    import random
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+def _feature_cache(cache_dir: str, ckpt: str, model, split: str, items: list, args) -> str:
+    """A cache file keyed by everything that determines the features: the checkpoint's bytes, the
+    model's image size, the exact files (path, size, mtime) and the mage_fast version."""
+    import hashlib
+    import json
+
+    import mage_fast
+    from mage_fast.runs import file_sha256
+    h = hashlib.sha256()
+    files = [(os.path.abspath(p), y, os.path.getsize(p), os.stat(p).st_mtime_ns) for p, y in items]
+    h.update(json.dumps({"ckpt": file_sha256(ckpt), "img_size": model.img_size, "files": files,
+                         "version": mage_fast.__version__, "features": "probe_features/1"}).encode())
+    return os.path.join(cache_dir, f"{os.path.basename(ckpt)}-{split}-{h.hexdigest()[:20]}.pt")
 
 
 def cmd_eval(args) -> int:
@@ -253,19 +427,53 @@ def cmd_eval(args) -> int:
     from mage_fast.eval import MAGEClassifier, extract_features, few_shot, finetune, linear_probe
     from mage_fast.eval.folder import list_image_folder
 
+    _need(args.batch_size, "--batch-size", lo=1, integer=True)
+    _need(args.epochs, "--epochs", lo=1, integer=True)
+    if args.limit is not None:
+        _need(args.limit, "--limit", lo=2, integer=True)
+    if args.blr is not None:
+        _need(args.blr, "--blr", lo=0, lo_open=True)
+    if args.task == "fewshot":
+        for k in args.shots:
+            _need(k, "--shots", lo=1, integer=True)
+        _need(args.seeds, "--seeds", lo=1, integer=True)
+    train_items, classes = list_image_folder(args.train_dir)
+    test_items, test_classes = list_image_folder(args.test_dir)
+    if classes != test_classes:
+        raise CLIError(f"train and test folders have different classes: {classes} vs {test_classes}")
+    train_items = _subset(train_items, args.limit, args.limit_seed)
+    test_items = _subset(test_items, args.limit, args.limit_seed + 1)
+    if args.limit:
+        print(f"--limit {args.limit}: {len(train_items)} training and {len(test_items)} test images "
+              f"(seeded subset, --limit-seed {args.limit_seed})")
+    if args.json:
+        check_output_dir_for_file(args.json)
     dev = _device(args.device)
     model, ckpt = load_model(args.ckpt, args.model)
     model = model.to(dev).eval()
     rows = []
     if args.task in ("probe", "fewshot"):
-        cache = args.cache_dir and os.path.join(args.cache_dir, os.path.basename(ckpt) + "-{}.pt")
-        tr = extract_features(model, args.train_dir, args.batch_size, cache and cache.format("train"))
-        te = extract_features(model, args.test_dir, args.batch_size, cache and cache.format("test"))
-        if tr[2] != te[2]:
-            raise SystemExit(f"error: train and test folders have different classes: {tr[2]} vs {te[2]}")
+        if args.cache_dir:
+            from mage_fast.runs import check_output_dir
+            check_output_dir(args.cache_dir, "--cache-dir")
+        tr_cache = args.cache_dir and _feature_cache(args.cache_dir, ckpt, model, "train", train_items, args)
+        te_cache = args.cache_dir and _feature_cache(args.cache_dir, ckpt, model, "test", test_items, args)
+        tr = extract_features(model, train_items, args.batch_size, tr_cache, classes=classes)
+        te = extract_features(model, test_items, args.batch_size, te_cache, classes=classes)
         if args.task == "probe":
-            r = linear_probe(tr[0], tr[1], te[0], te[1], epochs=args.epochs, blr=args.blr)
-            rows.append(("linear probe (official head, LARS)", f"{100 * r['top1']:.2f} %", f"{args.epochs} epochs"))
+            blr = OFFICIAL_PROBE_LR * 256 / PROBE_BATCH if args.blr is None else args.blr
+            lr = blr * PROBE_BATCH / 256
+            if args.blr is None:
+                print(f"probe lr {lr:g} (blr {blr:g} at batch {PROBE_BATCH}): the official run's LARS step size "
+                      f"(blr 0.1 at batch 16384)")
+            elif not OFFICIAL_PROBE_LR / 10 <= lr <= OFFICIAL_PROBE_LR * 10:
+                print(f"warning: probe lr {lr:g} (--blr {blr:g} x batch {PROBE_BATCH} / 256) is far from the official "
+                      f"run's {OFFICIAL_PROBE_LR:g} (blr 0.1 at batch 16384); LARS steps scale with the lr, so expect "
+                      f"a {'badly under-trained' if lr < OFFICIAL_PROBE_LR else 'diverging'} probe. Leave --blr "
+                      f"unset for the official step size.", file=sys.stderr)
+            r = linear_probe(tr[0], tr[1], te[0], te[1], epochs=args.epochs, blr=blr, batch_size=PROBE_BATCH)
+            rows.append(("linear probe (official head, LARS)", f"{100 * r['top1']:.2f} %",
+                         f"{args.epochs} epochs, lr {lr:g}"))
             result = r
         else:
             result = few_shot(tr[0], tr[1], te[0], te[1], shots=args.shots, seeds=range(args.seeds))
@@ -273,45 +481,70 @@ def cmd_eval(args) -> int:
                 rows.append((f"{k}-shot logistic regression", f"{100 * v['mean']:.2f} +- {100 * v['std']:.2f} %",
                              f"{args.seeds} seeds"))
     else:
-        train_items, classes = list_image_folder(args.train_dir)
-        test_items, test_classes = list_image_folder(args.test_dir)
         clf = MAGEClassifier(model, len(classes)).to(dev)
-        result = finetune(clf, train_items, test_items, epochs=args.epochs, batch_size=args.batch_size, blr=args.blr,
+        blr = FINETUNE_BLR if args.blr is None else args.blr
+        result = finetune(clf, train_items, test_items, epochs=args.epochs, batch_size=args.batch_size, blr=blr,
                           layer_decay=args.layer_decay)
         rows.append(("fine-tune (layer decay %.2f)" % args.layer_decay, f"{100 * result['top1']:.2f} %",
-                     f"{args.epochs} epochs"))
+                     f"{args.epochs} epochs, blr {blr:g}"))
     width = max(len(r[0]) for r in rows)
     print(f"\n{'task':<{width}} | top-1 | setting\n{'-' * width}-|-------|--------")
     for r in rows:
         print(f"{r[0]:<{width}} | {r[1]} | {r[2]}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"task": args.task, "checkpoint": ckpt, "result": result}, f, indent=2, default=str)
+        write_json_atomic(args.json, {"task": args.task, "checkpoint": ckpt, "train_images": len(train_items),
+                                      "test_images": len(test_items), "limit": args.limit, "result": result})
     return 0
 
 
-def cmd_fid(args) -> int:
-    import json
+def check_output_dir_for_file(path: str, flag: str = "--json") -> None:
+    from mage_fast.runs import check_output_dir
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path} is a directory; expected a file name")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
 
+
+def write_json_atomic(path: str, obj) -> None:
+    import json
+    import tempfile
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def cmd_fid(args) -> int:
     from mage_fast.eval import fid_inception, offline_frechet
+    from mage_fast.eval.frechet import FEATURE_DIM, sample_files
+
+    _need(args.min_samples, "--min-samples", lo=2, integer=True)
+    gen = sample_files(args.gen_dir, "GEN_DIR")
+    ref = sample_files(args.ref_dir, "REF_DIR")
+    for what, files in (("GEN_DIR", gen), ("REF_DIR", ref)):
+        if len(files[0]) < args.min_samples:
+            raise CLIError(f"{what} has {len(files[0])} image(s); a Frechet distance needs at least --min-samples "
+                           f"{args.min_samples} (MAGE's protocol uses 50 000 samples)")
+    _notes([n for _f, n in (gen, ref) if n])
+    small = min(len(gen[0]), len(ref[0]))
+    if small <= FEATURE_DIM:
+        print(f"WARNING: only {small} images in the smaller set, no more than the {FEATURE_DIM} feature dimensions: "
+              f"the covariance is rank-deficient and the distance is dominated by sample-size bias. Compare only "
+              f"numbers computed on the same counts; use 5 000 or more for a result.", file=sys.stderr)
+    if args.json:
+        check_output_dir_for_file(args.json)
     out = {}
-    try:
-        out.update(offline_frechet(args.gen_dir, args.ref_dir, device=_device(args.device), ref_cache=args.ref_stats))
-        print(f"offline Frechet distance (EfficientNet-Lite0 features; NOT comparable to published FID): "
-              f"{out['frechet_efficientnet_lite0']:.3f} ({out['num_generated']} vs {out['num_reference']} images)")
-    except (ImportError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    out.update(offline_frechet(gen[0], ref[0], device=_device(args.device), ref_cache=args.ref_stats))
+    print(f"offline Frechet distance (EfficientNet-Lite0 features; NOT comparable to published FID): "
+          f"{out['frechet_efficientnet_lite0']:.3f} ({out['num_generated']} vs {out['num_reference']} images)")
     if args.inception_weights:
-        try:
-            out.update(fid_inception(args.gen_dir, args.ref_dir, args.inception_weights))
-        except (ImportError, FileNotFoundError) as e:
-            raise SystemExit(f"error: {e}")
+        out.update(fid_inception(args.gen_dir, args.ref_dir, args.inception_weights))
         print({k: v for k, v in out.items() if "inception" in k or "frechet_inception" in k})
     else:
         print("FID / IS (Inception-v3) skipped: pass --inception-weights PATH; nothing is downloaded")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json_atomic(args.json, out)
     return 0
 
 
@@ -321,91 +554,154 @@ def cmd_info(_args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except where the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (argparse.SUPPRESS,) or isinstance(action, argparse._VersionAction):
+            return h
+        if action.default is None and action.option_strings:
+            return h + " (default: none)" if h else "(default: none)"
+        return super()._get_help_string(action)
+
+
 def _decoding_args(p, with_annealing: bool = True) -> None:
     from mage_fast.sampling import SCHEDULES, TEMPERATURE_ANNEALING
     p.add_argument("--schedule", default="cosine", choices=sorted(SCHEDULES), help="mask schedule")
     if with_annealing:
-        p.add_argument("--temperature-annealing", default="linear", choices=sorted(TEMPERATURE_ANNEALING))
+        p.add_argument("--temperature-annealing", default="linear", choices=sorted(TEMPERATURE_ANNEALING),
+                       help="how the confidence noise decays over the steps")
     p.add_argument("--class-id", default=None,
                    help="class-conditional models: a label number, a class name from the model card, or 'all' "
-                        "(generate: image i gets class i mod the number of classes)")
-    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale")
+                        "(generate: image i gets class i mod the number of classes; one grid column per class); "
+                        "default: unconditional")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (>= 0; needs --class-id)")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mage_fast", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="unconditional generation to PNG files plus grid.png")
+def _run_folder_args(p, resumable: bool) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its samples, grid and manifest)")
+    if resumable:
+        p.add_argument("--resume", action="store_true",
+                       help="finish the run already in --out: the same settings, skipping images already written")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import torch
+
+    import mage_fast
+    p = argparse.ArgumentParser(prog="python -m mage_fast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version",
+                   version=f"mage_fast {mage_fast.__version__} (torch {torch.__version__})")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def add(name, helptext, **kw):
+        return sub.add_parser(name, help=helptext, description=helptext, formatter_class=_HelpFormatter, **kw)
+
+    g = add("generate", "generate images (unconditional, or class-conditional with --class-id) to PNG files, a "
+                        "grid.png and a run.json manifest")
     g.add_argument("--ckpt", default=None, help="checkpoint ({'model': sd} official or mage_fast); "
                                                "default: the shipped small model")
     g.add_argument("--model", default=None, help="vit_base | vit_large | tiny (default: inferred from the checkpoint)")
-    g.add_argument("--num-images", type=int, default=16)
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--num-images", type=int, default=16, help="images to generate")
+    g.add_argument("--batch-size", type=int, default=16, help="images per network pass")
     g.add_argument("--num-iter", type=int, default=None,
                    help="decoding steps (default: the checkpoint's model card, else the official 20)")
     g.add_argument("--temperature", type=float, default=None,
-                   help="confidence-noise temperature (default: the model card's, else the official 6.0)")
-    g.add_argument("--seed", type=int, default=0, help="rng=official: batch b uses seed + b, as the official script")
-    g.add_argument("--rng", choices=("official", "torch"), default="official")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--grid", type=int, default=64, help="how many images go into grid.png")
+                   help="confidence-noise temperature, >= 0 (default: the model card's, else the official 6.0)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (rng=official: batch b uses seed + b)")
+    g.add_argument("--rng", choices=("torch", "official"), default="torch",
+                   help="torch: image i depends only on the seed and i (any batch size, resumable); official: the "
+                        "official script's numbers exactly (batch b seeded with seed + b)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--grid", type=int, default=64, help="how many images go into grid.png (0: no grid)")
     g.add_argument("--process", action="store_true", help="also write process.png: decoding step by step")
-    g.add_argument("--out", default="outputs/generate")
+    g.add_argument("--out", default="outputs/generate", help="output folder")
+    _run_folder_args(g, resumable=True)
     _decoding_args(g)
-    g.add_argument("--guidance-schedule", default="constant", choices=("constant", "linear"))
+    g.add_argument("--guidance-schedule", default="constant", choices=("constant", "linear"),
+                   help="constant: s at every step; linear: s (t+1)/T")
     g.set_defaults(fn=cmd_generate)
     for name, fn, helptext in (("inpaint", cmd_inpaint, "regenerate a box or mask of an image"),
                                ("edit", cmd_edit, "inpaint with a new class for the region (class-conditional)"),
                                ("outpaint", cmd_outpaint, "regenerate everything outside --keep-box")):
-        e = sub.add_parser(name, help=helptext)
-        e.add_argument("--image", required=True)
+        e = add(name, helptext)
+        e.add_argument("--image", required=True, help="the image file (any size: centre-cropped and resized, "
+                                                      "with a note)")
         if name == "outpaint":
             e.add_argument("--keep-box", required=True, help="x0,y0,x1,y1 in pixels of the model's image size")
         else:
             e.add_argument("--box", help="x0,y0,x1,y1 in pixels of the model's image size")
             e.add_argument("--mask", help="a mask image, white = regenerate")
-            e.add_argument("--grow", type=int, default=1, help="tokens added around the region")
-        e.add_argument("--ckpt", default=None)
-        e.add_argument("--model", default=None)
-        e.add_argument("--num-samples", type=int, default=4)
+            e.add_argument("--grow", type=int, default=1, help="tokens added around the region (>= 0)")
+        e.add_argument("--background", default="black", choices=("black", "white", "gray"),
+                       help="what transparent pixels of --image are composited over")
+        e.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped small model)")
+        e.add_argument("--model", default=None, help="vit_base | vit_large | tiny (default: inferred)")
+        e.add_argument("--num-samples", type=int, default=4, help="alternatives to draw")
         e.add_argument("--num-iter", type=int, default=None,
                        help="decoding steps (default: the model card's, else the official 20)")
         e.add_argument("--temperature", type=float, default=None,
-                       help="confidence-noise temperature (default: the model card's, else the official 6.0)")
-        e.add_argument("--seed", type=int, default=0)
-        e.add_argument("--device", default="auto")
-        e.add_argument("--out", default=f"outputs/{name}")
+                       help="confidence-noise temperature, >= 0 (default: the model card's, else the official 6.0)")
+        e.add_argument("--seed", type=int, default=0, help="random seed")
+        e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        e.add_argument("--out", default=f"outputs/{name}", help="output folder")
+        _run_folder_args(e, resumable=False)
         _decoding_args(e, with_annealing=False)
         e.set_defaults(fn=fn)
-    ev = sub.add_parser("eval", help="recognition: linear probe, few-shot, fine-tuning on ImageFolder data")
-    ev.add_argument("task", choices=("probe", "fewshot", "finetune"))
-    ev.add_argument("--ckpt", default=None)
-    ev.add_argument("--model", default=None)
+    ev = add("eval", "recognition: linear probe, few-shot, fine-tuning on ImageFolder data")
+    ev.add_argument("task", choices=("probe", "fewshot", "finetune"), help="what to run")
+    ev.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped small model)")
+    ev.add_argument("--model", default=None, help="vit_base | vit_large | tiny (default: inferred)")
     ev.add_argument("--train-dir", required=True, help="ImageFolder root: train/<class>/<image>")
-    ev.add_argument("--test-dir", required=True)
-    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--test-dir", required=True, help="ImageFolder root: test/<class>/<image>")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="use a seeded random subset of at most this many images of each split (default: all)")
+    ev.add_argument("--limit-seed", type=int, default=0, help="seed of the --limit subset")
+    ev.add_argument("--batch-size", type=int, default=64, help="feature-extraction / fine-tuning batch")
     ev.add_argument("--epochs", type=int, default=90, help="probe: 90 as official; fine-tune: your budget")
-    ev.add_argument("--blr", type=float, default=0.1, help="base lr (probe 0.1 official; fine-tune e.g. 5e-4)")
-    ev.add_argument("--layer-decay", type=float, default=0.75)
-    ev.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
-    ev.add_argument("--seeds", type=int, default=5)
-    ev.add_argument("--cache-dir", default="outputs/features", help="feature cache ('' to disable)")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--json", default=None)
+    ev.add_argument("--blr", type=float, default=None,
+                    help=f"base lr, lr = blr x batch / 256 (default: probe {OFFICIAL_PROBE_LR:g}, the official LARS "
+                         f"step size, at its batch {PROBE_BATCH}; fine-tune {FINETUNE_BLR:g})")
+    ev.add_argument("--layer-decay", type=float, default=0.75, help="fine-tune: layer-wise lr decay")
+    ev.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="few-shot: images per class")
+    ev.add_argument("--seeds", type=int, default=5, help="few-shot: seeds per k")
+    ev.add_argument("--cache-dir", default="outputs/features",
+                    help="feature cache, keyed by checkpoint bytes and image files ('' to disable)")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ev.add_argument("--json", default=None, help="also write the result to this JSON file")
     ev.set_defaults(fn=cmd_eval)
-    fd = sub.add_parser("fid", help="offline Frechet distance (EfficientNet-Lite0) and, with weights, FID/IS")
-    fd.add_argument("gen_dir")
-    fd.add_argument("ref_dir")
+    fd = add("fid", "offline Frechet distance (EfficientNet-Lite0) and, with weights, FID/IS")
+    fd.add_argument("gen_dir", help="generated images: a run folder (its run.json lists the samples) or any folder")
+    fd.add_argument("ref_dir", help="reference images: a folder, or an ImageFolder tree (root/<class>/<image>)")
     fd.add_argument("--inception-weights", default=None, help="Inception-v3 FID weights file (never downloaded)")
     fd.add_argument("--ref-stats", default=None,
                     help="cache file for REF_DIR's feature statistics: read if made for the same files, else written")
-    fd.add_argument("--device", default="auto")
-    fd.add_argument("--json", default=None)
+    fd.add_argument("--min-samples", type=int, default=100,
+                    help="refuse folders with fewer images (a warning is printed below 1281)")
+    fd.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    fd.add_argument("--json", default=None, help="also write the result to this JSON file")
     fd.set_defaults(fn=cmd_fid)
-    i = sub.add_parser("info", help="versions, device and the backend each op uses")
+    i = add("info", "versions, device and the backend each op uses")
     i.set_defaults(fn=cmd_info)
-    args = p.parse_args(argv)
-    return args.fn(args)
+    return p
+
+
+def main(argv=None) -> int:
+    from mage_fast.models.checkpoint import CheckpointError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (CLIError, CheckpointError, _input_error(), ValueError, OSError, ImportError) as e:
+        if os.environ.get("MAGE_FAST_DEBUG"):
+            raise
+        msg = " ".join(str(e).split()) if isinstance(e, CheckpointError) else str(e).strip()
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
+            msg = f"{e.filename}: {e.strerror or e}"
+        print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

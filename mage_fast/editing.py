@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .models.checks import check_number
 from .sampling import generate
 
 
@@ -56,7 +57,7 @@ def soft_composite_mask(tokens: torch.Tensor, size: int, blur_sigma: float) -> t
 def inpaint(model, image: torch.Tensor, region: torch.Tensor, *, num_samples: int = 1, num_iter: int = 12,
             temperature: float = 4.5, seed: int = 0, grow: int = 1, blur_sigma: Optional[float] = None,
             class_id: Optional[int] = None, guidance_scale: float = 0.0, schedule: str = "cosine",
-            temperature_annealing: str = "linear") -> dict:
+            temperature_annealing: str = "linear", progress: bool = False) -> dict:
     """Regenerate the part of ``image`` under ``region``.
 
     Args:
@@ -74,6 +75,8 @@ def inpaint(model, image: torch.Tensor, region: torch.Tensor, *, num_samples: in
         ``token_mask`` (grid, grid) regenerated tokens, ``start_step`` the schedule step decoding
         started at, ``composite_mask`` (S, S) the blend weights.
     """
+    check_number(num_samples, "num_samples", lo=1, integer=True)
+    check_number(grow, "grow", lo=0, integer=True)
     img = image if image.dim() == 4 else image.unsqueeze(0)
     if img.shape[0] != 1:
         raise ValueError(f"inpaint takes one image, got a batch of {img.shape[0]}")
@@ -90,7 +93,8 @@ def inpaint(model, image: torch.Tensor, region: torch.Tensor, *, num_samples: in
     decoded, ids, trace = generate(model, num_samples, num_iter=num_iter, temperature=temperature, seed=seed,
                                    rng="torch", schedule=schedule, temperature_annealing=temperature_annealing,
                                    class_ids=None if class_id is None else torch.tensor([class_id]),
-                                   guidance_scale=guidance_scale, init_ids=init, return_ids=True, return_trace=True)
+                                   guidance_scale=guidance_scale, init_ids=init, return_ids=True, return_trace=True,
+                                   progress=progress)
     sigma = (S / grid) / 2 if blur_sigma is None else blur_sigma
     w = soft_composite_mask(tmask, S, sigma)
     images = w * decoded + (1 - w) * img

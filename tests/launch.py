@@ -8,11 +8,28 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_deepspeed = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed is not installed")
+# The interpreter's own scripts folder (a venv's bin/): `make test` runs .venv/bin/python without
+# .venv/bin on PATH, so console scripts are looked up beside sys.executable first.
+SCRIPTS = os.path.dirname(sys.executable)
+
+
+def find_script(name: str):
+    """A console script of this interpreter's environment (beside sys.executable), else on PATH."""
+    return shutil.which(name, path=SCRIPTS) or shutil.which(name)
+
+
+DEEPSPEED = find_script("deepspeed")
+needs_deepspeed = pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed is not installed (a [test] extra)")
+
+
+def deepspeed_launcher() -> list[str]:
+    """The real DeepSpeed launcher (its console script, run by this interpreter)."""
+    return [sys.executable, DEEPSPEED]
 
 
 def env():
-    e = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    e = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+             PATH=SCRIPTS + os.pathsep + os.environ.get("PATH", ""))
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
     return e

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import mage_fast
-from mage_fast.__main__ import main
+from mage_fast.__main__ import CLIError, main
 from mage_fast.images import make_grid, to_uint8
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +26,8 @@ def tiny_ckpt(tmp_path_factory):
 def test_generate_writes_pngs_and_grid(tiny_ckpt, tmp_path):
     out = tmp_path / "gen"
     assert main(["generate", "--ckpt", tiny_ckpt, "--model", "tiny", "--num-images", "3", "--batch-size", "2",
-                 "--num-iter", "2", "--temperature", "4.5", "--out", str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png", "grid.png"]
+                 "--num-iter", "2", "--temperature", "4.5", "--rng", "official", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png", "grid.png", "run.json"]
     im = np.asarray(Image.open(out / "00002.png"))
     assert im.shape == (256, 256, 3) and im.dtype == np.uint8
     # batch 1 (images 2..) is the official sampler at seed 1, batch size 2, first image
@@ -50,13 +50,14 @@ def test_generate_torch_rng_independent_of_batch_size(tiny_ckpt, tmp_path):
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.005
 
 
-def test_generate_errors(tmp_path):
-    with pytest.raises(SystemExit, match="checkpoint not found"):
-        main(["generate", "--ckpt", str(tmp_path / "missing.pth"), "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--model must be one of"):
-        bogus = tmp_path / "x.pth"
-        torch.save({"model": {}}, bogus)
-        main(["generate", "--ckpt", str(bogus), "--model", "vit_huge", "--out", str(tmp_path)])
+def test_generate_errors(tmp_path, capsys):
+    assert main(["generate", "--ckpt", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o")]) == 2
+    assert "error: checkpoint not found" in capsys.readouterr().err
+    bogus = tmp_path / "x.pth"
+    torch.save({"model": {}}, bogus)
+    assert main(["generate", "--ckpt", str(bogus), "--model", "vit_huge", "--out", str(tmp_path / "o")]) == 2
+    assert "error: --model must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_png_conversion_truncates_like_official():
@@ -104,15 +105,15 @@ def test_class_id_by_name_number_and_all(tiny_ckpt, tmp_path):
     assert resolve_class(None, str(ckpt)) is None
     assert resolve_class("bag", str(ckpt)) == 1 and resolve_class("2", str(ckpt)) == 2
     assert resolve_class("all", str(ckpt)) == "all"
-    with pytest.raises(SystemExit, match="outside the model's 3 classes"):
+    with pytest.raises(CLIError, match="outside the model's 3 classes"):
         resolve_class("3", str(ckpt))
-    with pytest.raises(SystemExit, match="one of shirt, bag, boot"):
+    with pytest.raises(CLIError, match="one of shirt, bag, boot"):
         resolve_class("sandal", str(ckpt))
     (tmp_path / "cond.json").write_text(json.dumps({"class_conditional": False}))
-    with pytest.raises(SystemExit, match="trained unconditionally"):
+    with pytest.raises(CLIError, match="trained unconditionally"):
         resolve_class("1", str(ckpt))
     assert resolve_class("7", tiny_ckpt) == 7  # no card: any label number, the model checks its range
-    with pytest.raises(SystemExit, match="needs a model card"):
+    with pytest.raises(CLIError, match="needs a model card"):
         resolve_class("all", tiny_ckpt)
     # 'all' cycles the classes over the images: image i is image i of a run with --class-id i mod 3
     (tmp_path / "cond.json").write_text(json.dumps({"class_conditional": True, "classes": names}))
@@ -145,7 +146,7 @@ def test_inpaint_outpaint_edit_commands(tiny_ckpt, tmp_path):
     for d, (ncol, keep) in {"inp": (4, np.s_[128:, 128:]), "outp": (4, np.s_[96:160, 96:160]),
                             "ed": (4, np.s_[:64, :64])}.items():
         files = sorted(os.listdir(tmp_path / d))
-        assert files == ["00000.png", "00001.png", "before_after.png"], files
+        assert files == ["00000.png", "00001.png", "before_after.png", "run.json"], files
         res = np.asarray(Image.open(tmp_path / d / "00000.png")).astype(int)
         # far from the regenerated tokens (box grown by one 16-px token, then a blurred seam) the
         # pixels are the original's
@@ -153,10 +154,9 @@ def test_inpaint_outpaint_edit_commands(tiny_ckpt, tmp_path):
         assert np.abs(res - orig).max() > 10  # and something was regenerated
         grid = np.asarray(Image.open(tmp_path / d / "before_after.png"))
         assert grid.shape[1] >= ncol * 256
-    with pytest.raises(SystemExit, match="takes one --class-id"):
-        main(["edit", *common, "--box", "0,0,64,64", "--class-id", "all", "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="needs --class-id"):
-        main(["edit", *common, "--box", "0,0,64,64", "--out", str(tmp_path / "x")])
+    assert main(["edit", *common, "--box", "0,0,64,64", "--class-id", "all", "--out", str(tmp_path / "x")]) == 2
+    assert main(["edit", *common, "--box", "0,0,64,64", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_grid_enlarges_small_tiles_only(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import mage_fast
-from launch import needs_deepspeed, ok, run
+from launch import deepspeed_launcher, needs_deepspeed, ok, run
 from mage_fast.models.checkpoint import build_from_checkpoint, read_state_dict
 from mage_fast.training import adamw, lr_at, param_groups, scaled_lr
 from mage_fast.training.objective import MAGEObjective
@@ -131,7 +131,7 @@ def test_zero2_two_processes_deepspeed_launcher(tmp_path, image_folder):
     proc = run(["--num_gpus", "2", "--master_port", "29611", "train/pretrain.py", *TINY_ARGS,
                  "--data_path", image_folder, "--batch_size", "4", "--max_steps", "3", "--num_workers", "1",
                  "--deepspeed_config", "zero2", "--output_dir", str(out), "--export", str(out / "mage.pt")],
-                launcher=["deepspeed"])
+                launcher=deepspeed_launcher())
     ok(proc)
     assert "world 2, ZeRO 2" in proc.stdout
     with open(out / "metrics.csv") as f:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import needs_deepspeed, ok, run
+from launch import DEEPSPEED, deepspeed_launcher, needs_deepspeed, ok, run
 from mage_fast.models import ViTVQGAN
 from mage_fast.models.checkpoint import (CheckpointError, build_tokenizer, load_vim, tokenizer_checksum,
                                          tokenizer_export)
@@ -116,14 +116,14 @@ def image_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_tokenizer(tmp_path_factory):
     """A ViT-VQGAN trained 4 steps under the real launcher (ZeRO-2, patch-GAN, dead-code restarts)."""
-    if shutil.which("deepspeed") is None:
-        pytest.skip("deepspeed is not installed")
+    if DEEPSPEED is None:
+        pytest.skip("deepspeed is not installed (a [test] extra)")
     out = tmp_path_factory.mktemp("vit_tok")
     proc = run(["--num_gpus", "1", "--master_port", "29621", "train/train_tokenizer.py", *VIT_ARGS, "--synthetic",
                  "--synthetic_length", "32", "--batch_size", "4", "--max_steps", "4", "--restart_every", "2",
                  "--disc_weight", "0.1", "--disc_start", "1", "--log_every", "2", "--num_workers", "0",
                  "--no_progress", "--deepspeed_config", "zero2", "--output_dir", str(out),
-                 "--export", str(out / "tok.pt")], launcher=["deepspeed"])
+                 "--export", str(out / "tok.pt")], launcher=deepspeed_launcher())
     ok(proc)
     return out
 
@@ -182,7 +182,7 @@ def test_train_vim_launcher_export_load_and_sample(tmp_path, vit_tokenizer, vit_
                  "--tokenizer", str(vit_tokenizer / "tok.pt"), "--token_cache", str(vit_cache), "--batch_size", "4",
                  "--max_steps", "3", "--warmup_steps", "1", "--lr", "1e-3", "--label_smoothing", "0.1",
                  "--deepspeed_config", "zero2", "--output_dir", str(out), "--export", str(out / "vim.pt")],
-                launcher=["deepspeed"])
+                launcher=deepspeed_launcher())
     ok(proc)
     assert "3 classes" in proc.stdout and "16 tokens of 64 codes" in proc.stdout and "ZeRO 2" in proc.stdout
     rows = _metrics(out / "metrics.csv")

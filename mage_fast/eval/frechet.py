@@ -19,14 +19,42 @@ from ..images import load_image
 from .folder import IMAGE_EXTENSIONS
 
 
+# Pooled EfficientNet-Lite0 features: below this many images a covariance is rank-deficient.
+FEATURE_DIM = 1280
+_ARTEFACTS = ("grid.png", "process.png", "before_after.png")
+
+
 def list_images(folder: str) -> list[str]:
+    """Image files of a folder: its top level, or, for an ImageFolder tree (root/<class>/<image>)
+    with no image at the top, every class folder. The pictures runs write beside their samples
+    (grid, process, before/after) are never images of the set."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)
-                   and f != "grid.png")
+
+    def images_in(d):
+        return sorted(os.path.join(d, f) for f in os.listdir(d)
+                      if f.lower().endswith(IMAGE_EXTENSIONS) and f not in _ARTEFACTS and not f.startswith("."))
+    files = images_in(folder)
+    if not files:
+        for sub in sorted(os.listdir(folder)):
+            if os.path.isdir(os.path.join(folder, sub)):
+                files += images_in(os.path.join(folder, sub))
     if not files:
         raise ValueError(f"no images in {folder}")
     return files
+
+
+def sample_files(folder: str, what: str = "folder") -> tuple[list[str], Optional[str]]:
+    """The images of a set and a note on how they were chosen: a run folder's manifest lists its
+    samples exactly (an unfinished run is refused); any other folder gives all its images."""
+    from ..runs import run_samples
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{what} {folder} not found (expected a folder of images)")
+    files = run_samples(folder)
+    if files is not None:
+        return files, None
+    files = list_images(folder)
+    return files, f"{what} {folder} has no run.json: using all {len(files)} image files in it"
 
 
 def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,28 +102,39 @@ def efficientnet_features(files: list[str], batch_size: int = 50, device="cpu", 
     return torch.cat(out)
 
 
-def folder_stats(folder: str, cache: Optional[str] = None, device="cpu", progress: bool = True) -> dict:
-    """Gaussian statistics of a folder's EfficientNet-Lite0 features: ``{'mu', 'sigma', 'n', 'files'}``.
+def folder_stats(folder, cache: Optional[str] = None, device="cpu", progress: bool = True) -> dict:
+    """Gaussian statistics of a folder's (or a list of files') EfficientNet-Lite0 features:
+    ``{'mu', 'sigma', 'n', 'files'}``.
 
     With ``cache``: loaded from that file when it was written for the same file list, else computed
     and written there (a reference set is then featurised once)."""
-    files = list_images(folder)
+    files = list_images(folder) if isinstance(folder, (str, os.PathLike)) else list(folder)
+    if len(files) < 2:
+        raise ValueError(f"a Frechet distance needs at least 2 images per set, got {len(files)}")
     names = [os.path.abspath(f) for f in files]
+    key = None
+    if cache:
+        import hashlib
+
+        from ..runs import file_sha256
+        key = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
     if cache and os.path.isfile(cache):
         st = torch.load(cache, map_location="cpu", weights_only=True)
-        if st.get("files") == names:
+        if st.get("content_sha256") == key:
             return st
         if progress:
-            print(f"{cache}: made for another file list; recomputing")
+            print(f"{cache}: made for other images (content differs); recomputing")
     mu, sigma = gaussian_stats(efficientnet_features(files, device=device, progress=progress))
-    st = {"mu": mu, "sigma": sigma, "n": len(files), "files": names}
+    st = {"mu": mu, "sigma": sigma, "n": len(files), "files": names, "content_sha256": key}
     if cache:
         torch.save(st, cache)
     return st
 
 
-def offline_frechet(gen_dir: str, ref_dir: str, device="cpu", progress: bool = True,
+def offline_frechet(gen_dir, ref_dir, device="cpu", progress: bool = True,
                     ref_cache: Optional[str] = None) -> dict:
+    """Frechet distance between two image sets (folders or lists of files) on EfficientNet-Lite0
+    features."""
     g = folder_stats(gen_dir, None, device, progress)
     r = folder_stats(ref_dir, ref_cache, device, progress)
     return {"frechet_efficientnet_lite0": frechet_distance(g["mu"], g["sigma"], r["mu"], r["sigma"]),
@@ -122,4 +161,4 @@ def fid_inception(gen_dir: str, ref_dir: str, weights_path: Optional[str], isc: 
 
 
 __all__ = ["frechet_distance", "gaussian_stats", "efficientnet_features", "offline_frechet", "fid_inception",
-           "list_images"]
+           "list_images", "sample_files", "FEATURE_DIM"]

@@ -14,27 +14,38 @@ from .folder import iterate_images, list_image_folder
 
 
 @torch.no_grad()
-def extract_features(model, root: str, batch_size: int = 64, cache: Optional[str] = None,
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def extract_features(model, root, batch_size: int = 64, cache: Optional[str] = None,
+                     progress: bool = True, classes: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Official probe features (``MAGE.probe_features``: all tokens, no mask, no final norm, mean over
-    image tokens, identity LayerNorm) for every image of an ImageFolder. Cached to ``cache``."""
+    image tokens, identity LayerNorm) for every image of an ImageFolder ``root`` (or of a list of
+    ``(path, label)`` items with their ``classes``). Cached to ``cache``: the caller names the file
+    by everything that determines the features (the CLI hashes the checkpoint and the files)."""
     if cache and os.path.isfile(cache):
         d = torch.load(cache, weights_only=True)
         return d["features"], d["labels"], list(d["classes"])
-    items, classes = list_image_folder(root)
+    if isinstance(root, (str, os.PathLike)):
+        items, classes = list_image_folder(root)
+        name = os.path.basename(os.fspath(root))
+    else:
+        items, classes, name = list(root), list(classes or []), "images"
     dev = next(model.parameters()).device
     feats, labels = [], []
     batches = iterate_images(items, model.img_size, batch_size)
     if progress:
         from tqdm.auto import tqdm
-        batches = tqdm(batches, total=math.ceil(len(items) / batch_size), desc=f"features {os.path.basename(root)}")
+        batches = tqdm(batches, total=math.ceil(len(items) / batch_size), desc=f"features {name}")
     for x, y in batches:
         feats.append(model.probe_features(x.to(dev)).float().cpu())
         labels.append(y)
     out = torch.cat(feats), torch.cat(labels), classes
     if cache:
-        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-        torch.save({"features": out[0], "labels": out[1], "classes": classes}, cache)
+        import tempfile
+        d = os.path.dirname(os.path.abspath(cache))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
+        os.close(fd)
+        torch.save({"features": out[0], "labels": out[1], "classes": classes}, tmp)
+        os.replace(tmp, cache)
     return out
 
 

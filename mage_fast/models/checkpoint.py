@@ -22,12 +22,7 @@ class CheckpointError(ValueError):
 def read_state_dict(src: Union[str, os.PathLike, Mapping], map_location="cpu") -> dict:
     """A state dict from ``{'model': sd}``, ``{'state_dict': sd}``, a bare state dict, or a path to one."""
     if isinstance(src, (str, os.PathLike)):
-        if not os.path.isfile(src):
-            raise FileNotFoundError(f"checkpoint not found: {src}")
-        try:
-            obj = torch.load(src, map_location=map_location, weights_only=True)
-        except Exception as e:  # not a torch file, or pickled objects beyond tensors
-            raise CheckpointError(f"{src} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+        obj = load_torch_file(src, map_location)
     else:
         obj = src
     if not isinstance(obj, Mapping):
@@ -134,7 +129,8 @@ def load_tokenizer(vqgan: nn.Module, path) -> None:
 def infer_config(sd: StateDict) -> dict:
     """MAGE constructor arguments that rebuild the model a MAGE state dict came from."""
     if "token_emb.word_embeddings.weight" not in sd:
-        raise CheckpointError(f"cannot build a MAGE from {describe_state_dict(sd)}")
+        raise CheckpointError(f"cannot build a MAGE from {describe_state_dict(sd)}; expected a generative MAGE "
+                              f"checkpoint (official or mage_fast)")
     dim = sd["token_emb.word_embeddings.weight"].shape[1]
     depth = len({k.split(".")[1] for k in sd if re.match(r"blocks\.\d+\.", k)})
     ddim = sd["decoder_embed.weight"].shape[0]
@@ -170,8 +166,7 @@ def build_from_checkpoint(path, map_location="cpu", **overrides) -> nn.Module:
     inferred from the tensor shapes (official ViT-B / ViT-L)."""
     from functools import partial
     from .mage import MAGE
-    raw = torch.load(path, map_location=map_location, weights_only=True) if isinstance(path, (str, os.PathLike)) \
-        else path
+    raw = _load_raw(path, map_location)
     sd = read_state_dict(raw)
     cfg = infer_config(sd)
     if isinstance(raw, Mapping) and isinstance(raw.get("config"), Mapping):
@@ -182,9 +177,35 @@ def build_from_checkpoint(path, map_location="cpu", **overrides) -> nn.Module:
             raise CheckpointError(f"cannot infer {k} for {describe_state_dict(sd)}; pass {k}=...")
     cfg.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
     cfg.setdefault("vqgan_ckpt_path", None)
-    model = MAGE(**cfg)
+    try:
+        model = MAGE(**cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's config does not build a MAGE ({type(e).__name__}: {e})") from e
     load_state_dict_strict(model, sd)
-    return model
+    if isinstance(path, (str, os.PathLike)):
+        card = read_model_card(path)
+        names = card.get("classes")
+        if names and card.get("class_conditional", True):
+            model.num_classes = len(names)
+            model.class_names = list(names)
+    return model.eval()
+
+
+def read_model_card(ckpt) -> dict:
+    """The model card ``<ckpt without extension>.json`` beside a checkpoint ({} when there is none):
+    ``classes`` (names, label order), ``class_conditional``, ``sampling`` defaults."""
+    import json
+    card = os.path.splitext(os.fspath(ckpt))[0] + ".json"
+    if not os.path.isfile(card):
+        return {}
+    try:
+        with open(card) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"the model card {card} is not readable JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"the model card {card} must hold a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 # ---------------------------------------------------------------------------------------- tokenizers
@@ -193,13 +214,61 @@ TOKENIZER_ARCHS = ("vqgan", "vit_vqgan")
 
 def _load_raw(src, map_location="cpu"):
     if isinstance(src, (str, os.PathLike)):
-        if not os.path.isfile(src):
-            raise FileNotFoundError(f"checkpoint not found: {src}")
-        try:
-            return torch.load(src, map_location=map_location, weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{src} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+        return load_torch_file(src, map_location)
     return src
+
+
+def load_torch_file(path, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with one-line errors: not found, a directory, empty,
+    or not a readable torch checkpoint (truncated, corrupt, text, pickled code)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory; expected a checkpoint file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); expected a torch checkpoint")
+    _check_zip_crc(path)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    import zipfile
+    if head == b"PK" and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt zip archive: no "
+                              f"central directory; an incomplete copy?)")
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch's zip nor a legacy pickle
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (not a torch file: neither a zip archive "
+                              f"nor a pickle; it starts with {head!r})")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, text, objects beyond tensors
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({_why_unreadable(e)})") from e
+
+
+def _check_zip_crc(path) -> None:
+    """torch.load does not verify the archive's checksums: a checkpoint with damaged bytes inside a
+    tensor loads as silently wrong weights. Check every member's CRC-32 first (about 1 GB/s)."""
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        return  # legacy pickle files, text, random bytes: torch.load says what they are
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt zip archive: {e})") from e
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: its entry {bad} fails its CRC-32 check (damaged or incomplete "
+                              f"copy)")
+
+
+def _why_unreadable(e: Exception) -> str:
+    """torch.load's error, first sentence only: truncated / corrupt archive, not a torch file."""
+    text = " ".join(str(e).split())
+    if "central directory" in text or "zip archive" in text:
+        return "truncated or corrupt zip archive"
+    if isinstance(e, (KeyError, EOFError)) or "invalid load key" in text or "could not find MARK" in text:
+        return f"not a torch file ({type(e).__name__}: {text[:80]})"
+    if "Weights only load failed" in text:
+        return "not a tensor-only torch file (it holds pickled objects, or random bytes); it is never unpickled"
+    return f"{type(e).__name__}: {text.split('. ')[0][:160]}"
 
 
 def tokenizer_export(src, img_size=None, map_location="cpu") -> dict:

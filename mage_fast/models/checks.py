@@ -7,24 +7,29 @@ import torch
 RANGE_MARGIN = 0.25
 
 
+class InputError(ValueError):
+    """Bad input or settings from the user: the message says what was expected. The command line
+    prints it as one line and exits with status 2."""
+
+
 def check_images(imgs: torch.Tensor, size: int | tuple[int, int] | None, *, check_range: bool = True,
                  channels: int = 3) -> None:
     if not isinstance(imgs, torch.Tensor):
         raise TypeError(f"expected images as a torch.Tensor (B, {channels}, H, W), got {type(imgs).__name__}")
     if imgs.dim() != 4 or imgs.shape[1] != channels:
-        raise ValueError(f"expected images of shape (B, {channels}, H, W), got {tuple(imgs.shape)}")
+        raise InputError(f"expected images of shape (B, {channels}, H, W), got {tuple(imgs.shape)}")
     if not imgs.is_floating_point():
         raise TypeError(f"expected float images in [0, 1], got dtype {imgs.dtype} "
                         f"(convert uint8 with imgs.float() / 255)")
     if size is not None:
         hw = (size, size) if isinstance(size, int) else tuple(size)
         if tuple(imgs.shape[2:]) != hw:
-            raise ValueError(f"expected {hw[0]}x{hw[1]} images, got {imgs.shape[2]}x{imgs.shape[3]}")
+            raise InputError(f"expected {hw[0]}x{hw[1]} images, got {imgs.shape[2]}x{imgs.shape[3]}")
     if check_range and imgs.numel():
         lo, hi = torch.aminmax(imgs.detach())
         lo, hi = float(lo), float(hi)
         if lo < -RANGE_MARGIN or hi > 1 + RANGE_MARGIN or lo != lo or hi != hi:
-            raise ValueError(f"expected image values in [0, 1] (no mean/std normalisation), got min {lo:.3g} "
+            raise InputError(f"expected image values in [0, 1] (no mean/std normalisation), got min {lo:.3g} "
                              f"max {hi:.3g}")
 
 
@@ -34,4 +39,20 @@ def check_token_ids(ids: torch.Tensor, num: int, what: str = "token ids") -> Non
     if ids.numel():
         lo, hi = torch.aminmax(ids)
         if int(lo) < 0 or int(hi) >= num:
-            raise ValueError(f"{what} must lie in [0, {num}), got values in [{int(lo)}, {int(hi)}]")
+            raise InputError(f"{what} must lie in [0, {num}), got values in [{int(lo)}, {int(hi)}]")
+
+
+def check_number(value, what: str, *, lo: float | None = None, hi: float | None = None, integer: bool = False,
+                 lo_open: bool = False) -> None:
+    """A setting must be a finite number in [lo, hi] (``(lo, hi]`` with ``lo_open``); the error says
+    the valid range."""
+    import math
+    ok_type = isinstance(value, int) and not isinstance(value, bool) if integer else \
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok_type or (not integer and not math.isfinite(value)) or \
+            (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
+        lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        hi_s = "" if hi is None else f"<= {hi}"
+        rng = " and ".join(x for x in (lo_s, hi_s) if x)
+        kind = "an integer" if integer else "a finite number"
+        raise InputError(f"{what} must be {kind}{' ' + rng if rng else ''}, got {value!r}")

@@ -19,7 +19,7 @@ from ..modules.embeddings import BertEmbeddings, MlmLayer, fast_norm_layer
 from ..modules.transformer import Block, init_linear_and_layernorm
 from ..ops.mlm_loss import masked_ce
 from ..ops.token_drop import keep_index, scatter_tokens
-from .checks import check_images, check_token_ids
+from .checks import InputError, check_images, check_token_ids
 from .vqgan import OFFICIAL_VQGAN_CONFIG, VQModel
 
 NUM_LEGACY_CLASSES = 1000
@@ -165,6 +165,9 @@ class MAGE(nn.Module):
     def tokenize(self, imgs: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) in [0, 1] -> code ids (B, L) int64, row-major."""
         check_images(imgs, self.img_size, check_range=False)  # vqgan.encode checks the range
+        w = next(self.vqgan.parameters())
+        if imgs.dtype != w.dtype:  # float64 / float16 inputs: the tokenizer computes in its own dtype
+            imgs = imgs.to(w.dtype)
         _, _, (_, _, idx) = self.vqgan.encode(imgs)
         return idx.view(imgs.shape[0], -1).long()
 
@@ -195,10 +198,25 @@ class MAGE(nn.Module):
         """Class labels that fit the vocabulary's legacy class range beside the fake class id."""
         return NUM_LEGACY_CLASSES - 1
 
+    @property
+    def num_classes(self) -> Optional[int]:
+        """How many classes the model was trained with, when known (``from_pretrained`` reads it
+        from the model card or the checkpoint's config); ``None``: any label below
+        :attr:`num_classes_max` is accepted."""
+        return getattr(self, "_num_classes", None)
+
+    @num_classes.setter
+    def num_classes(self, value: Optional[int]) -> None:
+        if value is not None and not 1 <= int(value) <= self.num_classes_max:
+            raise InputError(f"num_classes must be in [1, {self.num_classes_max}], got {value}")
+        self._num_classes = None if value is None else int(value)
+
     def class_token_ids(self, labels: torch.Tensor) -> torch.Tensor:
-        """Class labels (B,) in [0, 999) -> vocabulary ids in the legacy class range, skipping the
-        fake class id (1100) that unconditional MAGE uses."""
-        check_token_ids(labels, self.num_classes_max, "class labels")
+        """Class labels (B,) in [0, num_classes) -> vocabulary ids in the legacy class range,
+        skipping the fake class id (1100) that unconditional MAGE uses."""
+        n = self.num_classes
+        what = f"class labels of this {n}-class model" if n else "class labels"
+        check_token_ids(labels, n or self.num_classes_max, what)
         ids = self.codebook_size + labels.long()
         return ids + (ids >= self.fake_class_label).long()
 
@@ -307,10 +325,29 @@ class MAGE(nn.Module):
             h = blk(h)
         return self.norm(h) if final_norm else h
 
-    def code_logits(self, ids: torch.Tensor, class_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def check_decoding_ids(self, ids: torch.Tensor) -> None:
+        """(B, L) ids of a decoding state: integer, L = :attr:`seq_len`, each a code id in
+        [0, codebook_size) or the mask id. One host sync."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype in (torch.bool,) or ids.is_floating_point() \
+                or ids.is_complex():
+            raise InputError(f"ids must be an integer tensor (B, {self.seq_len}), got "
+                             f"{getattr(ids, 'dtype', type(ids).__name__)}")
+        if ids.dim() != 2 or ids.shape[1] != self.seq_len:
+            raise InputError(f"ids must have shape (B, {self.seq_len}), got {tuple(ids.shape)}")
+        bad = (ids < 0) | ((ids >= self.codebook_size) & (ids != self.mask_token_label))
+        if ids.numel() and bool(bad.any()):
+            v = int(ids[bad].flatten()[0])
+            raise InputError(f"ids must be code ids in [0, {self.codebook_size}) or the mask id "
+                             f"{self.mask_token_label}; got {v}")
+
+    def code_logits(self, ids: torch.Tensor, class_tokens: Optional[torch.Tensor] = None, *,
+                    check: bool = True) -> torch.Tensor:
         """One decoding step's network pass. ids: (B, L) image ids with ``mask_token_label`` where
         unknown -> (B, L, codebook_size) logits (only the columns and rows sampling reads).
-        ``class_tokens`` (B,) vocabulary ids for the class slot (default: the fake class)."""
+        ``class_tokens`` (B,) vocabulary ids for the class slot (default: the fake class).
+        ``check=False`` skips the id check (one host sync): the sampler's own states need none."""
+        if check:
+            self.check_decoding_ids(ids)
         full = self._with_class_slot(ids, self.fake_class_label if class_tokens is None else class_tokens)
         return self.forward_decoder(self.encode_ids(full), None, full == self.mask_token_label, codes_only=True)
 
@@ -333,7 +370,9 @@ class MAGE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, map_location="cpu", **overrides) -> "MAGE":
-        """Build the model a checkpoint holds (ViT-B, ViT-L or a custom size) and load it strictly."""
+        """Build the model a checkpoint holds (ViT-B, ViT-L or a custom size), load it strictly, and
+        return it in eval mode (call ``.train()`` to fine-tune). A model card ``<path>.json`` beside
+        the file, when present, gives :attr:`num_classes` and ``class_names``."""
         from .checkpoint import build_from_checkpoint
         return build_from_checkpoint(path, map_location=map_location, **overrides)
 

@@ -1,0 +1,206 @@
+"""Run folders: a folder of generated images that knows what it holds.
+
+``run.json`` (the manifest) is written before the first image: the kind of run, the model and its
+checksum, every setting that determines the images, the index range and the versions. Samples are
+``{index:05d}.png`` and are written atomically (a temporary name, then a rename), so a file that is
+present is complete. A run refuses a folder that holds another run (or images it did not write)
+unless told to overwrite it; a run restarted with the same settings and ``resume=True`` skips the
+images that are present and readable at the right size. ``fid`` reads exactly the samples a
+manifest lists, never the grid or process pictures beside them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Iterable, Optional
+
+from .models.checks import InputError
+
+MANIFEST = "run.json"
+SAMPLE_PATTERN = "{:05d}.png"
+_SAMPLE_RE = re.compile(r"^\d{5,}\.png$")
+# Pictures a run writes beside its samples; never samples themselves.
+ARTEFACTS = ("grid.png", "process.png", "before_after.png")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+_sha_cache: dict = {}
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file (cached per path, size and mtime within the process)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _sha_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _sha_cache[key] = h.hexdigest()
+    return _sha_cache[key]
+
+
+def check_output_dir(out: str, flag: str = "--out") -> None:
+    """Before any work: ``out`` must be a folder (existing or creatable) that can be written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"{flag} {out} is a file; expected a folder for the outputs")
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise InputError(f"{flag} {out}: {probe} is a file, so the folder cannot be created")
+    try:  # a real write: os.access says yes to root even on read-only mounts
+        fd, tmp = tempfile.mkstemp(prefix=".mage_fast-write-check-", dir=probe)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise InputError(f"{flag} {out} is not writable ({probe}: {e.strerror or e})") from e
+
+
+def sample_name(index: int) -> str:
+    return SAMPLE_PATTERN.format(index)
+
+
+def read_manifest(folder: str) -> Optional[dict]:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not a readable run manifest ({e}); remove it or choose another folder") from e
+    if not isinstance(m, dict) or "kind" not in m or "num_images" not in m:
+        raise InputError(f"{path} is not a mage_fast run manifest; choose another folder")
+    return m
+
+
+def write_manifest(folder: str, manifest: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".run-", suffix=".json", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(folder, MANIFEST))
+
+
+def _foreign_images(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and f not in ARTEFACTS
+                  and not _SAMPLE_RE.match(f))
+
+
+def _identity(m: dict) -> dict:
+    """What determines the images: everything but bookkeeping."""
+    return {k: m.get(k) for k in ("kind", "model_sha256", "settings", "first_index", "num_images")}
+
+
+def image_ok(path: str, size: int) -> bool:
+    """A finished sample: present, decodable, RGB at the model's size."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size == (size, size) and im.mode == "RGB"
+    except Exception:
+        return False
+
+
+def prepare_run(out: str, manifest: dict, *, overwrite: bool = False, resume: bool = False,
+                image_size: Optional[int] = None) -> set[int]:
+    """Make ``out`` ready for the run ``manifest`` describes, and write the manifest (status
+    "running"). Returns the indices already finished (``resume``); raises :class:`InputError` for
+    a folder that holds another run or images this project did not write."""
+    if overwrite and resume:
+        raise InputError("--overwrite and --resume exclude each other")
+    check_output_dir(out)
+    os.makedirs(out, exist_ok=True)
+    old = read_manifest(out)
+    foreign = _foreign_images(out)
+    samples = sorted(f for f in os.listdir(out) if _SAMPLE_RE.match(f))
+    if foreign:
+        raise InputError(f"{out} holds {len(foreign)} image(s) not written by a mage_fast run (e.g. {foreign[0]}); "
+                         f"choose an empty or new --out folder")
+    if old is None and samples and not overwrite:
+        raise InputError(f"{out} holds {len(samples)} sample file(s) but no {MANIFEST}: they cannot be told apart "
+                         f"from this run's; pass --overwrite to replace them or choose another --out")
+    done: set[int] = set()
+    if old is not None and not overwrite:
+        same = _identity(old) == _identity(manifest)
+        if not same:
+            diff = sorted(k for k in set(_identity(old)) | set(manifest.get("settings", {}))
+                          if _identity(old).get(k) != _identity(manifest).get(k))
+            if old.get("settings") and manifest.get("settings"):
+                diff += sorted(f"settings.{k}" for k in set(old["settings"]) | set(manifest["settings"])
+                               if old["settings"].get(k) != manifest["settings"].get(k))
+            diff = [d for d in diff if d != "settings"]
+            raise InputError(f"{out} holds another run ({old.get('kind')}, {old.get('num_images')} images; differs in "
+                             f"{', '.join(diff) or 'its settings'}); pass --overwrite to replace it or choose another "
+                             f"--out")
+        if not resume:
+            raise InputError(f"{out} already holds this run ({old.get('status', 'unknown')}, "
+                             f"{len(samples)} of {old['num_images']} images); pass --resume to finish it or "
+                             f"--overwrite to start again")
+        first, n = manifest["first_index"], manifest["num_images"]
+        for i in range(first, first + n):
+            p = os.path.join(out, sample_name(i))
+            if os.path.isfile(p) and (image_size is None or image_ok(p, image_size)):
+                done.add(i)
+    if overwrite:
+        for f in samples + [a for a in ARTEFACTS if os.path.isfile(os.path.join(out, a))]:
+            os.remove(os.path.join(out, f))
+    write_manifest(out, dict(manifest, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+    return done
+
+
+def finish_run(out: str, **extra) -> None:
+    m = read_manifest(out) or {}
+    m.update(extra, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_manifest(out, m)
+
+
+def save_atomic_png(arr, path: str) -> None:
+    """(H, W, 3) uint8 -> PNG, written under a temporary name and renamed (never half a file)."""
+    from PIL import Image
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
+    os.close(fd)
+    try:
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def run_samples(folder: str) -> Optional[list[str]]:
+    """The sample files a run folder's manifest lists (all present), or None without a manifest."""
+    m = read_manifest(folder)
+    if m is None:
+        return None
+    first, n = int(m.get("first_index", 0)), int(m["num_images"])
+    files = [os.path.join(folder, sample_name(i)) for i in range(first, first + n)]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if m.get("status") != "complete" or missing:
+        raise InputError(f"{folder} holds an unfinished run ({n - len(missing)} of {n} images); finish it with "
+                         f"the same command and --resume")
+    return files
+
+
+def versions() -> dict:
+    import platform
+
+    import numpy
+    import torch
+
+    from . import __version__
+    return {"mage_fast": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def describe(settings: Iterable) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings)
