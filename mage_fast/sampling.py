@@ -81,8 +81,13 @@ def schedule_from(num_iter: int, seq_len: int, num_unknown: int, schedule: str =
     return start, out
 
 
-def _decode_images(model, ids: torch.Tensor) -> torch.Tensor:
+def _decode_images(model, ids: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+    """Token ids -> images through the tokenizer, ``chunk`` images per call (None: all at once).
+    ``chunk=1`` makes each image's pixels independent of the batch it was drawn in (convolutions
+    round differently at other batch sizes)."""
     g = model.token_grid
+    if chunk is not None and chunk < ids.shape[0]:
+        return torch.cat([_decode_images(model, part) for part in ids.split(chunk)])
     z_q = model.vqgan.quantize.get_codebook_entry(ids, shape=(ids.shape[0], g, g, model.vqgan.quantize.e_dim))
     return model.vqgan.decode(z_q)
 
@@ -178,7 +183,8 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
              autocast_dtype: Optional[torch.dtype] = None, schedule: str = "cosine",
              temperature_annealing: str = "linear", class_ids: Optional[torch.Tensor] = None,
              guidance_scale: float = 0.0, guidance_schedule: str = "constant",
-             init_ids: Optional[torch.Tensor] = None, return_trace: bool = False, mode="exact"):
+             init_ids: Optional[torch.Tensor] = None, return_trace: bool = False, mode="exact",
+             decode_chunk: Optional[int] = None):
     """MAGE generation by iterative decoding: unconditional, class-conditional, or from partly
     known tokens (inpainting, outpainting, editing).
 
@@ -213,8 +219,12 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         mode: the network pass, a name in :data:`mage_fast.decoding.MODES` or a
             :class:`mage_fast.decoding.DecodeMode`: ``"exact"`` (default, the official pass),
             ``"drop_train"`` / ``"drop_all"`` (masked tokens dropped in the encoder), ``"cached"``
-            (per-layer key/value reuse between full passes), ``"int8"``, and the fast preset
-            ``"fast"`` (drop_all + cached + int8). See docs/DECODING.md for speed and quality.
+            (per-layer key/value reuse between full passes), ``"cached_focus"`` (drop_all + cached,
+            the decoder recomputing only the most confident masked rows), ``"int8"``, the fast
+            preset ``"fast"`` (cached_focus + int8), or a spec such as
+            ``"drop=all,refresh=4,focus=2,quant=int8"``. See docs/DECODING.md for speed and quality.
+        decode_chunk: decode the tokens to pixels this many images at a time (``1``: every image's
+            pixels are the same in any batch, as sharded and resumed runs need; default: at once).
 
     Returns:
         images (B, 3, S, S), the tokenizer's decode (not clamped, as the official); then the
@@ -292,7 +302,7 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
     for step_ids, step_sampled in record or ():
         trace_ids.append(step_ids)
         trace_sampled.append(step_sampled)
-    imgs = _decode_images(model, sampled)
+    imgs = _decode_images(model, sampled, decode_chunk)
     out = (imgs,)
     if return_ids:
         out += (sampled,)

@@ -208,3 +208,32 @@ def test_unknown_mode_and_bad_settings_raise(tiny):
         DecodeMode(drop="train", refresh_every=2)
     with pytest.raises(ValueError, match="refresh_every"):
         DecodeMode(refresh_every=-1)
+
+
+def test_focus_covering_every_masked_row_equals_plain_cached(tiny):
+    """focus large enough to pick every masked row recomputes the same rows as focus=0 (in another
+    order), so the logits agree; a small focus recomputes fewer rows and keeps stale logits."""
+    T = 6
+    _, mask_lens = schedule_from(T, 256, 256)
+    counts = run_counts(256, mask_lens)
+    keys = image_keys(0, torch.arange(2))
+    noise = TEMPERATURE_ANNEALING["linear"]
+    outs = {}
+    for focus in (0, 1000, 1):
+        net = DecodeMode(drop="all", refresh_every=3, focus=focus).build(tiny, counts, keys)
+        ids, logs = torch.full((2, 256), tiny.mask_token_label), []
+        with torch.no_grad():
+            for i in range(T):
+                logits = net(ids, None, i)
+                masked = ids == tiny.mask_token_label
+                logs.append(logits[masked].clone())
+                if focus == 0:  # one trajectory for all three: the focus=0 one
+                    _, ids = mage_fast.ops.decode_step(logits, ids, keys, i, mask_lens[i], 4.5 * noise((i + 1) / T),
+                                                       tiny.mask_token_label)
+                    outs.setdefault("ids", []).append(ids)
+                else:
+                    ids = outs["ids"][i]
+        outs[focus] = logs
+    for a, b in zip(outs[0], outs[1000]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(outs[0], outs[1]))

@@ -16,6 +16,10 @@ mode runs without host syncs and traces as one graph.
   decoder: the class slot and the tokens masked at the previous step) and writes their fresh
   keys/values into the caches; every other row's keys/values are reused from when it was last
   computed.
+- ``focus`` (cached passes only): 0 = the decoder recomputes every masked row. f >= 1 = it
+  recomputes only the f * n masked rows that were most confident at their last computation,
+  n being how many tokens this step fixes, and the other masked rows keep their last logits; the
+  last step recomputes every masked row.
 - ``quant``: ``"int8"`` / ``"fp8"`` Linear layers through torchao (see :mod:`.quant`).
 """
 from __future__ import annotations
@@ -41,6 +45,7 @@ class DecodeMode:
     drop: str = "none"
     refresh_every: int = 0
     quant: str = "none"
+    focus: int = 0
 
     def __post_init__(self):
         if self.drop not in DROP_KINDS:
@@ -51,6 +56,8 @@ class DecodeMode:
             raise ValueError(f"refresh_every must be an int >= 0 (0 = no cache), got {self.refresh_every!r}")
         if self.refresh_every and self.drop == "train":
             raise ValueError("cached decoding composes with drop='none' or drop='all', not 'train'")
+        if not isinstance(self.focus, int) or self.focus < 0 or (self.focus and not self.refresh_every):
+            raise ValueError(f"focus must be an int >= 0, and > 0 only with a cache (refresh_every > 0); got {self.focus!r}")
 
     @property
     def is_exact(self) -> bool:
@@ -59,6 +66,8 @@ class DecodeMode:
     def describe(self) -> str:
         parts = [f"drop={self.drop}"]
         parts.append(f"cache: full pass every {self.refresh_every} steps" if self.refresh_every else "no cache")
+        if self.focus:
+            parts.append(f"decoder recomputes the {self.focus}x most confident masked rows")
         parts.append(f"quant={self.quant}")
         return ", ".join(parts)
 
@@ -75,7 +84,8 @@ MODES = {
     "cached": DecodeMode(refresh_every=4),
     "int8": DecodeMode(quant="int8"),
     "cached_int8": DecodeMode(refresh_every=4, quant="int8"),
-    "fast": DecodeMode(drop="all", refresh_every=4, quant="int8"),
+    "cached_focus": DecodeMode(drop="all", refresh_every=4, focus=2),
+    "fast": DecodeMode(drop="all", refresh_every=4, quant="int8", focus=2),
 }
 
 
@@ -87,13 +97,13 @@ def resolve_mode(mode) -> DecodeMode:
     if isinstance(mode, str) and mode in MODES:
         return MODES[mode]
     if isinstance(mode, str) and "=" in mode:
-        fields = {"drop": "drop", "refresh": "refresh_every", "quant": "quant"}
+        fields = {"drop": "drop", "refresh": "refresh_every", "quant": "quant", "focus": "focus"}
         kw = {}
         for part in mode.split(","):
             key, _, value = part.partition("=")
             if key.strip() not in fields:
                 raise ValueError(f"unknown key {key.strip()!r} in mode spec {mode!r}; use {sorted(fields)}")
-            kw[fields[key.strip()]] = int(value) if key.strip() == "refresh" else value.strip()
+            kw[fields[key.strip()]] = int(value) if key.strip() in ("refresh", "focus") else value.strip()
         return DecodeMode(**kw)
     raise ValueError(f"unknown decoding mode {mode!r}; choose from {sorted(MODES)}, a spec such as "
                      f"'drop=all,refresh=4,quant=int8', or pass a DecodeMode")
@@ -104,7 +114,7 @@ def mode_name(mode: DecodeMode) -> str:
     for name, m in MODES.items():
         if m == mode:
             return name
-    return f"drop={mode.drop},refresh={mode.refresh_every},quant={mode.quant}"
+    return f"drop={mode.drop},refresh={mode.refresh_every},quant={mode.quant}" + (f",focus={mode.focus}" if mode.focus else "")
 
 
 def first_true(mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -139,7 +149,7 @@ def encode_dropped(net, full: torch.Tensor, drop: torch.Tensor, num_keep: int, k
 
 
 class _State:
-    __slots__ = ("batch", "E", "enc_ks", "enc_vs", "enc_len", "dec_ks", "dec_vs", "prev_masked")
+    __slots__ = ("batch", "E", "enc_ks", "enc_vs", "enc_len", "dec_ks", "dec_vs", "prev_masked", "logits", "conf")
 
 
 class NetworkPass:
@@ -223,12 +233,21 @@ class NetworkPass:
         st.E = scatter_rows(st.E, pos, net.decoder_embed(net.norm(h)))
 
     # ------------------------------------------------------------------ decoder
-    def _head(self, h: torch.Tensor, rows: torch.Tensor, img_pos: torch.Tensor, B: int, L: int) -> torch.Tensor:
-        """MLM head on rows (B, m) of h -> (B, L, C) logits, zeros except at img_pos (B, m)."""
+    def _head(self, st: _State, h: torch.Tensor, rows: torch.Tensor, img_pos: torch.Tensor, B: int, L: int):
+        """MLM head on rows (B, m) of h -> (B, L, C) logits at img_pos (B, m); the other rows are
+        zeros, or with ``focus`` the rows' last logits (and ``st.conf`` their max log-probability)."""
         model = self.model
         we = self.net.token_emb.word_embeddings.weight.detach()
         lm = self.net.mlm_layer(gather_rows(h, rows), we, num_outputs=model.codebook_size)  # (B, m, C)
-        return scatter_rows(lm.new_zeros(B, L, lm.shape[-1]), img_pos, lm)
+        if not self.mode.focus:
+            return scatter_rows(lm.new_zeros(B, L, lm.shape[-1]), img_pos, lm)
+        if getattr(st, "logits", None) is None:
+            st.logits = lm.new_zeros(B, L, lm.shape[-1])
+            st.conf = lm.new_full((B, L), -float("inf"))
+        st.logits = scatter_rows(st.logits, img_pos, lm)
+        conf = torch.log_softmax(lm.float(), -1).amax(-1)  # (B, m)
+        st.conf = st.conf.scatter(1, img_pos, conf)
+        return st.logits
 
     def _decode_full(self, st: _State, masked, i: int) -> torch.Tensor:
         net = self.net
@@ -238,12 +257,25 @@ class NetworkPass:
         h, st.dec_ks, st.dec_vs = stack_full(net.decoder_blocks, x, self.mode.refresh_every > 0)
         h = net.decoder_norm(h)
         rows = first_true(masked, self.counts[i])  # (B, m) image positions still masked
-        return self._head(h, rows + 1, rows, B, L)
+        if self.mode.focus:
+            st.logits = None
+        return self._head(st, h, rows + 1, rows, B, L)
 
     def _decode_cached(self, st: _State, masked, i: int) -> torch.Tensor:
         net = self.net
         B, L = masked.shape
-        fresh = first_true(st.prev_masked, self.counts[i - 1]) + 1  # (B, F) masked at the previous step
+        m = self.counts[i]
+        last = i == len(self.counts) - 1
+        if self.mode.focus and not last:
+            n_new = self.counts[i - 1] - m
+            n_fix = m - self.counts[i + 1]  # tokens this step fixes
+            r = min(m, self.mode.focus * max(1, n_fix))
+            new = first_true(st.prev_masked & ~masked, n_new)  # (B, n_new)
+            score = torch.where(masked, st.conf, -float("inf"))
+            top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :r]  # (B, r) masked rows
+            fresh = torch.cat([new, top], 1) + 1
+        else:
+            fresh = first_true(st.prev_masked, self.counts[i - 1]) + 1  # (B, F) masked at the previous step
         pos = torch.cat([torch.zeros_like(fresh[:, :1]), fresh], 1)  # (B, 1 + F) with the class slot
         allm = torch.cat([torch.zeros_like(masked[:, :1]), masked], 1)
         now_masked = torch.gather(allm, 1, pos)  # (B, 1 + F)
@@ -251,8 +283,9 @@ class NetworkPass:
         pe = net.decoder_pos_embed_learned[0][pos]  # (B, 1 + F, Dd)
         x = torch.where(now_masked.unsqueeze(-1), st.E[:, :1], e) + pe
         h = net.decoder_norm(stack_partial(net.decoder_blocks, x, pos, st.dec_ks, st.dec_vs))
-        sel = first_true(now_masked, self.counts[i])  # (B, m) rows of h still masked
-        return self._head(h, sel, torch.gather(pos, 1, sel) - 1, B, L)
+        n_out = r if self.mode.focus and not last else m
+        sel = first_true(now_masked, n_out)  # (B, n_out) rows of h still masked
+        return self._head(st, h, sel, torch.gather(pos, 1, sel) - 1, B, L)
 
 
 def run_counts(num_unknown: int, mask_lens: Sequence[int]) -> list[int]:
