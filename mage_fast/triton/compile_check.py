@@ -312,9 +312,10 @@ def judge(records: list[dict]) -> list[str]:
 
 
 def _environment(arch: int) -> dict:
-    env = {"triton": triton.__version__, "arch": f"sm_{arch}", "ptxas": ptxas_path(arch)}
+    ptxas = ptxas_path(arch)
+    env = {"triton": triton.__version__, "arch": f"sm_{arch}", "ptxas": os.path.basename(ptxas)}
     try:
-        env["ptxas_version"] = subprocess.run([env["ptxas"], "--version"], capture_output=True,
+        env["ptxas_version"] = subprocess.run([ptxas, "--version"], capture_output=True,
                                               text=True).stdout.strip().splitlines()[-1]
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        cwd=os.path.dirname(__file__)).stdout.strip()
