@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# The 256-token Fashion-MNIST model (issue 13), every stage resumable and skipped when done.
+#
+#   nohup train/recipes/fmnist256.sh >> /work/runs13/recipe.log 2>&1 &     # all stages, in order
+#   train/recipes/fmnist256.sh mage                                          # one stage (or several)
+#   train/recipes/fmnist256.sh status                                        # what is done, where runs stand
+#
+# Stages: data tokenizer recon caches pixels mage probe curve (and `status`). Rerunning the script
+# after a kill (or a reboot) continues where it stopped: finished stages are skipped (their output
+# exists), the two training stages resume exactly from their latest checkpoint (--resume auto).
+# Everything runs at one torch thread, one job at a time, under $RUNS (outside the repository).
+#
+# Geometry: Fashion-MNIST's 28x28 images padded with their black background to 32x32 (no
+# resampling), a grayscale VQGAN with one 2x downsampling -> 16x16 = 256 tokens (257 with the class
+# slot). Sizes and step counts below were set from a pilot on the shared 2-core machine
+# (docs/TRAINING.md, "256-token model (in progress)"); override any of them from the environment.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+RUNS=${RUNS:-/work/runs13}
+PY=${PY:-$REPO/.venv/bin/python}
+DEEPSPEED=${DEEPSPEED:-$(dirname "$PY")/deepspeed}
+PORT=${PORT:-29613}            # the DeepSpeed launcher's port (two jobs on one port fail: EADDRINUSE)
+SRC=${SRC:-/usr/share/datasets/fashion-mnist}
+DATA=$RUNS/data/fmnist32
+TOK=$RUNS/tok
+MAGE=$RUNS/mage
+CACHE=$RUNS/cache
+MIN_PSNR=${MIN_PSNR:-26}        # the tokenizer gate (test split, central 28x28 pixels)
+
+# tokenizer (pilot: see docs/TRAINING.md)
+TOK_CH=${TOK_CH:-32}
+TOK_NRB=${TOK_NRB:-2}
+TOK_Z=${TOK_Z:-32}
+TOK_CODES=${TOK_CODES:-1024}
+TOK_STEPS=${TOK_STEPS:-3000}
+TOK_BATCH=${TOK_BATCH:-32}
+TOK_LR=${TOK_LR:-1e-3}
+# MAGE-C
+M_DIM=${M_DIM:-192}
+M_DEPTH=${M_DEPTH:-6}
+M_HEADS=${M_HEADS:-6}
+M_DDIM=${M_DDIM:-128}
+M_DDEPTH=${M_DDEPTH:-2}
+M_DHEADS=${M_DHEADS:-4}
+M_BATCH=${M_BATCH:-32}          # pairs of augmented views per step (lr = blr x 32 / 256 = 3.75e-4)
+M_STEPS=${M_STEPS:-4000}        # 128 000 pairs, 2.1 epochs
+M_WARMUP=${M_WARMUP:-200}
+M_BLR=${M_BLR:-3e-3}
+M_SAVE=${M_SAVE:-50}            # a checkpoint every M_SAVE steps (5-15 min here; all kept, the curve reads them)
+VIEWS=${VIEWS:-4}               # cached views per training image: view 0 plain (the probe's), 3 crops
+                                # (a run of 2 epochs draws about 4 views per image)
+CURVE_LIMIT=${CURVE_LIMIT:-10000}   # training images the curve's probes fit on (the final probe: all)
+CURVE_EVERY=${CURVE_EVERY:-500}     # probe the checkpoints at multiples of this many steps
+
+export PYTHONPATH=$REPO OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+cd "$REPO"
+
+say() { echo "[$(date -u +%F' '%T)] fmnist256: $*"; }
+need() { [ -e "$1" ] || { say "missing $1 (run the stage that makes it first)"; exit 1; }; }
+
+stage_data() {
+  if [ -f "$DATA/.done" ]; then say "data: done ($DATA)"; return; fi
+  [ -d "$SRC" ] || { say "no $SRC: apt-get update && apt-get install -y dataset-fashion-mnist"; exit 1; }
+  say "data: Fashion-MNIST padded to 32x32 -> $DATA"
+  rm -rf "$DATA"
+  "$PY" train/prepare_fashion_mnist.py --src "$SRC" --out "$DATA" --pad_to 32
+  touch "$DATA/.done"
+}
+
+stage_tokenizer() {
+  if [ -f "$TOK/tokenizer.pt" ]; then say "tokenizer: done ($TOK/tokenizer.pt)"; return; fi
+  need "$DATA/.done"
+  say "tokenizer: grayscale VQGAN ch $TOK_CH, ch_mult 1,2, $TOK_NRB res blocks, $TOK_CODES codes, $TOK_STEPS steps"
+  "$DEEPSPEED" --master_port "$PORT" train/train_tokenizer.py --data_path "$DATA/train" --img_size 32 \
+    --crop_scale_min 0.5 --grayscale --ch "$TOK_CH" --ch_mult 1,2 --num_res_blocks "$TOK_NRB" \
+    --z_channels "$TOK_Z" --n_embed "$TOK_CODES" --batch_size "$TOK_BATCH" --max_steps "$TOK_STEPS" \
+    --lr "$TOK_LR" --warmup_steps 50 --min_lr 1e-5 --weight_decay 0.0 --l1_weight 0.5 --restart_every 50 \
+    --log_every 25 --save_every 100 --keep_last 2 --num_workers 1 --data_backend torch --threads 1 \
+    --no_progress --output_dir "$TOK" --export "$TOK/tokenizer.pt.tmp" --resume auto
+  mv "$TOK/tokenizer.pt.tmp" "$TOK/tokenizer.pt"
+}
+
+stage_recon() {
+  need "$TOK/tokenizer.pt"
+  if [ ! -f "$TOK/recon_test.json" ]; then
+    say "recon: tokenizer on the 10 000 test images (central 28x28 scored)"
+    "$PY" train/evaluate.py --json "$TOK/recon_test.json.tmp" recon --tokenizer "$TOK/tokenizer.pt" \
+      --data_path "$DATA/test" --img_size 32 --center_crop 28 --png "$TOK/recon_test.png"
+    mv "$TOK/recon_test.json.tmp" "$TOK/recon_test.json"
+  fi
+  local psnr
+  psnr=$("$PY" -c "import json,sys; print(json.loads(open(sys.argv[1]).readlines()[-1])['psnr_db'])" \
+         "$TOK/recon_test.json")
+  say "recon: PSNR $psnr dB on the test split (gate: $MIN_PSNR dB); picture $TOK/recon_test.png"
+  if ! "$PY" -c "import sys; sys.exit(float(sys.argv[1]) < float(sys.argv[2]))" "$psnr" "$MIN_PSNR"; then
+    say "recon: below $MIN_PSNR dB: not training MAGE on this tokenizer. Train a new one (move $TOK away, raise" \
+        "TOK_STEPS or TOK_CH) or pass MIN_PSNR=... to go on anyway"
+    exit 2
+  fi
+}
+
+cache() {  # split views out [extra cache_tokens.py flags]
+  local split=$1 views=$2 out=$3; shift 3
+  if [ -f "$out" ]; then say "caches: $out done"; return; fi
+  say "caches: $split, $views view(s) -> $out"
+  "$PY" train/cache_tokens.py --data_path "$DATA/$split" --tokenizer "$TOK/tokenizer.pt" --img_size 32 \
+    --views "$views" --plain_first --batch_size 250 --num_workers 0 --out "$out.tmp" "$@"
+  mv "$out.tmp" "$out"
+}
+
+stage_caches() {
+  need "$TOK/recon_test.json"
+  mkdir -p "$CACHE"
+  cache test 1 "$CACHE/test_plain.pt"
+  cache train "$VIEWS" "$CACHE/train_v$VIEWS.pt" --crop_scale_min 0.35   # view 0 plain: the probe reads it
+}
+
+stage_pixels() {
+  if [ -f "$RUNS/pixels.json" ]; then say "pixels: done ($RUNS/pixels.json)"; return; fi
+  need "$DATA/.done"
+  say "pixels: the raw-pixel logistic regression (the probe's bar), 32x32 padded, full splits"
+  "$PY" train/evaluate.py --json "$RUNS/pixels.json.tmp" pixels --train_path "$DATA/train" \
+    --test_path "$DATA/test" --img_size 32
+  mv "$RUNS/pixels.json.tmp" "$RUNS/pixels.json"
+}
+
+stage_mage() {
+  if [ -f "$MAGE/mage_fmnist256.pt" ]; then say "mage: done ($MAGE/mage_fmnist256.pt)"; return; fi
+  need "$CACHE/train_v$VIEWS.pt"
+  say "mage: class-conditional MAGE-C, encoder $M_DIM x $M_DEPTH, decoder $M_DDIM x $M_DDEPTH, $M_BATCH pairs," \
+      "$M_STEPS steps (resumes from $MAGE/checkpoints/latest if there)"
+  "$DEEPSPEED" --master_port "$PORT" train/pretrain.py --model tiny --embed_dim "$M_DIM" --depth "$M_DEPTH" \
+    --num_heads "$M_HEADS" --decoder_embed_dim "$M_DDIM" --decoder_depth "$M_DDEPTH" \
+    --decoder_num_heads "$M_DHEADS" --img_size 32 --tokenizer "$TOK/tokenizer.pt" \
+    --token_cache "$CACHE/train_v$VIEWS.pt" --class_cond --class_dropout_prob 0.2 \
+    --contrastive_weight 1.0 --temperature 0.2 --batch_size "$M_BATCH" --max_steps "$M_STEPS" \
+    --warmup_steps "$M_WARMUP" --blr "$M_BLR" --min_lr 1e-5 --log_every 20 --save_every "$M_SAVE" \
+    --keep_last 0 --threads 1 --deepspeed_config zero1 --no_progress --output_dir "$MAGE" \
+    --export "$MAGE/mage_fmnist256.pt.tmp" --resume auto
+  mv "$MAGE/mage_fmnist256.pt.tmp" "$MAGE/mage_fmnist256.pt"
+}
+
+probe_one() {  # ckpt json [evaluate.py probe flags]
+  local ckpt=$1 json=$2; shift 2
+  "$PY" train/evaluate.py --json "$json" probe --ckpt "$ckpt" --train_cache "$CACHE/train_v$VIEWS.pt" \
+    --test_cache "$CACHE/test_plain.pt" "$@"
+}
+
+stage_probe() {
+  need "$MAGE/mage_fmnist256.pt"
+  if [ -f "$MAGE/probe_final.json" ]; then say "probe: done ($MAGE/probe_final.json)"; return; fi
+  say "probe: the exported model, the whole training split"
+  probe_one "$MAGE/mage_fmnist256.pt" "$MAGE/probe_final.json.tmp"
+  mv "$MAGE/probe_final.json.tmp" "$MAGE/probe_final.json"
+}
+
+stage_curve() {  # the probe at every CURVE_EVERY steps among the saved checkpoints (not yet probed)
+  need "$CACHE/test_plain.pt"
+  [ -d "$MAGE/checkpoints" ] || { say "curve: no checkpoints yet"; return; }
+  mkdir -p "$MAGE/curve"
+  local step latest
+  latest=$(sed -n 's/^step\([0-9][0-9]*\)$/\1/p' "$MAGE/checkpoints/latest" 2>/dev/null || true)
+  for step in $(ls "$MAGE/checkpoints" | sed -n 's/^step\([0-9][0-9]*\)$/\1/p' | sort -n); do
+    # only the latest checkpoint resumes: drop the optimizer states (3/4 of the bytes) of those
+    # older than it (a run going on only writes newer ones), keep their weights for probes
+    if [ -n "$latest" ] && [ "$step" -lt "$latest" ]; then rm -f "$MAGE/checkpoints/step$step/"*optim_states.pt; fi
+    [ $((step % CURVE_EVERY)) -eq 0 ] || continue
+    grep -q "\"step\": $step," "$MAGE/curve.jsonl" 2>/dev/null && continue
+    say "curve: probe at step $step (fit on $CURVE_LIMIT training images)"
+    "$PY" train/export_checkpoint.py --run_dir "$MAGE" --tag "step$step" --out "$MAGE/curve/step$step.pt" >/dev/null
+    probe_one "$MAGE/curve/step$step.pt" "$MAGE/curve/step$step.json" --train_limit "$CURVE_LIMIT"
+    "$PY" - "$MAGE/curve/step$step.json" "$step" "$MAGE/metrics.csv" >> "$MAGE/curve.jsonl" <<'EOF'
+import csv, json, sys
+res = json.loads(open(sys.argv[1]).readlines()[-1])
+step = int(sys.argv[2])
+rows = [r for r in csv.DictReader(open(sys.argv[3])) if int(r["step"]) <= step]
+last = rows[-1] if rows else {}
+print(json.dumps({"step": step, "probe_test_accuracy": res["test_accuracy"], "train_n": res["train_n"],
+                  "loss": float(last.get("loss", "nan")), "mlm_loss": float(last.get("mlm_loss") or "nan"),
+                  "contrastive_loss": float(last.get("contrastive_loss") or "nan")}))
+EOF
+    rm -f "$MAGE/curve/step$step.pt"
+    tail -1 "$MAGE/curve.jsonl"
+  done
+}
+
+stage_status() {
+  for f in "$DATA/.done" "$TOK/tokenizer.pt" "$TOK/recon_test.json" "$CACHE/test_plain.pt" \
+           "$CACHE/train_v$VIEWS.pt" "$RUNS/pixels.json" "$MAGE/mage_fmnist256.pt" "$MAGE/probe_final.json"; do
+    if [ -e "$f" ]; then echo "done     $f"; else echo "not yet  $f"; fi
+  done
+  for r in "$TOK" "$MAGE"; do
+    [ -f "$r/metrics.csv" ] && echo "$r: latest $(cat "$r/checkpoints/latest" 2>/dev/null || echo none)," \
+      "last log: $(tail -1 "$r/metrics.csv" | cut -d, -f1-6)"
+  done
+  [ -f "$MAGE/curve.jsonl" ] && cat "$MAGE/curve.jsonl"
+  return 0
+}
+
+main() {
+  local stages=("$@") s
+  [ ${#stages[@]} -gt 0 ] || stages=(data tokenizer recon caches pixels mage probe curve)
+  for s in "${stages[@]}"; do
+    case $s in
+      data|tokenizer|recon|caches|pixels|mage|probe|curve|status) ;;
+      *) echo "unknown stage $s (data tokenizer recon caches pixels mage probe curve status)" >&2; exit 64 ;;
+    esac
+  done
+  for s in "${stages[@]}"; do "stage_$s"; done
+  say "finished: ${stages[*]}"
+}
+
+# one line: bash has read all of it before it runs, so editing this file during a run is safe
+main "$@"; exit $?
