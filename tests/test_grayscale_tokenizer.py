@@ -213,3 +213,30 @@ def test_recon_center_crop_scores_the_central_pixels(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ev.main(["recon", "--tokenizer", str(tmp_path / "tok.pt"), "--data_path", str(tmp_path / "imgs"),
                  "--img_size", "32", "--center_crop", "40"])
+
+
+def test_recon_picture_one_column_per_class(tmp_path):
+    vq = _gray_vq()
+    torch.save({"state_dict": vq.state_dict(), "config": dict(GRAY), "arch": "vqgan"}, tmp_path / "tok.pt")
+    rng = np.random.default_rng(2)
+    for c in ("c0", "c1"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), mode="L").save(
+                tmp_path / "imgs" / c / f"{i}.png")
+    xs, ys = ev._folder_tensor(str(tmp_path / "imgs"), 32)
+    rows = ev.class_pairs(vq, xs, ys, 2)
+    assert rows.shape == (8, 3, 32, 32)
+    # row order: originals (c0, c1), their reconstructions, then the second images of each class
+    torch.testing.assert_close(rows[0], xs[0])
+    torch.testing.assert_close(rows[1], xs[3])
+    torch.testing.assert_close(rows[4], xs[1])
+    with torch.no_grad():
+        torch.testing.assert_close(rows[2:4], vq(xs[[0, 3]])[0].clamp(0, 1))
+    png = tmp_path / "pairs.png"
+    ev.main(["recon", "--tokenizer", str(tmp_path / "tok.pt"), "--data_path", str(tmp_path / "imgs"),
+             "--img_size", "32", "--png", str(png), "--png_per_class", "2"])
+    with Image.open(png) as im:
+        assert im.size == ((2 * 34 + 2) * 3, (4 * 34 + 2) * 3)
+    with pytest.raises(SystemExit, match="class 0 has 3 images"):
+        ev.class_pairs(vq, xs, ys, 4)

@@ -163,6 +163,9 @@ def main(argv=None):
     r.add_argument("--data_path", required=True)
     r.add_argument("--img_size", type=int, required=True)
     r.add_argument("--png", default=None, help="write originals over reconstructions here")
+    r.add_argument("--png_per_class", type=int, default=0,
+                   help="the picture shows this many images of every class instead of the first 32: one column "
+                        "per class, each original above its reconstruction")
     r.add_argument("--center_crop", type=int, default=0,
                    help="score only the central NxN pixels (28 for Fashion-MNIST padded to 32: the padding is "
                         "easy and would flatter the PSNR); 0: the whole image")
@@ -220,8 +223,10 @@ def main(argv=None):
         from cache_tokens import load_tokenizer
         if not 0 <= args.center_crop <= args.img_size:
             raise SystemExit(f"error: --center_crop must be in [0, --img_size {args.img_size}], got {args.center_crop}")
+        if args.png_per_class < 0:
+            raise SystemExit(f"error: --png_per_class must be >= 0, got {args.png_per_class}")
         vq = load_tokenizer(args.tokenizer, args.img_size)
-        xs, _ = _folder_tensor(args.data_path, args.img_size)
+        xs, ys = _folder_tensor(args.data_path, args.img_size)
         c = args.center_crop or args.img_size
         lo = (args.img_size - c) // 2
         se, ae, n, used = 0.0, 0.0, 0, torch.zeros(vq.n_embed, dtype=torch.bool)
@@ -236,8 +241,10 @@ def main(argv=None):
                 ae += float(d.abs().sum())
                 n += d.numel()
                 used[idx] = True
-                if i == 0 and args.png:
+                if i == 0 and args.png and not args.png_per_class:
                     save_grid(torch.cat([xs[:32], rec[:32]]), args.png, 3)
+            if args.png and args.png_per_class:
+                save_grid(class_pairs(vq, xs, ys, args.png_per_class), args.png, 3, cols=int(ys.max()) + 1)
         mse = se / n
         res = {"what": "tokenizer reconstruction", "images": len(xs), "scored_pixels": f"central {c}x{c}",
                "mse": mse, "mae": ae / n, "psnr_db": float(10 * torch.log10(torch.tensor(1.0 / mse))),
@@ -325,11 +332,29 @@ def vim_samples(args) -> dict:
             "seed": args.seed}
 
 
-def save_grid(imgs: torch.Tensor, path: str, scale: int = 1) -> None:
-    """(N, 3, H, W) in [0, 1] -> a square PNG grid with 2-pixel gaps."""
+def class_pairs(vq, xs: torch.Tensor, ys: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows for a picture with one column per class: the first ``k`` images of every class, each
+    original row followed by its reconstruction row -> (2 k C, 3, H, W)."""
+    classes = int(ys.max()) + 1
+    picks = []
+    for c in range(classes):
+        idx = (ys == c).nonzero().flatten()[:k]
+        if len(idx) < k:
+            raise SystemExit(f"error: class {c} has {len(idx)} images, --png_per_class asks for {k}")
+        picks.append(idx)
+    rows = []
+    with torch.inference_mode():
+        for j in range(k):
+            orig = xs[torch.stack([p[j] for p in picks])]
+            rows += [orig, vq.decode(vq.encode(orig)[0]).clamp(0, 1)]
+    return torch.cat(rows)
+
+
+def save_grid(imgs: torch.Tensor, path: str, scale: int = 1, cols: int = None) -> None:
+    """(N, 3, H, W) in [0, 1] -> a PNG grid (square, or ``cols`` wide) with 2-pixel gaps."""
     from PIL import Image
     n, _, h, w = imgs.shape
-    cols = int(n ** 0.5 + 0.999)
+    cols = cols or int(n ** 0.5 + 0.999)
     rows = (n + cols - 1) // cols
     canvas = torch.ones(3, rows * (h + 2) + 2, cols * (w + 2) + 2)
     for i in range(n):

@@ -86,7 +86,7 @@ stage_recon() {
   if [ ! -f "$TOK/recon_test.json" ]; then
     say "recon: tokenizer on the 10 000 test images (central 28x28 scored)"
     "$PY" train/evaluate.py --json "$TOK/recon_test.json.tmp" recon --tokenizer "$TOK/tokenizer.pt" \
-      --data_path "$DATA/test" --img_size 32 --center_crop 28 --png "$TOK/recon_test.png"
+      --data_path "$DATA/test" --img_size 32 --center_crop 28 --png "$TOK/recon_test.png" --png_per_class 3
     mv "$TOK/recon_test.json.tmp" "$TOK/recon_test.json"
   fi
   local psnr
@@ -138,6 +138,16 @@ stage_mage() {
     --warmup_steps "$M_WARMUP" --blr "$M_BLR" --min_lr 1e-5 --log_every 20 --save_every "$M_SAVE" \
     --keep_last 0 --threads 1 --deepspeed_config zero1 --no_progress --output_dir "$MAGE" \
     --export "$MAGE/mage_fmnist256.pt.tmp" --resume auto
+  # the model card beside it: class names in label (folder) order, so --class-id NAME|all work
+  "$PY" - "$CACHE/train_v$VIEWS.pt" "$MAGE/mage_fmnist256.json" <<'CARD'
+import json, sys, torch
+classes = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["meta"]["classes"]
+card = {"description": "class-conditional MAGE-C + grayscale VQGAN on Fashion-MNIST padded to 32 px, 16x16 = 256 "
+                       "tokens (train/recipes/fmnist256.sh; docs/TRAINING.md)",
+        "class_conditional": True, "classes": [c.split("_", 1)[1] for c in classes],
+        "sampling": {"num_iter": 20, "temperature": 1.0}}
+json.dump(card, open(sys.argv[2], "w"), indent=1)
+CARD
   mv "$MAGE/mage_fmnist256.pt.tmp" "$MAGE/mage_fmnist256.pt"
 }
 
