@@ -173,16 +173,17 @@ def _grid_layout(label, num_images: int, grid: int, names: list[str]):
     return list(range(n)), None, None, title
 
 
+def _fid_features(args, dev):
+    from mage_fast.eval.frechet import EfficientNetFeatures, InceptionFeatures
+    if args.inception_weights:
+        return InceptionFeatures(args.inception_weights, dev)
+    return EfficientNetFeatures(dev)
+
+
 def cmd_generate(args) -> int:
-    import numpy as np
-    import torch
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    import mage_fast
-    from mage_fast.images import save_grid, to_uint8
-    from mage_fast.runs import check_output_dir, finish_run, prepare_run, sample_name, save_atomic_png, versions
-
+    """One process, or one rank of a torchrun job: see :mod:`mage_fast.parallel`."""
+    from mage_fast import parallel
+    rank, world, local_rank = parallel.dist_info()
     _check_sampling_args(args, "--num-images")
     _need(args.batch_size, "--batch-size", lo=1, integer=True)
     _need(args.grid, "--grid", lo=0, integer=True)
@@ -190,8 +191,41 @@ def cmd_generate(args) -> int:
                                    or args.temperature_annealing != "linear"):
         raise CLIError("--rng official reproduces the official unconditional sampler only (cosine schedule, linear "
                        "annealing, no class); use --rng torch (the default) for other settings")
+    if (args.ref_stats or args.inception_weights) and not args.fid_ref:
+        raise CLIError("--ref-stats / --inception-weights go with --fid-ref REF_DIR (the reference images)")
+    if args.fid_json and not args.fid_ref:
+        raise CLIError("--fid-json goes with --fid-ref REF_DIR")
+    from mage_fast.runs import check_output_dir
     check_output_dir(args.out)
+    if args.fid_ref:
+        from mage_fast.eval.frechet import sample_files
+        sample_files(args.fid_ref, "--fid-ref")  # before any work: a missing or empty reference
+        if args.inception_weights and not os.path.isfile(args.inception_weights):
+            raise CLIError(f"--inception-weights not found: {args.inception_weights}")
     dev = _device(args.device)
+    if world > 1 and dev.type == "cuda":
+        import torch
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    parallel.init(dev.type)
+    try:
+        return _generate_run(args, dev, rank, world)
+    finally:
+        parallel.shutdown()
+
+
+def _generate_run(args, dev, rank: int, world: int) -> int:
+    import numpy as np
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    import mage_fast
+    from mage_fast import parallel
+    from mage_fast.images import save_grid, to_uint8
+    from mage_fast.runs import finish_run, prepare_run, sample_name, save_atomic_png, versions
+
+    main = rank == 0
+    say = print if main else (lambda *a, **k: None)
     model, ckpt = load_model(args.ckpt, args.model)
     model = model.to(dev).eval()
     sampling_defaults(ckpt, args)
@@ -205,47 +239,111 @@ def cmd_generate(args) -> int:
         settings["batch_size"] = args.batch_size
     manifest = dict(kind="generate", **_model_summary(ckpt), settings=settings, first_index=0,
                     num_images=args.num_images, sample_pattern="{:05d}.png", image_size=model.img_size,
-                    classes=names or None, versions=versions())
-    done = prepare_run(args.out, manifest, overwrite=args.overwrite, resume=args.resume, image_size=model.img_size)
+                    classes=names or None, versions=versions(), decode="one image at a time")
+    done, err = set(), None
+    if main:
+        try:
+            done = prepare_run(args.out, manifest, overwrite=args.overwrite, resume=args.resume,
+                               image_size=model.img_size)
+        except ValueError as e:
+            err = str(e)
+    done, err = parallel.broadcast((done, err))
+    if err:
+        raise CLIError(err)
+    feats = stats = ref = None
+    if args.fid_ref:
+        from mage_fast.eval.frechet import FeatureStats, sample_files, sharded_stats
+        feats = _fid_features(args, dev)
+        ref_files, note = sample_files(args.fid_ref, "--fid-ref")
+        if note and main:
+            _notes([note])
+        ref = sharded_stats(ref_files, feats, cache=args.ref_stats, progress=main)
+        stats = None
     num_batches = math.ceil(args.num_images / args.batch_size)
+    rounds = parallel.shard_rounds(num_batches, rank, world)
     t0, made = time.perf_counter(), 0
-    print(f"generating {args.num_images} images with {ckpt} on {dev} (T={args.num_iter}, "
-          f"temperature={args.temperature}, rng={args.rng}" + (f", class {label}" if label is not None else "") + ")")
+    say(f"generating {args.num_images} images with {ckpt} on {dev}"
+        + (f" x {world} processes" if world > 1 else "") + f" (T={args.num_iter}, temperature={args.temperature}, "
+        f"rng={args.rng}" + (f", class {label}" if label is not None else "") + ")")
     if done:
-        print(f"resuming: {len(done)} of {args.num_images} images are already written and readable")
-    for b in tqdm(range(num_batches), desc="batches", unit="batch"):
-        start = b * args.batch_size
-        n = min(args.batch_size, args.num_images - start)
-        want_trace = args.process and b == 0
-        if all(i in done for i in range(start, start + n)) and not want_trace:
-            continue
-        # rng=official: batch b is seeded with (seed + b) at full batch size, as the official script.
-        # rng=torch: one seed, images keyed by their global index (independent of --batch-size).
-        seed = args.seed + b if args.rng == "official" else args.seed
-        bs = args.batch_size if args.rng == "official" else n
-        out = mage_fast.generate(model, bs, num_iter=args.num_iter, temperature=args.temperature, seed=seed,
-                                 rng=args.rng, first_index=start, schedule=args.schedule,
-                                 temperature_annealing=args.temperature_annealing,
-                                 class_ids=_batch_class_ids(label, start, bs, num_classes),
-                                 guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
-                                 return_trace=want_trace)
-        imgs = (out[0] if want_trace else out)[:n]
-        if want_trace:
-            path = save_process(model, out[1], os.path.join(args.out, "process.png"), rows=min(n, 4))
-            print(f"decoding process: {path}")
-        for i, arr in enumerate(to_uint8(imgs)):
-            if start + i not in done:
-                save_atomic_png(arr, os.path.join(args.out, sample_name(start + i)))
-                made += 1
+        say(f"resuming: {len(done)} of {args.num_images} images are already written and readable")
+    bar = tqdm(total=args.num_images, initial=len(done), desc="images", unit="img", disable=not main)
+    for batches in rounds:
+        new = 0
+        for b in batches:
+            start = b * args.batch_size
+            n = min(args.batch_size, args.num_images - start)
+            want_trace = args.process and b == 0
+            todo = [i for i in range(start, start + n) if i not in done]
+            arrs = {}
+            if todo or want_trace:
+                # rng=official: batch b is seeded with (seed + b) at full batch size, as the official
+                # script. rng=torch: one seed, images keyed by their global index. Decoding one image
+                # at a time keeps every image's pixels independent of the batch and of the ranks.
+                seed = args.seed + b if args.rng == "official" else args.seed
+                bs = args.batch_size if args.rng == "official" else n
+                out = mage_fast.generate(model, bs, num_iter=args.num_iter, temperature=args.temperature, seed=seed,
+                                         rng=args.rng, first_index=start, schedule=args.schedule,
+                                         temperature_annealing=args.temperature_annealing,
+                                         class_ids=_batch_class_ids(label, start, bs, num_classes),
+                                         guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
+                                         return_trace=want_trace, decode_chunk=1)
+                imgs = (out[0] if want_trace else out)[:n]
+                if want_trace:
+                    save_process(model, out[1], os.path.join(args.out, "process.png"), rows=min(n, 4))
+                for i, arr in enumerate(to_uint8(imgs)):
+                    arrs[start + i] = arr
+                    if start + i not in done:
+                        save_atomic_png(arr, os.path.join(args.out, sample_name(start + i)))
+                        made += 1
+                        new += 1
+            if feats is not None:
+                batch = [arrs[i] if i in arrs else np.asarray(Image.open(os.path.join(args.out, sample_name(i)))
+                                                              .convert("RGB")) for i in range(start, start + n)]
+                f = feats(batch)
+                if stats is None:
+                    from mage_fast.eval.frechet import FeatureStats
+                    stats = FeatureStats(f.shape[1])
+                stats.add(f)
+        bar.update(parallel.all_sum(new))
+    bar.close()
+    parallel.barrier()
     dt = time.perf_counter() - t0
+    total_made = parallel.all_sum(made)
+    fid = None
+    if feats is not None:
+        from mage_fast.eval.frechet import FeatureStats, frechet_distance
+        if stats is None:
+            stats = FeatureStats(ref["mu"].numel())
+        stats.all_reduce()
+        mu, sigma = stats.mean_cov()
+        if main and min(stats.n, int(ref["n"])) <= mu.numel():
+            print(f"WARNING: only {min(stats.n, int(ref['n']))} images in the smaller set, no more than the "
+                  f"{mu.numel()} feature dimensions: the distance is dominated by sample-size bias; compare only "
+                  f"numbers computed on the same counts (MAGE's protocol: 50 000 samples)", file=sys.stderr)
+        key = "frechet_inception" if feats.name.startswith("inception") else "frechet_efficientnet_lite0"
+        fid = {key: frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), "num_generated": stats.n,
+               "num_reference": int(ref["n"]), "features": feats.name, "reference": os.path.abspath(args.fid_ref),
+               "reference_content_sha256": ref["content_sha256"]}
+        if key == "frechet_efficientnet_lite0":
+            fid["note"] = "EfficientNet-Lite0 features: ranks quality offline, not comparable to published FID"
+    if not main:
+        return 0
     grid = None
     if args.grid:
         idx, ncol, labels, title = _grid_layout(label, args.num_images, args.grid, names)
         tiles = [np.asarray(Image.open(os.path.join(args.out, sample_name(i))).convert("RGB")) for i in idx]
         grid = save_grid(tiles, os.path.join(args.out, "grid.png"), ncol=ncol, col_labels=labels, title=title)
-    finish_run(args.out, images_written_this_run=made, seconds=round(dt, 3))
-    rate = f" ({made / dt:.2f} images/s)" if made and dt > 0 else ""
-    print(f"wrote {made} PNGs{' and ' + grid if grid else ''} to {args.out} in {dt:.1f} s{rate}")
+    extra = {"fid": fid} if fid else {}
+    finish_run(args.out, images_written_this_run=total_made, seconds=round(dt, 3), processes=world, **extra)
+    rate = f" ({total_made / dt:.2f} images/s)" if total_made and dt > 0 else ""
+    print(f"wrote {total_made} PNGs{' and ' + grid if grid else ''} to {args.out} in {dt:.1f} s{rate}")
+    if fid:
+        what = "FID (Inception-v3)" if feats.name.startswith("inception") else \
+            "offline Frechet distance (EfficientNet-Lite0 features; NOT comparable to published FID)"
+        print(f"{what}: {fid[next(iter(fid))]:.3f} ({fid['num_generated']} vs {fid['num_reference']} images)")
+        if args.fid_json:
+            write_json_atomic(args.fid_json, fid)
     return 0
 
 
@@ -601,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=helptext, description=helptext, formatter_class=_HelpFormatter, **kw)
 
     g = add("generate", "generate images (unconditional, or class-conditional with --class-id) to PNG files, a "
-                        "grid.png and a run.json manifest")
+                        "grid.png and a run.json manifest; under torchrun the ranks share the work")
     g.add_argument("--ckpt", default=None, help="checkpoint ({'model': sd} official or mage_fast); "
                                                "default: the shipped small model")
     g.add_argument("--model", default=None, help="vit_base | vit_large | tiny (default: inferred from the checkpoint)")
@@ -623,6 +721,14 @@ def build_parser() -> argparse.ArgumentParser:
     _decoding_args(g)
     g.add_argument("--guidance-schedule", default="constant", choices=("constant", "linear"),
                    help="constant: s at every step; linear: s (t+1)/T")
+    f = g.add_argument_group("Frechet distance in the same pass (every rank adds its images' features)")
+    f.add_argument("--fid-ref", default=None, help="reference images (a folder or ImageFolder tree); default: none")
+    f.add_argument("--ref-stats", default=None,
+                   help="cache file for the reference statistics, keyed by the images' content")
+    f.add_argument("--inception-weights", default=None,
+                   help="torch-fidelity's Inception-v3 FID weights file: FID instead of the offline "
+                        "EfficientNet-Lite0 distance (default: none)")
+    f.add_argument("--fid-json", default=None, help="also write the distance to this JSON file")
     g.set_defaults(fn=cmd_generate)
     for name, fn, helptext in (("inpaint", cmd_inpaint, "regenerate a box or mask of an image"),
                                ("edit", cmd_edit, "inpaint with a new class for the region (class-conditional)"),
@@ -700,7 +806,8 @@ def main(argv=None) -> int:
         msg = " ".join(str(e).split()) if isinstance(e, CheckpointError) else str(e).strip()
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
             msg = f"{e.filename}: {e.strerror or e}"
-        print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says why
+            print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
         return 2
 
 

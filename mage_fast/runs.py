@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Iterable, Optional
+from typing import Optional
 
 from .models.checks import InputError
 
@@ -90,7 +90,10 @@ def write_manifest(folder: str, manifest: dict) -> None:
 
 def _foreign_images(folder: str) -> list[str]:
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and f not in ARTEFACTS
-                  and not _SAMPLE_RE.match(f))
+                  and not _SAMPLE_RE.match(f) and not f.startswith(_TMP_PREFIX))
+
+
+_TMP_PREFIX = ".tmp-"
 
 
 def _identity(m: dict) -> dict:
@@ -129,17 +132,13 @@ def prepare_run(out: str, manifest: dict, *, overwrite: bool = False, resume: bo
                          f"from this run's; pass --overwrite to replace them or choose another --out")
     done: set[int] = set()
     if old is not None and not overwrite:
-        same = _identity(old) == _identity(manifest)
-        if not same:
-            diff = sorted(k for k in set(_identity(old)) | set(manifest.get("settings", {}))
-                          if _identity(old).get(k) != _identity(manifest).get(k))
-            if old.get("settings") and manifest.get("settings"):
-                diff += sorted(f"settings.{k}" for k in set(old["settings"]) | set(manifest["settings"])
-                               if old["settings"].get(k) != manifest["settings"].get(k))
-            diff = [d for d in diff if d != "settings"]
+        if _identity(old) != _identity(manifest):
+            a, b = _identity(old), _identity(manifest)
+            diff = [k for k in a if k != "settings" and a[k] != b[k]]
+            sa, sb = a.get("settings") or {}, b.get("settings") or {}
+            diff += [f"settings.{k}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
             raise InputError(f"{out} holds another run ({old.get('kind')}, {old.get('num_images')} images; differs in "
-                             f"{', '.join(diff) or 'its settings'}); pass --overwrite to replace it or choose another "
-                             f"--out")
+                             f"{', '.join(diff)}); pass --overwrite to replace it or choose another --out")
         if not resume:
             raise InputError(f"{out} already holds this run ({old.get('status', 'unknown')}, "
                              f"{len(samples)} of {old['num_images']} images); pass --resume to finish it or "
@@ -151,6 +150,9 @@ def prepare_run(out: str, manifest: dict, *, overwrite: bool = False, resume: bo
                 done.add(i)
     if overwrite:
         for f in samples + [a for a in ARTEFACTS if os.path.isfile(os.path.join(out, a))]:
+            os.remove(os.path.join(out, f))
+    for f in os.listdir(out):  # half-written files of a killed run (ours: written, then renamed)
+        if f.startswith(_TMP_PREFIX):
             os.remove(os.path.join(out, f))
     write_manifest(out, dict(manifest, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
     return done
@@ -166,7 +168,7 @@ def save_atomic_png(arr, path: str) -> None:
     """(H, W, 3) uint8 -> PNG, written under a temporary name and renamed (never half a file)."""
     from PIL import Image
     d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".png", dir=d)
     os.close(fd)
     try:
         Image.fromarray(arr).save(tmp, format="PNG")
@@ -200,7 +202,3 @@ def versions() -> dict:
     from . import __version__
     return {"mage_fast": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version()}
-
-
-def describe(settings: Iterable) -> str:
-    return ", ".join(f"{k}={v}" for k, v in settings)

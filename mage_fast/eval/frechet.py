@@ -102,6 +102,142 @@ def efficientnet_features(files: list[str], batch_size: int = 50, device="cpu", 
     return torch.cat(out)
 
 
+def _preprocess_uint8(arr, size: int = 224) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, size, size) in [0, 1], exactly as :func:`load_image` reads the same
+    pixels from a PNG (PIL bicubic on 8-bit RGB), so in-pass features equal those of the files."""
+    import numpy as np
+    from PIL import Image
+    if arr.shape[0] != size or arr.shape[1] != size:
+        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC))
+    return torch.from_numpy(np.asarray(arr, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+class FeatureStats:
+    """Running sums for Gaussian statistics of features: n, sum (D,), sum of outer products (D, D),
+    in float64. Sums of parts add up exactly (up to float64 rounding), so ranks accumulate their own
+    images and one all-reduce gives the statistics of all of them.
+
+    Example:
+        >>> st = FeatureStats(4); st.add(torch.randn(10, 4)); mu, sigma = st.mean_cov()  # doctest: +SKIP
+    """
+
+    def __init__(self, dim: int = FEATURE_DIM):
+        self.n = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def add(self, feats: torch.Tensor) -> None:
+        f = feats.detach().double().cpu()
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.t() @ f
+
+    def all_reduce(self) -> None:
+        """Sum over the ranks of the default process group (a no-op without one)."""
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            n = torch.tensor([self.n], dtype=torch.float64)
+            for t in (n, self.sum, self.outer):
+                dist.all_reduce(t)
+            self.n = int(n.item())
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.n < 2:
+            raise ValueError(f"a Frechet distance needs at least 2 images per set, got {self.n}")
+        mu = self.sum / self.n
+        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu, (sigma + sigma.t()) / 2
+
+
+class EfficientNetFeatures:
+    """EfficientNet-Lite0 pooled features of uint8 images held in memory (the offline network of
+    :func:`efficientnet_features`, loaded once)."""
+
+    name = "efficientnet_lite0"
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self.net = _efficientnet().to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, arrs) -> torch.Tensor:
+        x = torch.stack([_preprocess_uint8(a) for a in arrs]).to(self.device)
+        x = (x * 255 - 127.0) / 128.0
+        return F.adaptive_avg_pool2d(self.net.extract_features(x), 1).flatten(1).float().cpu()
+
+
+class InceptionFeatures:
+    """The 2048-d pool features of torch-fidelity's FID Inception-v3, from a weights file the user
+    gives (``pt_inception-2015-12-05-6726825d.pth``; never downloaded), on uint8 images in memory.
+    torch-fidelity needs torchvision, which does not import beside this project's CPU torch on the
+    development machines, so this path is exercised only where both install."""
+
+    name = "inception_v3_fid"
+
+    def __init__(self, weights_path: str, device="cpu"):
+        if not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"Inception weights not found: {weights_path}")
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError as e:
+            raise ImportError(f"Inception FID needs `pip install torch-fidelity` (and torchvision): {e}") from e
+        self.device = torch.device(device)
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                               feature_extractor_weights_path=weights_path).to(self.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, arrs) -> torch.Tensor:
+        import numpy as np
+        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        return self.net(x)[0].double().cpu()
+
+
+def content_key(files) -> str:
+    """SHA-256 over the files' bytes, in order: what a statistics cache is keyed by."""
+    import hashlib
+
+    from ..runs import file_sha256
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+
+
+def sharded_stats(files: list[str], features, cache: Optional[str] = None, batch_size: int = 50,
+                  progress: bool = True) -> dict:
+    """Gaussian statistics of image files, the work split over the ranks of the process group
+    (files ``rank::world``; sums all-reduced). ``features`` maps a list of (H, W, 3) uint8 arrays to
+    (N, D) features. With ``cache``: read when made for the same content and feature network, else
+    written by rank 0. Returns ``{'mu', 'sigma', 'n', 'content_sha256', 'features'}``."""
+    import numpy as np
+    from PIL import Image
+
+    from .. import parallel
+    rank, world, _ = parallel.dist_info() if parallel.active() else (0, 1, 0)
+    key = content_key(files)
+    if cache and os.path.isfile(cache):
+        st = torch.load(cache, map_location="cpu", weights_only=True)
+        if st.get("content_sha256") == key and st.get("features", "efficientnet_lite0") == features.name:
+            return st
+    mine = files[rank::world]
+    acc = None
+    it = range(0, len(mine), batch_size)
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=f"reference features ({features.name})")
+    for i in it:
+        arrs = [np.asarray(Image.open(f).convert("RGB")) for f in mine[i: i + batch_size]]
+        f = features(arrs)
+        if acc is None:
+            acc = FeatureStats(f.shape[1])
+        acc.add(f)
+    dim = parallel.broadcast(acc.sum.numel() if acc is not None else None, src=0)
+    acc = acc or FeatureStats(dim)
+    acc.all_reduce()
+    mu, sigma = acc.mean_cov()
+    st = {"mu": mu, "sigma": sigma, "n": acc.n, "content_sha256": key, "features": features.name}
+    if cache and rank == 0:
+        torch.save(st, cache)
+    return st
+
+
 def folder_stats(folder, cache: Optional[str] = None, device="cpu", progress: bool = True) -> dict:
     """Gaussian statistics of a folder's (or a list of files') EfficientNet-Lite0 features:
     ``{'mu', 'sigma', 'n', 'files'}``.
@@ -112,20 +248,16 @@ def folder_stats(folder, cache: Optional[str] = None, device="cpu", progress: bo
     if len(files) < 2:
         raise ValueError(f"a Frechet distance needs at least 2 images per set, got {len(files)}")
     names = [os.path.abspath(f) for f in files]
-    key = None
-    if cache:
-        import hashlib
-
-        from ..runs import file_sha256
-        key = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+    key = content_key(files) if cache else None
     if cache and os.path.isfile(cache):
         st = torch.load(cache, map_location="cpu", weights_only=True)
-        if st.get("content_sha256") == key:
+        if st.get("content_sha256") == key and st.get("features", "efficientnet_lite0") == "efficientnet_lite0":
             return st
         if progress:
             print(f"{cache}: made for other images (content differs); recomputing")
     mu, sigma = gaussian_stats(efficientnet_features(files, device=device, progress=progress))
-    st = {"mu": mu, "sigma": sigma, "n": len(files), "files": names, "content_sha256": key}
+    st = {"mu": mu, "sigma": sigma, "n": len(files), "files": names, "content_sha256": key,
+          "features": "efficientnet_lite0"}
     if cache:
         torch.save(st, cache)
     return st
