@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mage_fast  # noqa: E402
 from common import device_tag, environment, print_header, summarize, time_fn, write_json  # noqa: E402
 from mage_fast.models import MODEL_FACTORIES  # noqa: E402
-from mage_fast.decoding import MODES, resolve_mode  # noqa: E402
+from mage_fast.decoding import MODES, quantized_weights, resolve_mode  # noqa: E402
 from mage_fast.ops import force_backend  # noqa: E402
 from mage_fast.sampling import _decode_images  # noqa: E402
 
@@ -90,9 +90,14 @@ def main(argv=None):
     p.add_argument("--only", default=None, help="run one path alone: official, vqgan_decode or a mode name")
     p.add_argument("--gen-repeats", type=int, default=None, help="timed rounds (default 2 CPU / 5 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the 2-step warm-up runs (the int8 copies are still made before timing)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_throughput_<device>.json)")
+    p.add_argument("--from-log", default=None, help="write the JSON from the per-run lines of a run's log instead")
     args = p.parse_args(argv)
+    if args.from_log:
+        return from_log(args, args.from_log)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -114,34 +119,75 @@ def main(argv=None):
         for B in sizes:
             fns = {n: _generation(model, n, B, T, temp, ac) for n in names}
             for n in names:  # warm-up on 2-step runs (and the int8 copy, made once per model)
-                time_fn(_generation(model, n, B, min(T, 2), temp, ac), device, 0, warmup=1)
+                if args.warmup:
+                    time_fn(_generation(model, n, B, min(T, 2), temp, ac), device, 0, warmup=1)
+                elif n in modes and modes[n].quant != "none":
+                    quantized_weights(model, modes[n].quant)
             runs = {n: [] for n in names}
             for r in range(reps):
                 for n, fn in fns.items():
                     runs[n].append(time_fn(fn, device, 1, warmup=0)["median_s"])
                     print(f"    round {r + 1}/{reps} B={B} {n}: {runs[n][-1]:.2f} s", flush=True)
-            res = {}
-            for n in names:
-                st = summarize(runs[n], reps, 1)
-                st["images_per_s"] = B / st["median_s"]
-                res[n] = st
-            ratios = _ratios(runs, reps)
-            for n in names:
-                st = res[n]
-                extra = f" | {ratios[n]['median']:.2f}x official [{ratios[n]['min']:.2f}, {ratios[n]['max']:.2f}]" \
-                    if n in ratios else ""
-                desc = f"  ({modes[n].describe()})" if n in modes else ""
-                print(f"  B={B} {n:<13} {st['median_s']:8.2f} s [{st['min_s']:.2f}, {st['max_s']:.2f}] "
-                      f"{st['images_per_s']:7.3f} images/s{extra}{desc}")
-            results[str(B)] = {"paths": res, "speedup_images_per_s_vs_official": ratios}
-    env["load_average_at_end"] = os.getloadavg()
+            results[str(B)] = _report(runs, B, names, modes)
+    _write(args, env, sizes, T, temp, reps, modes, results, device)
+
+
+def _report(runs: dict, B: int, names, modes) -> dict:
+    """Summaries and per-round ratios of complete rounds; prints one line per path."""
+    reps = min(len(v) for v in runs.values())
+    runs = {n: v[:reps] for n, v in runs.items()}
+    res = {}
+    for n in names:
+        st = summarize(runs[n], reps, 0)
+        st["images_per_s"] = B / st["median_s"]
+        res[n] = st
+    ratios = _ratios(runs, reps)
+    for n in names:
+        st = res[n]
+        extra = f" | {ratios[n]['median']:.2f}x official [{ratios[n]['min']:.2f}, {ratios[n]['max']:.2f}]" \
+            if n in ratios else ""
+        desc = f"  ({modes[n].describe()})" if n in modes else ""
+        print(f"  B={B} {n:<13} {st['median_s']:8.2f} s [{st['min_s']:.2f}, {st['max_s']:.2f}] "
+              f"{st['images_per_s']:7.3f} images/s{extra}{desc}")
+    return {"paths": res, "speedup_images_per_s_vs_official": ratios, "rounds": reps}
+
+
+def _write(args, env, sizes, T, temp, reps, modes, results, device, source=None):
+    env["load_average_at_end"] = os.getloadavg() if source is None else None
     out = {"benchmark": "decode_throughput", "model": args.model, "checkpoint": args.ckpt or "random weights",
            "batch_sizes": sizes, "num_iter": T, "temperature": temp, "environment": env, "repeats": reps,
-           "modes": {n: m.describe() for n, m in modes.items()}, "results": results,
-           "autocast": "bf16" if cuda else "none (fp32)"}
+           "warmup": args.warmup, "modes": {n: m.describe() for n, m in modes.items()}, "results": results,
+           "autocast": "bf16" if device.type == "cuda" else "none (fp32)"}
+    if source:
+        out["source"] = source
     default = f"decode_throughput_{device_tag(device)}" + (f"_{args.only}" if args.only else "_modes") + ".json"
     path = write_json(out, args.out, default)
     print(f"  wrote {path}")
+
+
+def from_log(args, log_path: str) -> None:
+    """JSON from the per-run lines of a run's log (e.g. one stopped before its last round): the
+    header gives device, threads, load and commit; only complete rounds are summarised."""
+    import re
+    text = open(log_path).read()
+    env = {"device": re.search(r"device : (.*)", text).group(1).strip(),
+           "commit": re.search(r"commit (\w+)", text).group(1),
+           "torch_threads": int(re.search(r"threads (\d+)", text).group(1)),
+           "load_average_at_start": float(re.search(r"load average ([\d.]+)", text).group(1)),
+           "versions_line": re.search(r"(torch \S+ \| python.*)", text).group(1).strip()}
+    hdr = re.search(r"batch sizes \[([\d, ]+)\], T=(\d+), temperature ([\d.]+)", text)
+    sizes, T, temp = [int(x) for x in hdr.group(1).split(",")], int(hdr.group(2)), float(hdr.group(3))
+    runs_by_b: dict = {}
+    for r, B, n, t in re.findall(r"round (\d+)/\d+ B=(\d+) (\S+): ([\d.]+) s", text):
+        runs_by_b.setdefault(int(B), {}).setdefault(n, []).append(float(t))
+    results, modes = {}, {}
+    for B, runs in runs_by_b.items():
+        names = list(runs)
+        modes.update({n: resolve_mode(n) for n in names if n not in ("official", "vqgan_decode")})
+        results[str(B)] = _report(runs, B, names, modes)
+    reps = min(r["rounds"] for r in results.values())
+    _write(args, env, sizes, T, temp, reps, modes, results, torch.device("cpu"),
+           source=f"per-run lines of {os.path.basename(log_path)} (complete rounds only)")
 
 
 if __name__ == "__main__":
