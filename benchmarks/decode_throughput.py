@@ -25,6 +25,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -123,12 +124,16 @@ def main(argv=None):
                     time_fn(_generation(model, n, B, min(T, 2), temp, ac), device, 0, warmup=1)
                 elif n in modes and modes[n].quant != "none":
                     quantized_weights(model, modes[n].quant)
-            runs = {n: [] for n in names}
+            runs, cpu = {n: [] for n in names}, {n: [] for n in names}
             for r in range(reps):
                 for n, fn in fns.items():
+                    c0 = time.process_time()
                     runs[n].append(time_fn(fn, device, 1, warmup=0)["median_s"])
-                    print(f"    round {r + 1}/{reps} B={B} {n}: {runs[n][-1]:.2f} s", flush=True)
+                    cpu[n].append(time.process_time() - c0)
+                    print(f"    round {r + 1}/{reps} B={B} {n}: {runs[n][-1]:.2f} s (process CPU {cpu[n][-1]:.2f} s)",
+                          flush=True)
             results[str(B)] = _report(runs, B, names, modes)
+            results[str(B)]["process_cpu_s"] = cpu  # less sensitive to other jobs than wall time
     _write(args, env, sizes, T, temp, reps, modes, results, device)
 
 

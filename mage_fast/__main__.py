@@ -287,7 +287,7 @@ def _generate_run(args, dev, rank: int, world: int) -> int:
                                          temperature_annealing=args.temperature_annealing,
                                          class_ids=_batch_class_ids(label, start, bs, num_classes),
                                          guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
-                                         return_trace=want_trace, decode_chunk=1)
+                                         return_trace=want_trace, decode_chunk=1, mode=args.mode)
                 imgs = (out[0] if want_trace else out)[:n]
                 if want_trace:
                     save_process(model, out[1], os.path.join(args.out, "process.png"), rows=min(n, 4))
@@ -719,6 +719,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="outputs/generate", help="output folder")
     _run_folder_args(g, resumable=True)
     _decoding_args(g)
+    g.add_argument("--mode", default="exact",
+                   help="decoding mode: exact (default, the official pass), drop_train, drop_all, cached, cached_focus, "
+                        "int8, cached_int8, fast (the fast preset), or a spec such as drop=all,refresh=4,focus=2,quant=int8 "
+                        "(docs/DECODING.md; `python -m mage_fast info` lists them)")
     g.add_argument("--guidance-schedule", default="constant", choices=("constant", "linear"),
                    help="constant: s at every step; linear: s (t+1)/T")
     f = g.add_argument_group("Frechet distance in the same pass (every rank adds its images' features)")
