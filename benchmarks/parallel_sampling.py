@@ -61,34 +61,40 @@ def main(argv=None) -> int:
     from benchmarks.common import environment, print_header
     gen = ["--num-images", str(args.num_images), "--batch-size", str(args.batch_size), "--grid", "0",
            "--class-id", "all"] + (["--ckpt", args.ckpt] if args.ckpt else [])
-    layouts = [(1, args.threads), (args.nproc, args.threads // args.nproc)]
+    # 1 x T (the same cores as N ranks), 1 x T/N (one rank's share: parallel efficiency), N x T/N
+    layouts = list(dict.fromkeys([(1, args.threads), (1, args.threads // args.nproc),
+                                  (args.nproc, args.threads // args.nproc)]))
     env = environment(torch.device("cpu"))
-    print_header(f"sampling throughput: 1 process x {args.threads} threads vs {args.nproc} ranks x "
-                 f"{args.threads // args.nproc} threads ({args.num_images} images)", env)
+    print_header(f"sampling throughput: {args.nproc} torchrun ranks x {args.threads // args.nproc} threads against "
+                 f"1 process ({args.num_images} images, layouts alternating)", env)
     rates = {f"{n}x{t}": [] for n, t in layouts}
+    load0 = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="mage_fast_parallel_")
     try:
         for r in range(args.repeats + 1):  # repeat 0 warms the page cache and compiled code paths
-            for n, t in layouts if r % 2 == 0 else layouts[::-1]:
+            for n, t in (layouts if r % 2 == 0 else layouts[::-1]):
                 out = os.path.join(tmp, f"r{r}_{n}x{t}")
                 rate = run_layout(n, t, out, gen, port=29800 + r)
                 if r:
                     rates[f"{n}x{t}"].append(rate)
                 print(f"  repeat {r}{' (warm-up)' if not r else ''}: {n} process(es) x {t} threads: {rate:.2f} images/s")
-        first = sorted(os.listdir(os.path.join(tmp, f"r0_{layouts[0][0]}x{layouts[0][1]}")))
-        identical = all(open(os.path.join(tmp, f"r0_{layouts[0][0]}x{layouts[0][1]}", f), "rb").read()
-                        == open(os.path.join(tmp, f"r0_{layouts[1][0]}x{layouts[1][1]}", f), "rb").read()
-                        for f in first if f.endswith(".png"))
+        dirs = [os.path.join(tmp, f"r0_{n}x{t}") for n, t in layouts]
+        pngs = [f for f in sorted(os.listdir(dirs[0])) if f.endswith(".png")]
+        identical = len(pngs) == args.num_images and all(
+            len({open(os.path.join(d, f), "rb").read() for d in dirs}) == 1 for f in pngs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = {k: {"median_images_per_s": statistics.median(v), "min": min(v), "max": max(v), "all": v}
                for k, v in rates.items()}
-    a, b = (summary[f"{n}x{t}"]["median_images_per_s"] for n, t in layouts)
-    print(f"  median: {a:.2f} vs {b:.2f} images/s: {b / a:.2f}x; files identical: {identical}")
+    med = {k: v["median_images_per_s"] for k, v in summary.items()}
+    ranks = f"{args.nproc}x{args.threads // args.nproc}"
+    ratios = {f"{ranks} / {k}": med[ranks] / med[k] for k in med if k != ranks}
+    print("  median images/s: " + ", ".join(f"{k}: {v:.2f}" for k, v in med.items()) + "; "
+          + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()) + f"; files identical: {identical}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"environment": env, "args": vars(args), "layouts": summary, "ratio": b / a,
-                   "files_identical": identical, "load_average": os.getloadavg()}, f, indent=2)
+        json.dump({"environment": env, "load_average_at_start": load0, "args": vars(args), "layouts": summary, "ratios": ratios,
+                   "files_identical": identical, "load_average_at_end": os.getloadavg()}, f, indent=2)
     print(f"  JSON: {args.json}")
     return 0
 

@@ -233,13 +233,14 @@ def _generate_run(args, dev, rank: int, world: int) -> int:
     names = class_names(model, ckpt)
     num_classes = len(names)
     settings = {k: getattr(args, k) for k in ("num_iter", "temperature", "seed", "rng", "schedule",
-                                              "temperature_annealing", "guidance", "guidance_schedule")}
+                                              "temperature_annealing", "guidance", "guidance_schedule", "mode")}
     settings["class_id"] = label
     if args.rng == "official":  # the official script's images depend on the batch they are drawn in
         settings["batch_size"] = args.batch_size
     manifest = dict(kind="generate", **_model_summary(ckpt), settings=settings, first_index=0,
                     num_images=args.num_images, sample_pattern="{:05d}.png", image_size=model.img_size,
-                    classes=names or None, versions=versions(), decode="one image at a time")
+                    classes=names or None, versions=versions(),
+                    decode="the batch at once (official)" if args.rng == "official" else "one image at a time")
     done, err = set(), None
     if main:
         try:
@@ -278,8 +279,8 @@ def _generate_run(args, dev, rank: int, world: int) -> int:
             arrs = {}
             if todo or want_trace:
                 # rng=official: batch b is seeded with (seed + b) at full batch size, as the official
-                # script. rng=torch: one seed, images keyed by their global index. Decoding one image
-                # at a time keeps every image's pixels independent of the batch and of the ranks.
+                # script (and decoded at once, as it does). rng=torch: one seed, images keyed by their
+                # global index, decoded one at a time, so no pixel depends on the batch or the ranks.
                 seed = args.seed + b if args.rng == "official" else args.seed
                 bs = args.batch_size if args.rng == "official" else n
                 out = mage_fast.generate(model, bs, num_iter=args.num_iter, temperature=args.temperature, seed=seed,
@@ -287,7 +288,8 @@ def _generate_run(args, dev, rank: int, world: int) -> int:
                                          temperature_annealing=args.temperature_annealing,
                                          class_ids=_batch_class_ids(label, start, bs, num_classes),
                                          guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
-                                         return_trace=want_trace, decode_chunk=1, mode=args.mode)
+                                         return_trace=want_trace, mode=args.mode,
+                                         decode_chunk=None if args.rng == "official" else 1)
                 imgs = (out[0] if want_trace else out)[:n]
                 if want_trace:
                     save_process(model, out[1], os.path.join(args.out, "process.png"), rows=min(n, 4))

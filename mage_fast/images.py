@@ -109,12 +109,8 @@ def read_rgb(path: str, background: str = "black", notes: Optional[list] = None)
     through their palette, transparency composited over ``background`` (black, white or gray:
     stated in ``notes``), CMYK / YCbCr / LAB through PIL's conversion, grayscale repeated to RGB,
     the first frame of an animation. Files that are not images raise an error naming the file."""
-    if os.path.isdir(path):
-        raise _image_error(f"{path} is a directory; expected an image file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise _image_error(f"{path} is empty (0 bytes); expected an image file")
+    from .models.checks import check_file
+    check_file(path, "an image")
     if background not in BACKGROUNDS:
         raise _image_error(f"background must be one of {sorted(BACKGROUNDS)}, got {background!r}")
     try:

@@ -221,12 +221,8 @@ def _load_raw(src, map_location="cpu"):
 def load_torch_file(path, map_location="cpu"):
     """``torch.load(path, weights_only=True)`` with one-line errors: not found, a directory, empty,
     or not a readable torch checkpoint (truncated, corrupt, text, pickled code)."""
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory; expected a checkpoint file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes); expected a torch checkpoint")
+    from .checks import check_file
+    check_file(path, "a checkpoint", CheckpointError)
     _check_zip_crc(path)
     with open(path, "rb") as f:
         head = f.read(2)

@@ -56,3 +56,15 @@ def check_number(value, what: str, *, lo: float | None = None, hi: float | None 
         rng = " and ".join(x for x in (lo_s, hi_s) if x)
         kind = "an integer" if integer else "a finite number"
         raise InputError(f"{what} must be {kind}{' ' + rng if rng else ''}, got {value!r}")
+
+
+def check_file(path, what: str, error=InputError) -> None:
+    """``path`` must be a non-empty file: a directory, a missing path or an empty file each get one
+    line naming ``what`` was expected (``FileNotFoundError`` for a missing one)."""
+    import os
+    if os.path.isdir(path):
+        raise error(f"{path} is a directory; expected {what} file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what.split(' ', 1)[-1]} not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise error(f"{path} is empty (0 bytes); expected {what} file")
