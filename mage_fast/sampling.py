@@ -219,9 +219,9 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         mode: the network pass, a name in :data:`mage_fast.decoding.MODES` or a
             :class:`mage_fast.decoding.DecodeMode`: ``"exact"`` (default, the official pass),
             ``"drop_train"`` / ``"drop_all"`` (masked tokens dropped in the encoder), ``"cached"``
-            (per-layer key/value reuse between full passes), ``"cached_focus"`` (drop_all + cached,
-            the decoder recomputing only the most confident masked rows), ``"int8"``, the fast
-            preset ``"fast"`` (cached_focus + int8), or a spec such as
+            (per-layer key/value reuse between full passes), ``"cached_focus"`` (cached, the decoder
+            recomputing only the most confident masked rows), ``"int8"``, the fast preset
+            ``"fast"`` (cached_focus + drop_all), or a spec such as
             ``"drop=all,refresh=4,focus=2,quant=int8"``. See docs/DECODING.md for speed and quality.
         decode_chunk: decode the tokens to pixels this many images at a time (``1``: every image's
             pixels are the same in any batch, as sharded and resumed runs need; default: at once).

@@ -84,8 +84,8 @@ MODES = {
     "cached": DecodeMode(refresh_every=4),
     "int8": DecodeMode(quant="int8"),
     "cached_int8": DecodeMode(refresh_every=4, quant="int8"),
-    "cached_focus": DecodeMode(drop="all", refresh_every=4, focus=2),
-    "fast": DecodeMode(drop="all", refresh_every=4, quant="int8", focus=2),
+    "cached_focus": DecodeMode(refresh_every=4, focus=2),
+    "fast": DecodeMode(drop="all", refresh_every=4, focus=2),
 }
 
 
