@@ -61,6 +61,21 @@ class KLProbe:
         return run
 
 
+YARDSTICK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "yardstick.json")
+
+
+def read_yardstick(path: str) -> dict:
+    """The fixed evaluation settings (benchmarks/yardstick.json): one line of error for a bad file."""
+    try:
+        with open(path) as f:
+            ys = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --yardstick {path} is not readable JSON ({e})") from None
+    if not isinstance(ys, dict):
+        raise SystemExit(f"error: --yardstick {path} must hold a JSON object")
+    return ys
+
+
 def load_test_images(n: int, seed: int) -> torch.Tensor:
     with gzip.open(FMNIST_TEST, "rb") as f:
         data = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
@@ -184,7 +199,17 @@ def main(argv=None):
     p.add_argument("--throughput-json", default=None, help="decode_throughput.py JSON for the ViT-B speed axis")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_quality_<model>.json)")
     p.add_argument("--replot", default=None, help="a decode_quality JSON: redo its plot (with --throughput-json)")
+    p.add_argument("--yardstick", default=YARDSTICK,
+                   help="JSON of fixed evaluation settings used as the defaults (benchmarks/yardstick.json)")
+    pre, _ = p.parse_known_args(argv)
+    ys = read_yardstick(pre.yardstick)
+    p.set_defaults(**{k: ys[k] for k in ("ckpt", "num_samples", "batch_size", "kl_samples", "num_iter",
+                                        "temperature", "feature_size") if k in ys})
     args = p.parse_args(argv)
+    seeds = list(ys.get("seeds", [0, 1]))
+    ref_seed = int(ys.get("reference", {}).get("seed", 0))
+    if len(seeds) != 2:
+        raise SystemExit(f"error: {pre.yardstick}: 'seeds' must hold two seeds (the exact mode's noise floor)")
     if args.replot:
         return replot(args.replot, args.throughput_json)
     if args.threads:
@@ -201,11 +226,11 @@ def main(argv=None):
     print_header(f"decode quality: {os.path.basename(ckpt)}, {args.num_samples} samples/mode, T={T}, "
                  f"temperature {temp}, {num_classes} classes, features at {args.feature_size} px", env)
     net = _efficientnet()
-    ref = features(net, load_test_images(args.num_samples, 0), args.feature_size)
+    ref = features(net, load_test_images(args.num_samples, ref_seed), args.feature_size)
     n, bs = args.num_samples, args.batch_size
-    ex_imgs, ex_ids, _, ex_speed = run_mode(model, "exact", n, bs, 0, T, temp, num_classes, 0)
+    ex_imgs, ex_ids, _, ex_speed = run_mode(model, "exact", n, bs, seeds[0], T, temp, num_classes, 0)
     ex_feat = features(net, ex_imgs, args.feature_size)
-    ex1_imgs, ex1_ids, _, _ = run_mode(model, "exact", n, bs, 1, T, temp, num_classes, 0)
+    ex1_imgs, ex1_ids, _, _ = run_mode(model, "exact", n, bs, seeds[1], T, temp, num_classes, 0)
     ex1_feat = features(net, ex1_imgs, args.feature_size)
     floor = {"exact_seed0_vs_test": fd(ex_feat, ref), "exact_seed1_vs_test": fd(ex1_feat, ref),
              "exact_seed0_vs_seed1": fd(ex_feat, ex1_feat),
@@ -221,7 +246,7 @@ def main(argv=None):
                  frechet_vs_exact=floor["exact_seed0_vs_seed1"], token_diff=floor["token_diff_seed0_vs_seed1"],
                  kl_per_step={}, images_per_s=None, vitb_speedup=None)]
     for name in args.modes:
-        imgs, ids, kl, speed = run_mode(model, name, n, bs, 0, T, temp, num_classes, args.kl_samples)
+        imgs, ids, kl, speed = run_mode(model, name, n, bs, seeds[0], T, temp, num_classes, args.kl_samples)
         feat = features(net, imgs, args.feature_size)
         row = dict(mode=name, spec=mode_name(resolve_mode(name)), frechet=fd(feat, ref), frechet_vs_exact=fd(feat, ex_feat),
                    token_diff=float((ids != ex_ids).float().mean()), kl_per_step=kl,
@@ -232,7 +257,8 @@ def main(argv=None):
               f"tokens != exact {100 * row['token_diff']:5.1f} % | mean KL/step {row['kl_mean']:.4f} | "
               f"{speed or 0:7.1f} images/s here" + (f" | ViT-B {row['vitb_speedup']:.2f}x official" if row["vitb_speedup"] else ""))
     env["load_average_at_end"] = os.getloadavg()
-    out = {"benchmark": "decode_quality", "checkpoint": ckpt, "num_samples": n, "num_iter": T, "temperature": temp,
+    out = {"benchmark": "decode_quality", "yardstick": os.path.abspath(args.yardstick), "seeds": seeds,
+           "checkpoint": ckpt, "num_samples": n, "num_iter": T, "temperature": temp,
            "feature_extractor": f"EfficientNet-Lite0 pooled, bilinear resize to {args.feature_size} px",
            "reference": f"{n} seeded-random Fashion-MNIST test images", "noise_floor": floor, "rows": rows,
            "throughput_json": args.throughput_json, "environment": env}
