@@ -5,9 +5,20 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Interpreter mode is fixed when the kernels are defined, so it is read once at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def mix32(x):  # x: uint32 -> uint32, wrapping mod 2^32 like the references' `& 0xFFFFFFFF`
+    """The counter hash behind the decode step's random numbers and attention's dropout mask."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
 
 
 def next_pow2(n: int) -> int:

@@ -27,18 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, compute_f32, lib_name, next_pow2
+from ._utils import INTERPRET, compute_f32, lib_name, mix32 as _mix32, next_pow2
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _mix32(x):  # uint32 -> uint32, wrapping
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    return x ^ (x >> 16)
 
 
 @triton.jit

@@ -18,16 +18,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..ops.decode_step import _STREAM_CONF, _STREAM_SAMPLE
-from ._utils import INTERPRET, lib_name, next_pow2
-
-
-@triton.jit
-def _mix32(x):  # x: uint32, wraps mod 2^32 like the reference's `& 0xFFFFFFFF`
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    return x ^ (x >> 16)
+from ._utils import INTERPRET, lib_name, mix32 as _mix32, next_pow2
 
 
 @triton.jit
