@@ -5,7 +5,8 @@ All paths run the same model and weights (random unless --ckpt) at the same batc
 - official: the official ``gen_image`` loop (``mage_fast.official_gen_image``) with every op on its
   plain-torch reference (``force_backend("torch")``): fp32 q.k attention with autocast off, all
   2025 logits, ``Categorical`` sampling, NumPy Gumbel noise, a full sort and host syncs per step.
-- one path per decoding mode (``--mode``, default every mode in ``mage_fast.decoding.MODES``):
+- one path per decoding mode (``--mode``; default exact, cached, cached_focus, fast; ``all`` for
+  every mode in ``mage_fast.decoding.MODES``):
   ``mage_fast.generate(rng="torch", mode=...)``; ``exact`` is today's bit-exact path. bf16 autocast
   on CUDA.
 - vqgan_decode: the tokenizer decode alone (part of every generation above).
@@ -36,6 +37,10 @@ from mage_fast.models import MODEL_FACTORIES  # noqa: E402
 from mage_fast.decoding import MODES, quantized_weights, resolve_mode  # noqa: E402
 from mage_fast.ops import force_backend  # noqa: E402
 from mage_fast.sampling import _decode_images  # noqa: E402
+
+# The default run (README quickstart, `make bench`): today's exact path, the mode inside the quality
+# noise floor and the two presets (docs/DECODING.md). `--mode all` times every named mode.
+DEFAULT_MODES = ("exact", "cached", "cached_focus", "fast")
 
 
 def build(args, device):
@@ -85,9 +90,10 @@ def main(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 4 on CPU, 64 on CUDA")
     p.add_argument("--num-iter", type=int, default=20)
     p.add_argument("--temperature", type=float, default=6.0)
-    p.add_argument("--mode", nargs="+", default=sorted(MODES),
-                   help="decoding modes to time beside the official path: names in mage_fast.decoding.MODES or specs "
-                        "such as drop=all,refresh=2,quant=int8 (default: every named mode)")
+    p.add_argument("--mode", nargs="+", default=list(DEFAULT_MODES),
+                   help="decoding modes to time beside the official path: names in mage_fast.decoding.MODES, specs "
+                        "such as drop=all,refresh=2,quant=int8, or 'all' (every named mode; about 3 min per mode "
+                        f"on 2 CPU cores) (default: {' '.join(DEFAULT_MODES)})")
     p.add_argument("--only", default=None, help="run one path alone: official, vqgan_decode or a mode name")
     p.add_argument("--gen-repeats", type=int, default=None, help="timed rounds (default 2 CPU / 5 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -97,6 +103,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_throughput_<device>.json)")
     p.add_argument("--from-log", default=None, help="write the JSON from the per-run lines of a run's log instead")
     args = p.parse_args(argv)
+    if "all" in args.mode:
+        args.mode = [m for m in args.mode if m != "all"] + [m for m in MODES if m not in args.mode]
     if args.from_log:
         return from_log(args, args.from_log)
     if args.threads:
