@@ -15,11 +15,6 @@ DEFAULT_CKPT = os.path.join(os.path.dirname(__file__), "assets", "mage_fmnist.pt
 SEED_MAX = 2 ** 31 - 1
 
 
-def _input_error():
-    from mage_fast.models.checks import InputError
-    return InputError
-
-
 class CLIError(Exception):
     """A command-line mistake: printed as ``error: <message>``, exit status 2."""
 
@@ -197,9 +192,10 @@ def cmd_generate(args) -> int:
         raise CLIError("--fid-json goes with --fid-ref REF_DIR")
     from mage_fast.runs import check_output_dir
     check_output_dir(args.out)
+    ref_set = None
     if args.fid_ref:
         from mage_fast.eval.frechet import sample_files
-        sample_files(args.fid_ref, "--fid-ref")  # before any work: a missing or empty reference
+        ref_set = sample_files(args.fid_ref, "--fid-ref")  # before any work: a missing or empty reference
         if args.inception_weights and not os.path.isfile(args.inception_weights):
             raise CLIError(f"--inception-weights not found: {args.inception_weights}")
     dev = _device(args.device)
@@ -209,12 +205,13 @@ def cmd_generate(args) -> int:
         torch.cuda.set_device(dev)
     parallel.init(dev.type)
     try:
-        return _generate_run(args, dev, rank, world)
+        return _generate_run(args, dev, rank, world, ref_set)
     finally:
         parallel.shutdown()
 
 
-def _generate_run(args, dev, rank: int, world: int) -> int:
+def _generate_run(args, dev, rank: int, world: int, ref_set=None) -> int:
+    """``ref_set``: (reference files, note) of ``--fid-ref``, listed by the caller."""
     import numpy as np
     from PIL import Image
     from tqdm.auto import tqdm
@@ -222,7 +219,8 @@ def _generate_run(args, dev, rank: int, world: int) -> int:
     import mage_fast
     from mage_fast import parallel
     from mage_fast.images import save_grid, to_uint8
-    from mage_fast.runs import finish_run, prepare_run, sample_name, save_atomic_png, versions
+    from mage_fast.info import versions
+    from mage_fast.runs import finish_run, prepare_run, sample_name, save_atomic_png
 
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
@@ -253,13 +251,13 @@ def _generate_run(args, dev, rank: int, world: int) -> int:
         raise CLIError(err)
     feats = stats = ref = None
     if args.fid_ref:
-        from mage_fast.eval.frechet import FeatureStats, sample_files, sharded_stats
+        from mage_fast.eval.frechet import FeatureStats, sharded_stats
         feats = _fid_features(args, dev)
-        ref_files, note = sample_files(args.fid_ref, "--fid-ref")
+        ref_files, note = ref_set
         if note and main:
             _notes([note])
         ref = sharded_stats(ref_files, feats, cache=args.ref_stats, progress=main)
-        stats = None
+        stats = FeatureStats(ref["mu"].numel())
     num_batches = math.ceil(args.num_images / args.batch_size)
     rounds = parallel.shard_rounds(num_batches, rank, world)
     t0, made = time.perf_counter(), 0
@@ -302,11 +300,7 @@ def _generate_run(args, dev, rank: int, world: int) -> int:
             if feats is not None:
                 batch = [arrs[i] if i in arrs else np.asarray(Image.open(os.path.join(args.out, sample_name(i)))
                                                               .convert("RGB")) for i in range(start, start + n)]
-                f = feats(batch)
-                if stats is None:
-                    from mage_fast.eval.frechet import FeatureStats
-                    stats = FeatureStats(f.shape[1])
-                stats.add(f)
+                stats.add(feats(batch))
         bar.update(parallel.all_sum(new))
     bar.close()
     parallel.barrier()
@@ -314,9 +308,7 @@ def _generate_run(args, dev, rank: int, world: int) -> int:
     total_made = parallel.all_sum(made)
     fid = None
     if feats is not None:
-        from mage_fast.eval.frechet import FeatureStats, frechet_distance
-        if stats is None:
-            stats = FeatureStats(ref["mu"].numel())
+        from mage_fast.eval.frechet import frechet_distance
         stats.all_reduce()
         mu, sigma = stats.mean_cov()
         if main and min(stats.n, int(ref["n"])) <= mu.numel():
@@ -399,11 +391,10 @@ def _read_mask(path: str, size: int):
 
 
 def _edit_common(args, mode: str) -> int:
-    import mage_fast
     from mage_fast.editing import box_to_pixel_mask, inpaint, outpaint
     from mage_fast.images import load_image, save_grid, shade_tokens, to_uint8
-    from mage_fast.runs import (check_output_dir, file_sha256, finish_run, prepare_run, sample_name, save_atomic_png,
-                                versions)
+    from mage_fast.info import versions
+    from mage_fast.runs import check_output_dir, file_sha256, finish_run, prepare_run, sample_name, save_atomic_png
 
     _check_sampling_args(args, "--num-samples")
     args.mask, args.box = getattr(args, "mask", None), getattr(args, "box", None)
@@ -506,7 +497,7 @@ def _subset(items: list, limit, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-def _feature_cache(cache_dir: str, ckpt: str, model, split: str, items: list, args) -> str:
+def _feature_cache(cache_dir: str, ckpt: str, model, split: str, items: list) -> str:
     """A cache file keyed by everything that determines the features: the checkpoint's bytes, the
     model's image size, the exact files (path, size, mtime) and the mage_fast version."""
     import hashlib
@@ -522,8 +513,6 @@ def _feature_cache(cache_dir: str, ckpt: str, model, split: str, items: list, ar
 
 
 def cmd_eval(args) -> int:
-    import json
-
     from mage_fast.eval import MAGEClassifier, extract_features, few_shot, finetune, linear_probe
     from mage_fast.eval.folder import list_image_folder
 
@@ -556,8 +545,8 @@ def cmd_eval(args) -> int:
         if args.cache_dir:
             from mage_fast.runs import check_output_dir
             check_output_dir(args.cache_dir, "--cache-dir")
-        tr_cache = args.cache_dir and _feature_cache(args.cache_dir, ckpt, model, "train", train_items, args)
-        te_cache = args.cache_dir and _feature_cache(args.cache_dir, ckpt, model, "test", test_items, args)
+        tr_cache = args.cache_dir and _feature_cache(args.cache_dir, ckpt, model, "train", train_items)
+        te_cache = args.cache_dir and _feature_cache(args.cache_dir, ckpt, model, "test", test_items)
         tr = extract_features(model, train_items, args.batch_size, tr_cache, classes=classes)
         te = extract_features(model, test_items, args.batch_size, te_cache, classes=classes)
         if args.task == "probe":
@@ -605,14 +594,8 @@ def check_output_dir_for_file(path: str, flag: str = "--json") -> None:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    import json
-    import tempfile
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    from mage_fast.runs import write_json
+    write_json(path, obj, default=str)
 
 
 def cmd_fid(args) -> int:
@@ -802,13 +785,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from mage_fast.models.checkpoint import CheckpointError
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CLIError, CheckpointError, _input_error(), ValueError, OSError, ImportError) as e:
+    except (CLIError, ValueError, OSError, ImportError) as e:  # InputError, CheckpointError are ValueErrors
         if os.environ.get("MAGE_FAST_DEBUG"):
             raise
+        from mage_fast.models.checkpoint import CheckpointError
         msg = " ".join(str(e).split()) if isinstance(e, CheckpointError) else str(e).strip()
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
             msg = f"{e.filename}: {e.strerror or e}"

@@ -25,10 +25,6 @@ def dist_info() -> tuple[int, int, int]:
     return env_int("RANK", 0), world, env_int("LOCAL_RANK", 0)
 
 
-def is_main_process() -> bool:
-    return dist_info()[0] == 0
-
-
 def init(device_type: str) -> bool:
     """Join the process group torchrun describes (nccl on GPUs, gloo on the CPU); False for one
     process."""

@@ -10,6 +10,7 @@ manifest lists, never the grid or process pictures beside them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,14 +19,15 @@ import tempfile
 import time
 from typing import Optional
 
+from .eval.folder import IMAGE_EXTENSIONS
 from .models.checks import InputError
 
 MANIFEST = "run.json"
 SAMPLE_PATTERN = "{:05d}.png"
 _SAMPLE_RE = re.compile(r"^\d{5,}\.png$")
+_TMP_PREFIX = ".tmp-"  # temporary names of atomic writes (a killed run may leave some)
 # Pictures a run writes beside its samples; never samples themselves.
 ARTEFACTS = ("grid.png", "process.png", "before_after.png")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 _sha_cache: dict = {}
 
@@ -81,19 +83,36 @@ def read_manifest(folder: str) -> Optional[dict]:
     return m
 
 
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary name beside ``path``; renamed to ``path`` when the block succeeds, removed
+    when it fails, so ``path`` is never half a file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=os.path.splitext(path)[1], dir=d)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj, **kw) -> None:
+    """``obj`` as JSON at ``path``, written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, **kw)
+
+
 def write_manifest(folder: str, manifest: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".run-", suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(folder, MANIFEST))
+    write_json(os.path.join(folder, MANIFEST), manifest, sort_keys=True)
 
 
 def _foreign_images(folder: str) -> list[str]:
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and f not in ARTEFACTS
                   and not _SAMPLE_RE.match(f) and not f.startswith(_TMP_PREFIX))
 
-
-_TMP_PREFIX = ".tmp-"
 
 
 def _identity(m: dict) -> dict:
@@ -167,16 +186,8 @@ def finish_run(out: str, **extra) -> None:
 def save_atomic_png(arr, path: str) -> None:
     """(H, W, 3) uint8 -> PNG, written under a temporary name and renamed (never half a file)."""
     from PIL import Image
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".png", dir=d)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def run_samples(folder: str) -> Optional[list[str]]:
@@ -191,14 +202,3 @@ def run_samples(folder: str) -> Optional[list[str]]:
         raise InputError(f"{folder} holds an unfinished run ({n - len(missing)} of {n} images); finish it with "
                          f"the same command and --resume")
     return files
-
-
-def versions() -> dict:
-    import platform
-
-    import numpy
-    import torch
-
-    from . import __version__
-    return {"mage_fast": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version()}

@@ -21,19 +21,19 @@ from .folder import IMAGE_EXTENSIONS
 
 # Pooled EfficientNet-Lite0 features: below this many images a covariance is rank-deficient.
 FEATURE_DIM = 1280
-_ARTEFACTS = ("grid.png", "process.png", "before_after.png")
 
 
 def list_images(folder: str) -> list[str]:
     """Image files of a folder: its top level, or, for an ImageFolder tree (root/<class>/<image>)
     with no image at the top, every class folder. The pictures runs write beside their samples
     (grid, process, before/after) are never images of the set."""
+    from ..runs import ARTEFACTS
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder not found: {folder}")
 
     def images_in(d):
         return sorted(os.path.join(d, f) for f in os.listdir(d)
-                      if f.lower().endswith(IMAGE_EXTENSIONS) and f not in _ARTEFACTS and not f.startswith("."))
+                      if f.lower().endswith(IMAGE_EXTENSIONS) and f not in ARTEFACTS and not f.startswith("."))
     files = images_in(folder)
     if not files:
         for sub in sorted(os.listdir(folder)):

@@ -39,13 +39,9 @@ def extract_features(model, root, batch_size: int = 64, cache: Optional[str] = N
         labels.append(y)
     out = torch.cat(feats), torch.cat(labels), classes
     if cache:
-        import tempfile
-        d = os.path.dirname(os.path.abspath(cache))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
-        os.close(fd)
-        torch.save({"features": out[0], "labels": out[1], "classes": classes}, tmp)
-        os.replace(tmp, cache)
+        from ..runs import atomic_path
+        with atomic_path(cache) as tmp:
+            torch.save({"features": out[0], "labels": out[1], "classes": classes}, tmp)
     return out
 
 
