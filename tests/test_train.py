@@ -213,10 +213,29 @@ def test_tokenizer_trainer_with_gan_and_restarts(tmp_path, image_folder):
 
 @needs_deepspeed
 def test_bf16_zero2_trains_and_exports_fp32(tmp_path):
+    """bf16 MAGE-C (its contrastive head's BatchNorm keeps fp32 buffers) from a tokenizer file: the
+    export is fp32, holds the tokenizer's own fp32 weights (not bf16-rounded), and equals what
+    export_checkpoint.py consolidates from the last checkpoint."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train"))
+    import export_checkpoint
+    torch.manual_seed(1)
+    vq = mage_fast.mage_vit_tiny(img_size=32, vqgan_config=dict(SMALL_VQ)).vqgan
+    with torch.no_grad():
+        for p in vq.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)  # not exactly representable in bf16
+    tok = tmp_path / "tok.pt"
+    torch.save({"state_dict": vq.state_dict(), "config": dict(SMALL_VQ), "arch": "vqgan"}, tok)
     out = tmp_path / "bf16"
     ok(run(["train/pretrain.py", *TINY_ARGS, "--synthetic", "--synthetic_length", "16", "--batch_size", "4",
               "--max_steps", "2", "--num_workers", "0", "--precision", "bf16", "--deepspeed_config", "zero2",
+              "--contrastive_weight", "1.0", "--tokenizer", str(tok), "--save_every", "2",
               "--output_dir", str(out), "--export", str(out / "mage.pt")]))
     sd = read_state_dict(str(out / "mage.pt"))
     assert all(v.dtype in (torch.float32, torch.int64) for v in sd.values())
-    _check_export(out / "mage.pt")
+    for k, v in vq.state_dict().items():
+        assert torch.equal(sd["vqgan." + k], v), k
+    export_checkpoint.export(str(out), "step2", str(tmp_path / "step2.pt"))
+    again = read_state_dict(str(tmp_path / "step2.pt"))
+    assert again.keys() == sd.keys() and all(torch.equal(again[k], sd[k]) for k in sd)
+    build_from_checkpoint(str(out / "mage.pt"))  # strict

@@ -9,8 +9,10 @@ The run's ``args.json`` (written at start by ``train/pretrain.py`` or ``train/tr
 gives the model config, so the file matches what the run exports at its end:
 ``{'model': sd, 'config': MAGE kwargs}`` for pre-training, ``{'state_dict': sd, 'config': ...,
 'arch': ...}`` for a tokenizer; both checked by a strict load into a fresh model. Reads the module
-weights DeepSpeed saved (``mp_rank_00_model_states.pt``): fp32 runs with ZeRO 0-2. For ZeRO-3 or
-bf16 runs use the run's ``--export`` (it consolidates through zero_to_fp32).
+weights DeepSpeed saved (``mp_rank_00_model_states.pt``) of fp32 runs with ZeRO 0-2. bf16/fp16
+runs (ZeRO 1-2) are consolidated from the fp32 master weights in the checkpoint's optimizer states
+(DeepSpeed's zero_to_fp32), with the frozen tokenizer read from the run's ``--tokenizer`` file, as
+the run's own ``--export`` does. For ZeRO-3 runs use the run's ``--export``.
 """
 import argparse
 import json
@@ -66,9 +68,23 @@ def module_state_dict(ckpt_dir: str, tag: str) -> dict:
     sd = blob.get("module")
     if not isinstance(sd, dict) or not sd:
         raise SystemExit(f"error: {path} holds no module weights")
-    if any(v.is_floating_point() and v.dtype != torch.float32 for v in sd.values()):
-        raise SystemExit(f"error: {path} holds low-precision weights; export bf16/fp16 runs with the run's --export")
     return sd
+
+
+def fp32_master(ckpt_dir: str, tag: str, sd: dict, frozen: dict) -> dict:
+    """A low-precision run's weights in fp32: the optimizer's master copy, completed with the
+    frozen weights (``frozen``, fp32) and the buffers of ``sd``."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from mage_fast.training.engine import complete_state_dict
+    if not any(f.endswith("optim_states.pt") for f in os.listdir(os.path.join(ckpt_dir, tag))):
+        raise SystemExit(f"error: {os.path.join(ckpt_dir, tag)} holds bf16/fp16 weights and no optimizer states "
+                         f"(their fp32 master copy): it cannot be exported exactly")
+    master = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    return complete_state_dict(master, sd, frozen)
+
+
+def low_precision(sd: dict) -> bool:
+    return any(v.is_floating_point() and v.dtype != torch.float32 for v in sd.values())
 
 
 def export(run_dir: str, tag: str, out: str) -> dict:
@@ -80,6 +96,10 @@ def export(run_dir: str, tag: str, out: str) -> dict:
         import pretrain
         from mage_fast.models.mage import MAGE
         cfg = pretrain.model_config(args)
+        if low_precision(sd):
+            with_tok = MAGE(**cfg, norm_layer=partial(nn.LayerNorm, eps=1e-6), vqgan_ckpt_path=args.tokenizer)
+            sd = fp32_master(ckpt_dir, tag, sd, {"model." + n: p for n, p in with_tok.named_parameters()
+                                                 if not p.requires_grad})
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
         load_state_dict_strict(MAGE(**cfg, norm_layer=partial(nn.LayerNorm, eps=1e-6), vqgan_ckpt_path=None),
                                read_state_dict({"model": sd}))
@@ -88,6 +108,8 @@ def export(run_dir: str, tag: str, out: str) -> dict:
         import train_tokenizer
         args.init_from = None  # the weights come from the checkpoint
         _, cfg, arch = train_tokenizer.build_tokenizer_model(args)
+        if low_precision(sd):
+            sd = fp32_master(ckpt_dir, tag, sd, {})
         sd = {k[len("vq."):]: v for k, v in sd.items() if k.startswith("vq.")}
         load_state_dict_strict(train_tokenizer.fresh_tokenizer(cfg, arch, args.img_size), sd)
         blob = {"state_dict": sd, "config": cfg, "arch": arch}

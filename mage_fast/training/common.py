@@ -125,6 +125,7 @@ def build_engine(deepspeed, module, args, world: int, lr: float, betas=(0.9, 0.9
     ds_cfg = eng.ds_config(args.deepspeed_config, args.batch_size, args.accum_iter, world, args.clip_grad,
                            args.precision)
     opt = adamw(param_groups(module, args.weight_decay), lr, betas)
+    eng.keep_frozen_fp32(module)  # bf16/fp16 engines cast frozen weights too; exports take these
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds_cfg)
     return engine, opt, ds_cfg
 

@@ -148,11 +148,34 @@ def load_checkpoint(engine, ckpt_dir: str, tag: Optional[str] = None) -> Optiona
     return client
 
 
+def keep_frozen_fp32(module) -> None:
+    """Remember the frozen parameters (a MAGE's tokenizer) as they are, before a bf16/fp16 engine
+    casts them: DeepSpeed's fp32 consolidation holds only what the optimizer updates."""
+    module.__dict__["_frozen_fp32"] = {n: p.detach().clone() for n, p in module.named_parameters()
+                                       if not p.requires_grad}
+
+
+def complete_state_dict(sd: dict, own: dict, frozen: dict) -> dict:
+    """A zero_to_fp32 state dict (trainable weights) completed with the frozen weights (their fp32
+    values from before the cast) and the buffers (``own``, which keep their dtype); all fp32."""
+    out = {}
+    for k, v in own.items():  # zero_to_fp32's frozen weights are the engine's cast copies: not those
+        if k in frozen:
+            out[k] = frozen[k]
+        elif k in sd and v.is_floating_point():
+            out[k] = sd[k]
+        else:
+            out[k] = v
+    return {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu().clone()
+            for k, v in out.items()}
+
+
 def full_state_dict(engine, ckpt_dir: Optional[str] = None, tag: Optional[str] = None) -> Optional[dict]:
     """The module's full fp32 state dict on rank 0 (None elsewhere).
 
     ZeRO-3 or low-precision training: consolidated from the saved checkpoint ``tag`` (DeepSpeed's
-    zero_to_fp32, the fp32 master weights); otherwise the module's own tensors.
+    zero_to_fp32, the fp32 master weights; frozen weights as they were before the engine cast
+    them); otherwise the module's own tensors.
     """
     stage = engine.zero_optimization_stage()
     low_precision = engine.bfloat16_enabled() or engine.fp16_enabled()
@@ -164,11 +187,7 @@ def full_state_dict(engine, ckpt_dir: Optional[str] = None, tag: Optional[str] =
             return None
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-        own = engine.module.state_dict()
-        for k, v in own.items():  # buffers (e.g. int64 position ids) keep their dtype
-            if k in sd and not v.is_floating_point():
-                sd[k] = v.detach().cpu().clone()
-        return {k: v.detach().cpu().float() if v.is_floating_point() else v for k, v in sd.items()}
+        return complete_state_dict(sd, engine.module.state_dict(), engine.module.__dict__.get("_frozen_fp32", {}))
     if dist.get_rank() != 0:
         return None
     return {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu().clone())

@@ -24,7 +24,15 @@ class ContrastiveHead(nn.Module):
         self.fc1, self.bn, self.fc2 = nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.Linear(hidden, out)
 
     def forward(self, x):
-        return self.fc2(F.relu(self.bn(self.fc1(x))))
+        h, bn = self.fc1(x), self.bn
+        if h.dtype == bn.weight.dtype == bn.running_mean.dtype:
+            h = bn(h)
+        else:  # low-precision training casts parameters, not buffers: normalise in fp32
+            if bn.training:
+                bn.num_batches_tracked.add_(1)
+            h = F.batch_norm(h.float(), bn.running_mean, bn.running_var, bn.weight.float(), bn.bias.float(),
+                             bn.training, bn.momentum, bn.eps)
+        return self.fc2(F.relu(h).to(self.fc2.weight.dtype))
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -44,16 +44,21 @@ M_DDIM=${M_DDIM:-128}
 M_DDEPTH=${M_DDEPTH:-2}
 M_DHEADS=${M_DHEADS:-4}
 M_BATCH=${M_BATCH:-32}          # pairs of augmented views per step (lr = blr x 32 / 256 = 3.75e-4)
-M_STEPS=${M_STEPS:-4000}        # 128 000 pairs, 2.1 epochs
-M_WARMUP=${M_WARMUP:-200}
+M_STEPS=${M_STEPS:-1200}        # 38 400 pairs, 0.64 epoch: what one session of this machine trains
+M_WARMUP=${M_WARMUP:-100}
 M_BLR=${M_BLR:-3e-3}
-M_SAVE=${M_SAVE:-50}            # a checkpoint every M_SAVE steps (5-15 min here; all kept, the curve reads them)
-VIEWS=${VIEWS:-4}               # cached views per training image: view 0 plain (the probe's), 3 crops
+M_SAVE=${M_SAVE:-50}            # a checkpoint every M_SAVE steps (a few minutes; all kept, the curve reads them)
+# bf16 (DeepSpeed: bf16 weights and activations, fp32 master weights) where the CPU multiplies bf16 in
+# hardware (AMX: 3.5-4x fp32 matrix products, 1.4x a whole step here); fp32 elsewhere (bf16 is 6-50x
+# slower than fp32 on CPUs without it). A run resumes with the precision it started with.
+M_PRECISION=${M_PRECISION:-$(grep -q amx_bf16 /proc/cpuinfo && echo bf16 || echo fp32)}
+VIEWS=${VIEWS:-3}               # cached views per training image: view 0 plain (the probe's), 2 crops
                                 # (a run of 2 epochs draws about 4 views per image)
 CURVE_LIMIT=${CURVE_LIMIT:-10000}   # training images the curve's probes fit on (the final probe: all)
-CURVE_EVERY=${CURVE_EVERY:-500}     # probe the checkpoints at multiples of this many steps
+CURVE_EVERY=${CURVE_EVERY:-300}     # probe the checkpoints at multiples of this many steps
 
-export PYTHONPATH=$REPO OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+THREADS=${THREADS:-1}            # torch threads per job (one job runs at a time)
+export PYTHONPATH=$REPO OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 cd "$REPO"
 
 say() { echo "[$(date -u +%F' '%T)] fmnist256: $*"; }
@@ -128,7 +133,10 @@ stage_pixels() {
 stage_mage() {
   if [ -f "$MAGE/mage_fmnist256.pt" ]; then say "mage: done ($MAGE/mage_fmnist256.pt)"; return; fi
   need "$CACHE/train_v$VIEWS.pt"
-  say "mage: class-conditional MAGE-C, encoder $M_DIM x $M_DEPTH, decoder $M_DDIM x $M_DDEPTH, $M_BATCH pairs," \
+  if [ -f "$MAGE/args.json" ]; then  # a run resumes with the precision it started with
+    M_PRECISION=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['precision'])" "$MAGE/args.json")
+  fi
+  say "mage: $M_PRECISION, class-conditional MAGE-C, encoder $M_DIM x $M_DEPTH, decoder $M_DDIM x $M_DDEPTH, $M_BATCH pairs," \
       "$M_STEPS steps (resumes from $MAGE/checkpoints/latest if there)"
   "$DEEPSPEED" --master_port "$PORT" train/pretrain.py --model tiny --embed_dim "$M_DIM" --depth "$M_DEPTH" \
     --num_heads "$M_HEADS" --decoder_embed_dim "$M_DDIM" --decoder_depth "$M_DDEPTH" \
@@ -136,7 +144,7 @@ stage_mage() {
     --token_cache "$CACHE/train_v$VIEWS.pt" --class_cond --class_dropout_prob 0.2 \
     --contrastive_weight 1.0 --temperature 0.2 --batch_size "$M_BATCH" --max_steps "$M_STEPS" \
     --warmup_steps "$M_WARMUP" --blr "$M_BLR" --min_lr 1e-5 --log_every 20 --save_every "$M_SAVE" \
-    --keep_last 0 --threads 1 --deepspeed_config zero1 --no_progress --output_dir "$MAGE" \
+    --keep_last 0 --threads "$THREADS" --deepspeed_config zero1 --precision "$M_PRECISION" --no_progress --output_dir "$MAGE" \
     --export "$MAGE/mage_fmnist256.pt.tmp" --resume auto
   # the model card beside it: class names in label (folder) order, so --class-id NAME|all work
   "$PY" - "$CACHE/train_v$VIEWS.pt" "$MAGE/mage_fmnist256.json" <<'CARD'
@@ -173,10 +181,14 @@ stage_curve() {  # the probe at every CURVE_EVERY steps among the saved checkpoi
   latest=$(sed -n 's/^step\([0-9][0-9]*\)$/\1/p' "$MAGE/checkpoints/latest" 2>/dev/null || true)
   for step in $(ls "$MAGE/checkpoints" | sed -n 's/^step\([0-9][0-9]*\)$/\1/p' | sort -n); do
     # only the latest checkpoint resumes: drop the optimizer states (3/4 of the bytes) of those
-    # older than it (a run going on only writes newer ones), keep their weights for probes
-    if [ -n "$latest" ] && [ "$step" -lt "$latest" ]; then rm -f "$MAGE/checkpoints/step$step/"*optim_states.pt; fi
-    [ $((step % CURVE_EVERY)) -eq 0 ] || continue
-    grep -q "\"step\": $step," "$MAGE/curve.jsonl" 2>/dev/null && continue
+    # older than it (a run going on only writes newer ones), keep their weights for probes. The
+    # curve's own steps keep theirs until probed: a bf16 run's fp32 weights live there.
+    local probed=0
+    grep -q "\"step\": $step," "$MAGE/curve.jsonl" 2>/dev/null && probed=1
+    if [ -n "$latest" ] && [ "$step" -lt "$latest" ] && { [ $((step % CURVE_EVERY)) -ne 0 ] || [ $probed = 1 ]; }; then
+      rm -f "$MAGE/checkpoints/step$step/"*optim_states.pt
+    fi
+    [ $((step % CURVE_EVERY)) -eq 0 ] && [ $probed = 0 ] || continue
     say "curve: probe at step $step (fit on $CURVE_LIMIT training images)"
     "$PY" train/export_checkpoint.py --run_dir "$MAGE" --tag "step$step" --out "$MAGE/curve/step$step.pt" >/dev/null
     probe_one "$MAGE/curve/step$step.pt" "$MAGE/curve/step$step.json" --train_limit "$CURVE_LIMIT"
