@@ -58,6 +58,8 @@ class KLProbe:
             kl = (lp.exp() * (lp - lq)).sum(-1)  # (n_masked,)
             self.log.setdefault(i, []).append((float(kl.sum()), int(kl.numel())))
             return out
+        if hasattr(inner, "decode_images"):  # the mode's own pixel decode, probed or not
+            run.decode_images = inner.decode_images
         return run
 
 

@@ -110,12 +110,16 @@ def report() -> str:
 
 def decoding_modes_report(devices) -> list[str]:
     """The decoding modes of ``generate(mode=...)`` / ``--mode``, and where each one runs."""
-    from .decoding import MODES, quant_support
+    from .decoding import MODES, bf16_native, quant_support
     lines = ["decoding modes (generate(mode=...), --mode; 'exact' is the default):"]
     for name, mode in MODES.items():
         where = []
         for dev in devices:
             why = quant_support(mode.quant, dev)
+            if why is None and mode.quant == "bf16" and not bf16_native(dev):
+                why = "runs, but slower than fp32: this CPU has no AMX bf16 units"
+                where.append(f"{dev.type}: yes ({why})")
+                continue
             where.append(f"{dev.type}: " + ("yes" if why is None else f"no ({why})"))
         lines.append(f"  {name:<12} {mode.describe():<58} {'; '.join(where)}")
     return lines

@@ -302,7 +302,8 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
     for step_ids, step_sampled in record or ():
         trace_ids.append(step_ids)
         trace_sampled.append(step_sampled)
-    imgs = _decode_images(model, sampled, decode_chunk)
+    decode = getattr(net, "decode_images", None)  # a mode's own pixel decode (custom modes: the exact one)
+    imgs = decode(sampled, decode_chunk) if decode is not None else _decode_images(model, sampled, decode_chunk)
     out = (imgs,)
     if return_ids:
         out += (sampled,)

@@ -175,11 +175,32 @@ def test_int8_logits_within_tolerance_of_fp32():
     assert (q[masked].argmax(-1) == ref[masked].argmax(-1)).float().mean() > 0.9
 
 
+# bf16 tolerance: the same measure; the whole pass (weights and activations) in bfloat16.
+BF16_REL_TOL = 0.05
+
+
+def test_bf16_logits_within_tolerance_of_fp32():
+    from mage_fast.__main__ import load_model
+    model, _ = load_model(None, None)
+    model.eval()
+    ids = _partly_known(model, 4, 20, seed=4)
+    masked = ids == model.mask_token_label
+    m = int(masked[0].sum())
+    cls = model.class_token_ids(torch.tensor([0, 3, 5, 9]))
+    with torch.no_grad():
+        ref = model.code_logits(ids, cls)
+        q = DecodeMode(quant="bf16").build(model, [m])(ids, cls, 0)
+    assert q.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32  # the model is untouched
+    err = ((q[masked] - ref[masked]).norm() / ref[masked].norm()).item()
+    assert 0 < err < BF16_REL_TOL, err
+    assert (q[masked].argmax(-1) == ref[masked].argmax(-1)).float().mean() > 0.9
+
+
 @pytest.mark.parametrize("name", sorted(MODES))
 def test_mode_loop_traces_as_one_graph(tiny, name):
     """The whole sampling loop, in each mode, traces with fullgraph=True (no graph break, no host
     sync) and gives the eager result."""
-    if MODES[name].quant != "none" and not _has_torchao():
+    if MODES[name].quant in ("int8", "fp8") and not _has_torchao():
         pytest.skip("torchao not installed")
     T, B = 5, 1
     _, mask_lens = schedule_from(T, 256, 256)

@@ -67,11 +67,13 @@ def test_cli_block_and_token_pixels(tiny, tmp_path):
     torch.save({"ids": ids[:, None].to(torch.int16), "labels": torch.arange(30) % 3}, cache)
     out = tmp_path / "res.jsonl"
     common = ["--ckpt", str(ckpt), "--train_cache", str(cache), "--test_cache", str(cache), "--train_limit", "20"]
-    ev.main(["--json", str(out), "probe", *common, "--block", "1"])
+    ev.main(["--json", str(out), "probe", *common, "--block", "1", "--fewshot", "1", "2"])
     ev.main(["--json", str(out), "token_pixels", *common])
     probe, pixels = [json.loads(line) for line in out.read_text().splitlines()]
     assert probe["block"] == 1 and probe["dim"] == tiny.blocks[0].norm1.normalized_shape[0] and probe["train_n"] == 20
     assert pixels["dim"] == tiny.img_size ** 2 and pixels["train_n"] == 20 and pixels["test_n"] == 30
     assert 0 <= probe["test_accuracy"] <= 1 and 0 <= pixels["test_accuracy"] <= 1
+    assert set(probe["few_shot"]) == {"1", "2"} and len(probe["few_shot"]["2"]["runs"]) == 5
+    assert "few_shot" not in pixels
     with pytest.raises(SystemExit, match="--block must be in"):
         ev.main(["probe", *common, "--block", "9"])

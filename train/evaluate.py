@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,14 +103,21 @@ def vim_features(model, ids: torch.Tensor, layer: int, batch: int = 500) -> torc
     return batched_features(lambda chunk: model.probe_features(chunk, layer), ids, batch)
 
 
-def probe_from_caches(features, train_cache: str, test_cache: str, train_limit: int = 0) -> dict:
+def probe_from_caches(features, train_cache: str, test_cache: str, train_limit: int = 0,
+                      fewshot: Sequence[int] = ()) -> dict:
     """The linear-probe protocol on view 0 of two token caches, with ``features(ids) -> (N, D)``
-    (on ``subset(N, train_limit)`` of the training cache)."""
+    (on ``subset(N, train_limit)`` of the training cache); with ``fewshot`` also k-shot accuracy
+    (:func:`mage_fast.eval.few_shot`: k images per class, 5 seeds) on the same features."""
     ids_tr, y_tr, _ = _load_cache(train_cache)
     ids_te, y_te, _ = _load_cache(test_cache)
     keep = subset(len(ids_tr), train_limit)
     ids_tr, y_tr = ids_tr[keep], y_tr[keep]
-    return linear_probe(features(ids_tr), y_tr, features(ids_te), y_te)
+    f_tr, f_te = features(ids_tr), features(ids_te)
+    res = linear_probe(f_tr, y_tr, f_te, y_te)
+    if fewshot:
+        from mage_fast.eval import few_shot
+        res["few_shot"] = {str(k): v for k, v in few_shot(f_tr, y_tr, f_te, y_te, shots=fewshot).items()}
+    return res
 
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, wd: float, num_classes: int, iters: int = 200):
@@ -174,6 +182,8 @@ def main(argv=None):
     p.add_argument("--train_cache", required=True)
     p.add_argument("--test_cache", required=True)
     p.add_argument("--block", type=int, default=None, help="read the encoder after this block (default: the last)")
+    p.add_argument("--fewshot", type=int, nargs="*", default=[], metavar="K",
+                   help="also k-shot accuracy on the same features for each K (images per class, 5 seeds)")
     tp = sub.add_parser("token_pixels", help="the raw-pixel baseline on the tokenizer's reconstructions of the "
                                              "cached tokens: how much of what the regression uses the tokens keep")
     tp.add_argument("--ckpt", required=True, help="a MAGE checkpoint (its tokenizer decodes the tokens)")
@@ -257,7 +267,7 @@ def main(argv=None):
             raise SystemExit(f"error: --{e}")
         res = {"what": "MAGE linear probe", "ckpt": args.ckpt, "block": block,
                **probe_from_caches(lambda ids: mage_features(model, ids, block=block), args.train_cache,
-                                   args.test_cache, args.train_limit)}
+                                   args.test_cache, args.train_limit, args.fewshot)}
     elif args.cmd == "token_pixels":
         model = build_from_checkpoint(args.ckpt).eval()
         res = {"what": "raw-pixel linear probe on the tokenizer's reconstructions", "ckpt": args.ckpt,

@@ -20,7 +20,8 @@ mode runs without host syncs and traces as one graph.
   recomputes only the f * n masked rows that were most confident at their last computation,
   n being how many tokens this step fixes, and the other masked rows keep their last logits; the
   last step recomputes every masked row.
-- ``quant``: ``"int8"`` / ``"fp8"`` Linear layers through torchao (see :mod:`.quant`).
+- ``quant``: ``"bf16"`` (the whole pass in bfloat16), ``"int8"`` / ``"fp8"`` Linear layers
+  through torchao (see :mod:`.quant`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch
 
 from ..ops.decode_step import counter_uniform
 from ..ops.token_drop import keep_index
-from .quant import QUANT_KINDS, quantized_weights
+from .quant import QUANT_KINDS, fast_tokenizer, quantized_weights
 from .stack import gather_rows, scatter_rows, stack_full, stack_partial
 
 DROP_KINDS = ("none", "train", "all")
@@ -86,6 +87,9 @@ MODES = {
     "cached_int8": DecodeMode(refresh_every=4, quant="int8"),
     "cached_focus": DecodeMode(refresh_every=4, focus=2),
     "fast": DecodeMode(drop="all", refresh_every=4, focus=2),
+    "bf16": DecodeMode(quant="bf16"),
+    "cached_bf16": DecodeMode(refresh_every=4, focus=2, quant="bf16"),
+    "fast_bf16": DecodeMode(drop="all", refresh_every=4, focus=2, quant="bf16"),
 }
 
 
@@ -189,7 +193,23 @@ class NetworkPass:
             self._encode_cached(st, full, masked, i)
             logits = self._decode_cached(st, masked, i)
         st.prev_masked = masked
-        return logits
+        return logits.float()
+
+    def decode_images(self, ids: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+        """Token ids (B, L) -> images (B, 3, S, S) in fp32. The exact mode decodes as the official
+        code; the others through :func:`.quant.fast_tokenizer` (channels-last; bf16 with
+        ``quant='bf16'``), ``chunk`` images per call."""
+        model = self.model
+        if self.mode.is_exact:
+            from ..sampling import _decode_images
+            return _decode_images(model, ids, chunk)
+        vq = fast_tokenizer(model, torch.bfloat16 if self.mode.quant == "bf16" else torch.float32)
+        g, dt = model.token_grid, next(vq.parameters()).dtype
+        out = []
+        for part in ids.split(chunk or ids.shape[0]):
+            z = vq.quantize.get_codebook_entry(part, shape=(part.shape[0], g, g, vq.quantize.e_dim))
+            out.append(vq.decode(z.to(dt).contiguous(memory_format=torch.channels_last)).float().contiguous())
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ encoder
     def _row_keys(self, B: int, device) -> torch.Tensor:
@@ -243,7 +263,7 @@ class NetworkPass:
             return scatter_rows(lm.new_zeros(B, L, lm.shape[-1]), img_pos, lm)
         if getattr(st, "logits", None) is None:
             st.logits = lm.new_zeros(B, L, lm.shape[-1])
-            st.conf = lm.new_full((B, L), -float("inf"))
+            st.conf = lm.new_full((B, L), -float("inf"), dtype=torch.float32)
         st.logits = scatter_rows(st.logits, img_pos, lm)
         conf = torch.log_softmax(lm.float(), -1).amax(-1)  # (B, m)
         st.conf = st.conf.scatter(1, img_pos, conf)

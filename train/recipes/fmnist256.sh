@@ -44,7 +44,7 @@ M_DDIM=${M_DDIM:-128}
 M_DDEPTH=${M_DDEPTH:-2}
 M_DHEADS=${M_DHEADS:-4}
 M_BATCH=${M_BATCH:-32}          # pairs of augmented views per step (lr = blr x 32 / 256 = 3.75e-4)
-M_STEPS=${M_STEPS:-1200}        # 38 400 pairs, 0.64 epoch: what one session of this machine trains
+M_STEPS=${M_STEPS:-1000}        # 32 000 pairs, 0.53 epoch: what one session of this machine trains
 M_WARMUP=${M_WARMUP:-100}
 M_BLR=${M_BLR:-3e-3}
 M_SAVE=${M_SAVE:-50}            # a checkpoint every M_SAVE steps (a few minutes; all kept, the curve reads them)
@@ -55,7 +55,7 @@ M_PRECISION=${M_PRECISION:-$(grep -q amx_bf16 /proc/cpuinfo && echo bf16 || echo
 VIEWS=${VIEWS:-3}               # cached views per training image: view 0 plain (the probe's), 2 crops
                                 # (a run of 2 epochs draws about 4 views per image)
 CURVE_LIMIT=${CURVE_LIMIT:-10000}   # training images the curve's probes fit on (the final probe: all)
-CURVE_EVERY=${CURVE_EVERY:-300}     # probe the checkpoints at multiples of this many steps
+CURVE_EVERY=${CURVE_EVERY:-250}     # probe the checkpoints at multiples of this many steps
 
 THREADS=${THREADS:-1}            # torch threads per job (one job runs at a time)
 export PYTHONPATH=$REPO OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
@@ -169,7 +169,7 @@ stage_probe() {
   need "$MAGE/mage_fmnist256.pt"
   if [ -f "$MAGE/probe_final.json" ]; then say "probe: done ($MAGE/probe_final.json)"; return; fi
   say "probe: the exported model, the whole training split"
-  probe_one "$MAGE/mage_fmnist256.pt" "$MAGE/probe_final.json.tmp"
+  probe_one "$MAGE/mage_fmnist256.pt" "$MAGE/probe_final.json.tmp" --fewshot 1 5 10
   mv "$MAGE/probe_final.json.tmp" "$MAGE/probe_final.json"
 }
 
