@@ -706,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     _decoding_args(g)
     g.add_argument("--mode", default="exact",
                    help="decoding mode: exact (default, the official pass), drop_train, drop_all, cached, cached_focus, "
-                        "int8, cached_int8, fast (the fast preset), bf16, cached_bf16, fast_bf16 (bfloat16: fast on GPUs and "
+                        "int8, cached_int8, fast (the fast preset), bf16, cached_bf16, cached_focus_bf16, fast_bf16 (bfloat16: fast on GPUs and "
                         "on CPUs with AMX), or a spec such as drop=all,refresh=4,focus=2,quant=int8 "
                         "(docs/DECODING.md; `python -m mage_fast info` lists them)")
     g.add_argument("--guidance-schedule", default="constant", choices=("constant", "linear"),

@@ -258,3 +258,24 @@ def test_focus_covering_every_masked_row_equals_plain_cached(tiny):
     for a, b in zip(outs[0], outs[1000]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(outs[0], outs[1]))
+
+
+def test_mode_pixel_decode_matches_the_exact_tokenizer_decode():
+    """The non-exact modes decode through a channels-last copy of the tokenizer: fp32 gives the
+    exact decode's pixels to rounding, bf16 (quant='bf16') within 35 dB PSNR of them, and the
+    model's own tokenizer is untouched."""
+    from mage_fast.__main__ import load_model
+    from mage_fast.sampling import _decode_images
+    model, _ = load_model(None, None)
+    model.eval()
+    ids = torch.randint(0, model.codebook_size, (3, model.seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = _decode_images(model, ids)
+        fp = MODES["cached"].build(model, [1]).decode_images(ids)
+        bf = MODES["bf16"].build(model, [1]).decode_images(ids, chunk=2)
+    assert fp.dtype == bf.dtype == torch.float32 and fp.shape == bf.shape == ref.shape
+    torch.testing.assert_close(fp, ref, atol=1e-5, rtol=1e-5)
+    psnr = 10 * torch.log10(1.0 / (bf.clamp(0, 1) - ref.clamp(0, 1)).pow(2).mean())
+    assert 35 < float(psnr) < 200, float(psnr)  # close, and really bf16
+    assert next(model.vqgan.parameters()).dtype == torch.float32
+    assert model.vqgan.decoder.conv_in.weight.is_contiguous()  # the model's layout is untouched

@@ -88,7 +88,8 @@ MODES = {
     "cached_focus": DecodeMode(refresh_every=4, focus=2),
     "fast": DecodeMode(drop="all", refresh_every=4, focus=2),
     "bf16": DecodeMode(quant="bf16"),
-    "cached_bf16": DecodeMode(refresh_every=4, focus=2, quant="bf16"),
+    "cached_bf16": DecodeMode(refresh_every=4, quant="bf16"),
+    "cached_focus_bf16": DecodeMode(refresh_every=4, focus=2, quant="bf16"),
     "fast_bf16": DecodeMode(drop="all", refresh_every=4, focus=2, quant="bf16"),
 }
 
