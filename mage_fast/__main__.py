@@ -231,7 +231,7 @@ def _generate_run(args, dev, rank: int, world: int, ref_set=None) -> int:
     names = class_names(model, ckpt)
     num_classes = len(names)
     settings = {k: getattr(args, k) for k in ("num_iter", "temperature", "seed", "rng", "schedule",
-                                              "temperature_annealing", "guidance", "guidance_schedule", "mode")}
+                                              "temperature_annealing", "guidance", "guidance_schedule", "mode", "order")}
     settings["class_id"] = label
     if args.rng == "official":  # the official script's images depend on the batch they are drawn in
         settings["batch_size"] = args.batch_size
@@ -286,7 +286,7 @@ def _generate_run(args, dev, rank: int, world: int, ref_set=None) -> int:
                                          temperature_annealing=args.temperature_annealing,
                                          class_ids=_batch_class_ids(label, start, bs, num_classes),
                                          guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
-                                         return_trace=want_trace, mode=args.mode,
+                                         return_trace=want_trace, mode=args.mode, order=args.order,
                                          decode_chunk=None if args.rng == "official" else 1)
                 imgs = (out[0] if want_trace else out)[:n]
                 if want_trace:
@@ -709,6 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "int8, cached_int8, fast (the fast preset), bf16, cached_bf16, cached_focus_bf16, fast_bf16 (bfloat16: fast on GPUs and "
                         "on CPUs with AMX), or a spec such as drop=all,refresh=4,focus=2,quant=int8 "
                         "(docs/DECODING.md; `python -m mage_fast info` lists them)")
+    g.add_argument("--order", default="confidence", choices=("confidence", "halton"),
+                   help="which masked tokens a step fixes: the most confident (official) or a fixed Halton order "
+                        "spread over the image (--rng torch)")
     g.add_argument("--guidance-schedule", default="constant", choices=("constant", "linear"),
                    help="constant: s at every step; linear: s (t+1)/T")
     f = g.add_argument_group("Frechet distance in the same pass (every rank adds its images' features)")

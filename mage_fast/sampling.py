@@ -10,7 +10,7 @@ import torch
 
 from .decoding.modes import resolve_mode, run_counts
 from .models.checks import check_number
-from .ops.decode_step import decode_step, image_keys
+from .ops.decode_step import decode_step, halton_ranks, halton_step, image_keys
 
 RNG_MODES = ("official", "torch")
 
@@ -30,6 +30,8 @@ TEMPERATURE_ANNEALING = {
     "cosine": lambda r: math.cos(math.pi / 2.0 * r),
     "none": lambda r: 0.0,
 }
+# Which masked tokens each step fixes: the most confident (official), or a fixed Halton order.
+ORDERS = ("confidence", "halton")
 GUIDANCE_SCHEDULES = {
     "constant": lambda r: 1.0,
     "linear": lambda r: r,  # guidance grows as tokens are fixed (MUSE style)
@@ -154,11 +156,13 @@ def _cfg_logits(model, ids, class_tokens, scale: float, code_logits=None):
 
 def decode_loop(model, net, ids: torch.Tensor, steps, *, num_iter: int, mask_lens, temperature: float, anneal,
                 rng: str, keys: Optional[torch.Tensor], ac, class_tokens: Optional[torch.Tensor] = None,
-                guidance=lambda r: 0.0, record: Optional[list] = None):
+                guidance=lambda r: 0.0, record: Optional[list] = None, rank: Optional[torch.Tensor] = None):
     """The sampling loop of :func:`generate`: at each step the mode's network pass ``net(ids,
     class_tokens, i)`` (see :mod:`mage_fast.decoding`), then sampling and re-masking. With
     ``rng="torch"`` it holds no host sync and every shape follows from ``mask_lens``, so it traces
-    as one graph. Returns (sampled, ids); ``record`` collects (ids, sampled) after each step."""
+    as one graph. ``rank`` (L,) fixes tokens in that order instead of by confidence
+    (:func:`mage_fast.ops.decode_step.halton_step`). Returns (sampled, ids); ``record`` collects
+    (ids, sampled) after each step."""
     L, mask_id = model.seq_len, model.mask_token_label
     sampled = ids
     for i, step in enumerate(steps):
@@ -170,6 +174,8 @@ def decode_loop(model, net, ids: torch.Tensor, steps, *, num_iter: int, mask_len
                 logits = _cfg_logits(model, ids, class_tokens, guidance(r), lambda x, c, i=i: net(x, c, i))
         if rng == "official":
             sampled, ids = _official_remask(ids, logits.float(), step, num_iter, temperature, mask_id, L)
+        elif rank is not None:
+            sampled, ids = halton_step(logits, ids, keys, step, mask_lens[i], rank, mask_id)
         else:
             sampled, ids = decode_step(logits, ids, keys, step, mask_lens[i], temperature * anneal(r), mask_id)
         if record is not None:
@@ -184,7 +190,7 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
              temperature_annealing: str = "linear", class_ids: Optional[torch.Tensor] = None,
              guidance_scale: float = 0.0, guidance_schedule: str = "constant",
              init_ids: Optional[torch.Tensor] = None, return_trace: bool = False, mode="exact",
-             decode_chunk: Optional[int] = None):
+             decode_chunk: Optional[int] = None, order: str = "confidence"):
     """MAGE generation by iterative decoding: unconditional, class-conditional, or from partly
     known tokens (inpainting, outpainting, editing).
 
@@ -211,6 +217,9 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
             fake class token's place); ``None`` = unconditional.
         guidance_scale: classifier-free guidance ``s``: logits ``l_c + s_t (l_c - l_u)``.
         guidance_schedule: ``"constant"`` (s_t = s) or ``"linear"`` (s_t = s (t+1)/T).
+        order: which masked tokens a step fixes: ``"confidence"`` (official: the most confident,
+            with annealed noise) or ``"halton"`` (a fixed order spread over the image,
+            :func:`mage_fast.ops.decode_step.halton_ranks`; ``rng="torch"`` only).
         init_ids: (B, L) starting ids, ``model.mask_token_label`` where tokens are to be generated
             (the same count in every row); decoding starts at the matching schedule step.
         return_trace: also return a dict with ``ids`` (steps, B, L) after each step (masked
@@ -246,6 +255,8 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
     anneal = _lookup(TEMPERATURE_ANNEALING, temperature_annealing, "temperature annealing")
     guide = _lookup(GUIDANCE_SCHEDULES, guidance_schedule, "guidance schedule")
     _lookup(SCHEDULES, schedule, "mask schedule")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     dev = next(model.parameters()).device
     L, mask_id = model.seq_len, model.mask_token_label
     if init_ids is None:
@@ -277,9 +288,10 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         raise ValueError("guidance_scale needs class_ids (classifier-free guidance is for conditional sampling)")
     official_options = (schedule == "cosine" and temperature_annealing == "linear" and class_ids is None
                         and init_ids is None)
+    official_options = official_options and order == "confidence"
     if rng == "official" and not official_options:
         raise ValueError("rng='official' reproduces the official unconditional sampler only; use rng='torch' for "
-                         "other schedules, annealing, class conditioning or partial starts")
+                         "other schedules, annealing, orders, class conditioning or partial starts")
 
     steps = range(start, num_iter)
     if progress:
@@ -298,7 +310,7 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
     sampled, ids = decode_loop(model, net, ids, steps, num_iter=num_iter, mask_lens=mask_lens,
                                temperature=temperature, anneal=anneal, rng=rng, keys=None if rng == "official" else keys,
                                ac=ac, class_tokens=class_tokens, guidance=lambda r: guidance_scale * guide(r),
-                               record=record)
+                               record=record, rank=halton_ranks(model.token_grid, dev) if order == "halton" else None)
     for step_ids, step_sampled in record or ():
         trace_ids.append(step_ids)
         trace_sampled.append(step_sampled)

@@ -279,3 +279,47 @@ def test_mode_pixel_decode_matches_the_exact_tokenizer_decode():
     assert 35 < float(psnr) < 200, float(psnr)  # close, and really bf16
     assert next(model.vqgan.parameters()).dtype == torch.float32
     assert model.vqgan.decoder.conv_in.weight.is_contiguous()  # the model's layout is untouched
+
+
+def test_halton_order_is_a_spread_permutation_and_fixes_tokens_in_it(tiny):
+    from mage_fast.ops.decode_step import halton_ranks, halton_step
+    rank = halton_ranks(16)
+    assert sorted(rank.tolist()) == list(range(256))
+    p = (rank < 16).nonzero().view(-1)  # the first 16 positions: no two neighbours
+    y, x = p // 16, p % 16
+    gap = torch.maximum((y[:, None] - y[None]).abs(), (x[:, None] - x[None]).abs()).fill_diagonal_(99)
+    assert int(gap.min()) >= 2
+    per_block = (rank < 64).view(4, 4, 4, 4).sum((1, 3))  # the first 64: 3-5 in every 4x4 block (4 on average)
+    assert int(per_block.min()) >= 3 and int(per_block.max()) <= 5
+    ids = torch.full((2, 256), tiny.mask_token_label)
+    logits = torch.randn(2, 256, 1024, generator=torch.Generator().manual_seed(0))
+    sampled, nxt = halton_step(logits, ids, torch.tensor([3, 4]), 0, 240, rank, tiny.mask_token_label)
+    known = nxt != tiny.mask_token_label
+    assert torch.equal(known, (rank < 16).expand(2, -1))  # the 16 earliest positions, whatever the logits
+    assert torch.equal(nxt[known], sampled[known])
+    _, ids = mage_fast.generate(tiny, 2, num_iter=6, temperature=4.5, rng="torch", order="halton", return_ids=True)
+    assert ids.shape == (2, 256) and int(ids.max()) < 1024
+    _, conf = mage_fast.generate(tiny, 2, num_iter=6, temperature=4.5, rng="torch", return_ids=True)
+    assert not torch.equal(ids, conf)
+    with pytest.raises(ValueError, match="order"):
+        mage_fast.generate(tiny, 1, num_iter=2, rng="torch", order="random")
+    with pytest.raises(ValueError, match="orders"):
+        mage_fast.generate(tiny, 1, num_iter=2, rng="official", order="halton")
+
+
+def test_halton_loop_traces_as_one_graph(tiny):
+    from mage_fast.ops.decode_step import halton_ranks
+    T = 4
+    _, mask_lens = schedule_from(T, 256, 256)
+    keys = image_keys(0, torch.arange(1))
+    rank = halton_ranks(16)
+
+    def loop(ids):
+        return decode_loop(tiny, MODES["exact"].build(tiny, run_counts(256, mask_lens), keys), ids, range(T),
+                           num_iter=T, mask_lens=mask_lens, temperature=4.5, anneal=TEMPERATURE_ANNEALING["linear"],
+                           rng="torch", keys=keys, ac=torch.autocast("cpu", enabled=False), rank=rank)[0]
+
+    ids = torch.full((1, 256), tiny.mask_token_label)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch.equal(loop(ids), torch.compile(loop, fullgraph=True, backend="eager")(ids))

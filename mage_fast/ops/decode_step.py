@@ -137,3 +137,53 @@ def image_keys(seed: int, index: torch.Tensor) -> torch.Tensor:
         g.manual_seed((int(seed) * 0x9E3779B97F4A7C15 + int(i)) % (2**63))
         keys.append(torch.randint(0, 2**32, (1,), generator=g, device=index.device))
     return torch.cat(keys)
+
+
+def halton_ranks(grid: int, device=None) -> torch.Tensor:
+    """The order in which a Halton-ordered decoder fixes the ``grid x grid`` token positions:
+    (grid * grid,) int64, ``rank[p]`` = when position p (row-major) comes. The points of the 2-D
+    Halton sequence (bases 2 and 3) are mapped to grid cells, each cell taking the rank of the
+    first point that lands in it: a fixed, image-independent order that spreads every step's
+    tokens over the whole image (Besnier et al., "Halton Scheduler for Masked Generative Image
+    Transformer", 2025)."""
+    def radical_inverse(i: int, base: int) -> float:
+        f, r = 1.0, 0.0
+        while i > 0:
+            f /= base
+            r += f * (i % base)
+            i //= base
+        return r
+
+    n = grid * grid
+    rank = [-1] * n
+    k, i = 0, 1
+    while k < n:
+        x, y = int(radical_inverse(i, 2) * grid), int(radical_inverse(i, 3) * grid)
+        p = y * grid + x
+        if rank[p] < 0:
+            rank[p] = k
+            k += 1
+        i += 1
+    return torch.tensor(rank, dtype=torch.long, device=device)
+
+
+def halton_step(logits: torch.Tensor, ids: torch.Tensor, key: torch.Tensor, step: int, mask_len: int,
+                rank: torch.Tensor, mask_id: int):
+    """One decoding step in a fixed order (:func:`halton_ranks`): every unknown position is
+    sampled with the same random numbers as :func:`decode_step`, and the ``mask_len`` unknown
+    positions latest in ``rank`` (N,) are masked again, whatever their confidence."""
+    B, N, C = logits.shape
+    if not 0 <= mask_len < N:
+        raise ValueError(f"mask_len must be in [0, {N}), got {mask_len}")
+    dev = logits.device
+    row = (step * N + torch.arange(N, device=dev)).view(1, N, 1)
+    col = torch.arange(C, device=dev).view(1, 1, C)
+    g = gumbel_from_uniform(counter_uniform(key.view(B, 1, 1), _STREAM_SAMPLE, row, col))
+    sample = torch.argmax(logits.float() + g, dim=-1)
+    unknown = ids == mask_id
+    sampled = torch.where(unknown, sample, ids)
+    late = torch.where(unknown, -rank.view(1, N).to(dev), torch.full_like(ids, N))  # latest first
+    order = torch.sort(late, dim=1, stable=True).indices[:, :mask_len]
+    remask = torch.zeros_like(unknown).scatter(1, order, True)
+    return sampled, torch.where(remask, torch.full_like(ids, mask_id), sampled)
+
