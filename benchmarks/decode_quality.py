@@ -106,7 +106,8 @@ def fd(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def run_mode(model, mode, n: int, bs: int, seed: int, T: int, temp: float, num_classes: int, kl_samples: int):
+def run_mode(model, mode, n: int, bs: int, seed: int, T: int, temp: float, num_classes: int, kl_samples: int,
+             order: str = "confidence"):
     imgs, ids, kl_log, secs, timed = [], [], {}, 0.0, 0
     for start in range(0, n, bs):
         b = min(bs, n - start)
@@ -115,7 +116,7 @@ def run_mode(model, mode, n: int, bs: int, seed: int, T: int, temp: float, num_c
         m = KLProbe(mode, kl_log) if probe else mode
         t0 = time.perf_counter()
         im, tok = mage_fast.generate(model, b, num_iter=T, temperature=temp, seed=seed, rng="torch", first_index=start,
-                                     class_ids=labels, mode=m, return_ids=True)
+                                     class_ids=labels, mode=m, return_ids=True, order=order)
         if not probe:
             secs += time.perf_counter() - t0
             timed += b
@@ -191,6 +192,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="default: the shipped model")
     p.add_argument("--modes", nargs="+", default=[n for n in MODES if n != "exact"])
+    p.add_argument("--step-points", nargs="*", default=[], metavar="ORDER:T",
+                   help="exact passes with another order or step count as points on the same curve, e.g. "
+                        "halton:12 confidence:8 halton:8 (their ViT-B speed is the exact mode's times the step "
+                        "ratio: every exact step costs the same)")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--kl-samples", type=int, default=250, help="images whose steps get the KL probe")
@@ -212,6 +217,12 @@ def main(argv=None):
     ref_seed = int(ys.get("reference", {}).get("seed", 0))
     if len(seeds) != 2:
         raise SystemExit(f"error: {pre.yardstick}: 'seeds' must hold two seeds (the exact mode's noise floor)")
+    step_points = []
+    for point in args.step_points:
+        order, _, t = point.partition(":")
+        if order not in ("confidence", "halton") or not t.isdigit() or int(t) < 1:
+            raise SystemExit(f"error: --step-points takes ORDER:T with ORDER confidence or halton, got {point!r}")
+        step_points.append((order, t))
     if args.replot:
         return replot(args.replot, args.throughput_json)
     if args.threads:
@@ -258,6 +269,17 @@ def main(argv=None):
         print(f"  {name:<34} Frechet {row['frechet']:7.2f} (vs exact samples {row['frechet_vs_exact']:6.2f}) | "
               f"tokens != exact {100 * row['token_diff']:5.1f} % | mean KL/step {row['kl_mean']:.4f} | "
               f"{speed or 0:7.1f} images/s here" + (f" | ViT-B {row['vitb_speedup']:.2f}x official" if row["vitb_speedup"] else ""))
+    for order, t in step_points:
+        imgs, ids, _, speed = run_mode(model, "exact", n, bs, seeds[0], int(t), temp, num_classes, 0, order=order)
+        feat = features(net, imgs, args.feature_size)
+        row = dict(mode=f"{order}@T={t}", spec=f"exact pass, order={order}, {t} steps (yardstick: {T})",
+                   frechet=fd(feat, ref), frechet_vs_exact=fd(feat, ex_feat), token_diff=None, kl_per_step={},
+                   kl_mean=None, images_per_s=speed,
+                   vitb_speedup=speedup["exact"] * T / int(t) if speedup.get("exact") else None,
+                   vitb_speedup_from_step_count=True)
+        rows.append(row)
+        print(f"  {row['mode']:<34} Frechet {row['frechet']:7.2f} (vs exact samples {row['frechet_vs_exact']:6.2f}) | "
+              f"{speed or 0:7.1f} images/s here")
     env["load_average_at_end"] = os.getloadavg()
     out = {"benchmark": "decode_quality", "yardstick": os.path.abspath(args.yardstick), "seeds": seeds,
            "checkpoint": ckpt, "num_samples": n, "num_iter": T, "temperature": temp,

@@ -26,3 +26,24 @@ def test_a_bad_yardstick_is_one_clear_error(tmp_path):
     bad.write_text(json.dumps({"seeds": [0]}))
     with pytest.raises(SystemExit, match="two seeds"):
         decode_quality.main(["--yardstick", str(bad)])
+
+
+def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path):
+    """The whole script on the shipped model: the exact mode's floor, a mode and a Halton step
+    point, with a JSON whose numbers are finite and whose rows name what ran."""
+    import math
+
+    import decode_quality
+    out = tmp_path / "q.json"
+    decode_quality.main(["--num-samples", "20", "--batch-size", "10", "--kl-samples", "10", "--feature-size", "32",
+                         "--threads", "1", "--modes", "bf16", "--step-points", "halton:4", "--out", str(out)])
+    res = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert set(rows) == {"exact", "exact_seed1", "bf16", "halton@T=4"}
+    assert all(math.isfinite(r["frechet"]) for r in rows.values())
+    assert 0 <= rows["bf16"]["token_diff"] <= 1 and rows["bf16"]["kl_per_step"]
+    assert rows["halton@T=4"]["token_diff"] is None and rows["halton@T=4"]["spec"].startswith("exact pass, order=halton")
+    assert os.path.isfile(str(out).replace(".json", ".png"))
+    with pytest.raises(SystemExit, match="ORDER:T"):
+        decode_quality.main(["--num-samples", "10", "--batch-size", "10", "--feature-size", "32", "--modes",
+                             "bf16", "--step-points", "spiral:4", "--out", str(tmp_path / "x.json")])
