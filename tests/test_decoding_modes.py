@@ -151,48 +151,46 @@ def test_drop_modes_generate_valid_ids(tiny, name):
     assert ids.shape == (2, 256) and int(ids.max()) < 1024 and int(ids.min()) >= 0
 
 
-# int8 tolerance: relative L2 error of the code logits at masked rows, shipped model, fp32 reference.
+# Tolerances of the low-precision passes: relative L2 error of the code logits at masked rows,
+# shipped model, fp32 reference. int8: Linear layers only; bf16: the whole pass.
 INT8_REL_TOL = 0.05
+BF16_REL_TOL = 0.05
+
+
+def _shipped_pass(*modes):
+    """The shipped model's exact code logits on partly known ids and those of ``modes``, with the
+    masked positions: (ref, [logits per mode], masked)."""
+    from mage_fast.__main__ import load_model
+    model, _ = load_model(None, None)
+    model.eval()
+    ids = _partly_known(model, 4, 20, seed=4)
+    masked = ids == model.mask_token_label
+    m = int(masked[0].sum())
+    cls = model.class_token_ids(torch.tensor([0, 3, 5, 9]))
+    with torch.no_grad():
+        ref = model.code_logits(ids, cls)
+        outs = [mode.build(model, [m])(ids, cls, 0) for mode in modes]
+    assert next(model.parameters()).dtype == torch.float32  # the model is untouched
+    return ref, outs, masked
+
+
+def _rel_err(a, ref, masked) -> float:
+    return ((a[masked] - ref[masked]).norm() / ref[masked].norm()).item()
 
 
 @needs_torchao
 def test_int8_logits_within_tolerance_of_fp32():
-    from mage_fast.__main__ import load_model
-    model, _ = load_model(None, None)
-    model.eval()
-    ids = _partly_known(model, 4, 20, seed=4)
-    masked = ids == model.mask_token_label
-    m = int(masked[0].sum())
-    cls = model.class_token_ids(torch.tensor([0, 3, 5, 9]))
-    with torch.no_grad():
-        ref = model.code_logits(ids, cls)
-        q = DecodeMode(quant="int8").build(model, [m])(ids, cls, 0)
-        fp = DecodeMode(drop="none", refresh_every=1).build(model, [m])(ids, cls, 0)
-    err = ((q[masked] - ref[masked]).norm() / ref[masked].norm()).item()
-    assert 0 < err < INT8_REL_TOL
-    assert ((fp[masked] - ref[masked]).norm() / ref[masked].norm()).item() < 1e-5
+    ref, (q, fp), masked = _shipped_pass(DecodeMode(quant="int8"), DecodeMode(drop="none", refresh_every=1))
+    assert 0 < _rel_err(q, ref, masked) < INT8_REL_TOL
+    assert _rel_err(fp, ref, masked) < 1e-5
     # the same top code at most masked rows
     assert (q[masked].argmax(-1) == ref[masked].argmax(-1)).float().mean() > 0.9
 
 
-# bf16 tolerance: the same measure; the whole pass (weights and activations) in bfloat16.
-BF16_REL_TOL = 0.05
-
-
 def test_bf16_logits_within_tolerance_of_fp32():
-    from mage_fast.__main__ import load_model
-    model, _ = load_model(None, None)
-    model.eval()
-    ids = _partly_known(model, 4, 20, seed=4)
-    masked = ids == model.mask_token_label
-    m = int(masked[0].sum())
-    cls = model.class_token_ids(torch.tensor([0, 3, 5, 9]))
-    with torch.no_grad():
-        ref = model.code_logits(ids, cls)
-        q = DecodeMode(quant="bf16").build(model, [m])(ids, cls, 0)
-    assert q.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32  # the model is untouched
-    err = ((q[masked] - ref[masked]).norm() / ref[masked].norm()).item()
-    assert 0 < err < BF16_REL_TOL, err
+    ref, (q,), masked = _shipped_pass(DecodeMode(quant="bf16"))
+    assert q.dtype == torch.float32
+    assert 0 < _rel_err(q, ref, masked) < BF16_REL_TOL
     assert (q[masked].argmax(-1) == ref[masked].argmax(-1)).float().mean() > 0.9
 
 
