@@ -183,9 +183,9 @@ def cmd_generate(args) -> int:
     _need(args.batch_size, "--batch-size", lo=1, integer=True)
     _need(args.grid, "--grid", lo=0, integer=True)
     if args.rng == "official" and (args.class_id is not None or args.schedule != "cosine"
-                                   or args.temperature_annealing != "linear"):
+                                   or args.temperature_annealing != "linear" or args.order != "confidence"):
         raise CLIError("--rng official reproduces the official unconditional sampler only (cosine schedule, linear "
-                       "annealing, no class); use --rng torch (the default) for other settings")
+                       "annealing, confidence order, no class); use --rng torch (the default) for other settings")
     if (args.ref_stats or args.inception_weights) and not args.fid_ref:
         raise CLIError("--ref-stats / --inception-weights go with --fid-ref REF_DIR (the reference images)")
     if args.fid_json and not args.fid_ref:

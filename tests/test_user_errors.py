@@ -114,6 +114,8 @@ CASES = [
     ("seed-huge", ["generate", "--seed", str(2 ** 40), "--out", "OUT"], ["--seed", "<="]),
     ("rng-official-with-class", ["generate", "--rng", "official", "--class-id", "1", "--out", "OUT"],
      ["--rng official", "unconditional"]),
+    ("rng-official-with-halton", ["generate", "--rng", "official", "--order", "halton", "--out", "OUT"],
+     ["--rng official", "confidence order"]),
     ("device-bogus", ["generate", "--device", "bogus", "--out", "OUT"], ["--device", "auto, cpu, cuda"]),
     ("device-cuda-absent", ["generate", "--device", "cuda", "--out", "OUT"], ["no CUDA device"]),
     # output locations
