@@ -199,6 +199,9 @@ def cmd_generate(args) -> int:
         if args.inception_weights and not os.path.isfile(args.inception_weights):
             raise CLIError(f"--inception-weights not found: {args.inception_weights}")
     dev = _device(args.device)
+    if args.cuda_graph and (dev.type != "cuda" or args.rng != "torch"):
+        raise CLIError(f"--cuda-graph captures the decoding loop on a CUDA device with --rng torch; this run has "
+                       f"--device {dev.type}, --rng {args.rng}")
     if world > 1 and dev.type == "cuda":
         import torch
         dev = torch.device("cuda", local_rank)
@@ -287,6 +290,7 @@ def _generate_run(args, dev, rank: int, world: int, ref_set=None) -> int:
                                          class_ids=_batch_class_ids(label, start, bs, num_classes),
                                          guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
                                          return_trace=want_trace, mode=args.mode, order=args.order,
+                                         cuda_graph=args.cuda_graph and not want_trace,
                                          decode_chunk=None if args.rng == "official" else 1)
                 imgs = (out[0] if want_trace else out)[:n]
                 if want_trace:
@@ -709,6 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "int8, cached_int8, fast (the fast preset), bf16, cached_bf16, cached_focus_bf16, fast_bf16 (bfloat16: fast on GPUs and "
                         "on CPUs with AMX), or a spec such as drop=all,refresh=4,focus=2,quant=int8 "
                         "(docs/DECODING.md; `python -m mage_fast info` lists them)")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="capture the decoding loop as one CUDA graph and replay it per batch (CUDA, --rng torch)")
     g.add_argument("--order", default="confidence", choices=("confidence", "halton"),
                    help="which masked tokens a step fixes: the most confident (official) or a fixed Halton order "
                         "spread over the image (--rng torch)")

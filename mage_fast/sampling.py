@@ -190,7 +190,7 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
              temperature_annealing: str = "linear", class_ids: Optional[torch.Tensor] = None,
              guidance_scale: float = 0.0, guidance_schedule: str = "constant",
              init_ids: Optional[torch.Tensor] = None, return_trace: bool = False, mode="exact",
-             decode_chunk: Optional[int] = None, order: str = "confidence"):
+             decode_chunk: Optional[int] = None, order: str = "confidence", cuda_graph: bool = False):
     """MAGE generation by iterative decoding: unconditional, class-conditional, or from partly
     known tokens (inpainting, outpainting, editing).
 
@@ -220,6 +220,10 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         order: which masked tokens a step fixes: ``"confidence"`` (official: the most confident,
             with annealed noise) or ``"halton"`` (a fixed order spread over the image,
             :func:`mage_fast.ops.decode_step.halton_ranks`; ``rng="torch"`` only).
+        cuda_graph: capture the whole decoding loop as one CUDA graph and replay it
+            (:mod:`mage_fast.decoding.graph`): the same ids as without it, one launch per batch
+            after the first call with these settings. CUDA and ``rng="torch"`` only; no per-step
+            trace or progress bar.
         init_ids: (B, L) starting ids, ``model.mask_token_label`` where tokens are to be generated
             (the same count in every row); decoding starts at the matching schedule step.
         return_trace: also return a dict with ``ids`` (steps, B, L) after each step (masked
@@ -293,8 +297,11 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         raise ValueError("rng='official' reproduces the official unconditional sampler only; use rng='torch' for "
                          "other schedules, annealing, orders, class conditioning or partial starts")
 
+    if cuda_graph and (rng != "torch" or return_trace):
+        raise ValueError("cuda_graph=True needs rng='torch' (the official sampler syncs with the host every step) "
+                         "and no return_trace (the loop runs as one graph)")
     steps = range(start, num_iter)
-    if progress:
+    if progress and not cuda_graph:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="decoding", leave=False)
     ac = torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -304,13 +311,29 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         np.random.seed(seed)
     else:
         keys = image_keys(seed, torch.arange(first_index, first_index + batch_size, device=dev))
-    net = resolve_mode(mode).build(model, run_counts(L if init_ids is None else n, mask_lens),
-                                   None if rng == "official" else keys)
+    the_mode = resolve_mode(mode)
+    counts = run_counts(L if init_ids is None else n, mask_lens)
+    net = the_mode.build(model, counts, None if rng == "official" else keys)
     record = [] if return_trace else None
-    sampled, ids = decode_loop(model, net, ids, steps, num_iter=num_iter, mask_lens=mask_lens,
-                               temperature=temperature, anneal=anneal, rng=rng, keys=None if rng == "official" else keys,
-                               ac=ac, class_tokens=class_tokens, guidance=lambda r: guidance_scale * guide(r),
-                               record=record, rank=halton_ranks(model.token_grid, dev) if order == "halton" else None)
+    rank = halton_ranks(model.token_grid, dev) if order == "halton" else None
+    if cuda_graph:
+        from .decoding import graph
+
+        def loop(ids, keys, class_tokens):  # reads and writes only static buffers
+            return decode_loop(model, the_mode.build(model, counts, keys), ids, steps, num_iter=num_iter,
+                               mask_lens=mask_lens, temperature=temperature, anneal=anneal, rng=rng, keys=keys,
+                               ac=torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
+                                                 cache_enabled=False),
+                               class_tokens=class_tokens, guidance=lambda r: guidance_scale * guide(r), rank=rank)
+        settings = (the_mode, num_iter, start, tuple(mask_lens), temperature, temperature_annealing, schedule,
+                    guidance_scale, guidance_schedule, order, autocast_dtype)
+        sampled, ids = graph.run_captured(model, settings, loop, dict(ids=ids, keys=keys, class_tokens=class_tokens),
+                                          dev)
+    else:
+        sampled, ids = decode_loop(model, net, ids, steps, num_iter=num_iter, mask_lens=mask_lens,
+                                   temperature=temperature, anneal=anneal, rng=rng,
+                                   keys=None if rng == "official" else keys, ac=ac, class_tokens=class_tokens,
+                                   guidance=lambda r: guidance_scale * guide(r), record=record, rank=rank)
     for step_ids, step_sampled in record or ():
         trace_ids.append(step_ids)
         trace_sampled.append(step_sampled)

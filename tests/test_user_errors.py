@@ -116,6 +116,8 @@ CASES = [
      ["--rng official", "unconditional"]),
     ("rng-official-with-halton", ["generate", "--rng", "official", "--order", "halton", "--out", "OUT"],
      ["--rng official", "confidence order"]),
+    ("cuda-graph-on-cpu", ["generate", "--cuda-graph", "--device", "cpu", "--out", "OUT"],
+     ["--cuda-graph", "CUDA device", "--device cpu"]),
     ("device-bogus", ["generate", "--device", "bogus", "--out", "OUT"], ["--device", "auto, cpu, cuda"]),
     ("device-cuda-absent", ["generate", "--device", "cuda", "--out", "OUT"], ["no CUDA device"]),
     # output locations
