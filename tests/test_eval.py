@@ -142,3 +142,22 @@ def test_offline_frechet_on_folders(folder, tmp_path):
     assert shifted["frechet_efficientnet_lite0"] > diff + 100  # ... so the cache was read, not recomputed
     again = offline_frechet(a, a, progress=False, ref_cache=cache)  # other files: recomputed, overwritten
     assert abs(again["frechet_efficientnet_lite0"]) < 1e-3
+
+
+def test_frechet_distance_survives_an_eigensolver_that_fails_to_converge(monkeypatch):
+    """LAPACK's eigh can fail on the rank-deficient covariances of few samples (seen in CI with 20
+    samples of 1280 features): the distance retries with a negligible diagonal offset."""
+    from mage_fast.eval import frechet
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(20, 64, generator=g), torch.randn(20, 64, generator=g) + 0.5
+    want = frechet.frechet_distance(*frechet.gaussian_stats(a), *frechet.gaussian_stats(b))
+    real, calls = torch.linalg.eigh, []
+
+    def flaky(m):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(m)
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    got = frechet.frechet_distance(*frechet.gaussian_stats(a), *frechet.gaussian_stats(b))
+    assert len(calls) == 3 and got == pytest.approx(want, rel=1e-6)

@@ -68,11 +68,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), in float64; the trace of the matrix square
     root is taken from the eigenvalues of S1^{1/2} S2 S1^{1/2} (symmetric, so stable)."""
     mu1, mu2, s1, s2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, sigma1, sigma2))
-    w, v = torch.linalg.eigh(s1)
+    w, v = _eigh(s1)
     r1 = (v * w.clamp_min(0).sqrt()) @ v.t()
     m = r1 @ s2 @ r1
-    tr_sqrt = torch.linalg.eigvalsh((m + m.t()) / 2).clamp_min(0).sqrt().sum()
+    tr_sqrt = _eigh((m + m.t()) / 2)[0].clamp_min(0).sqrt().sum()
     return float((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_sqrt)
+
+
+def _eigh(a: torch.Tensor):
+    """``torch.linalg.eigh``; LAPACK can fail to converge on the rank-deficient covariances of
+    fewer samples than feature dimensions: then retry with a diagonal offset of 1e-12 of the
+    mean eigenvalue, far below what the distance resolves (as pytorch-fid offsets sqrtm)."""
+    try:
+        return torch.linalg.eigh(a)
+    except torch.linalg.LinAlgError:
+        eps = 1e-12 * float(a.diagonal().mean().abs().clamp_min(1e-300))
+        return torch.linalg.eigh(a + eps * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
 
 
 def _efficientnet():
