@@ -5,8 +5,9 @@ All paths run the same model and weights (random unless --ckpt) at the same batc
 - official: the official ``gen_image`` loop (``mage_fast.official_gen_image``) with every op on its
   plain-torch reference (``force_backend("torch")``): fp32 q.k attention with autocast off, all
   2025 logits, ``Categorical`` sampling, NumPy Gumbel noise, a full sort and host syncs per step.
-- one path per decoding mode (``--mode``; default exact, cached, cached_focus, fast, cached_bf16,
-  fast_bf16; ``all`` for every mode in ``mage_fast.decoding.MODES``):
+- one path per decoding mode (``--mode``; default exact, cached, cached_focus, fast, plus
+  cached_bf16 and fast_bf16 where bf16 is native; ``all`` for every mode in
+  ``mage_fast.decoding.MODES``):
   ``mage_fast.generate(rng="torch", mode=...)``; ``exact`` is today's bit-exact path. bf16 autocast
   on CUDA.
 - vqgan_decode: the tokenizer decode alone (part of every generation above).
@@ -40,7 +41,15 @@ from mage_fast.sampling import _decode_images  # noqa: E402
 
 # The default run (README quickstart, `make bench`): today's exact path, the mode inside the quality
 # noise floor and the two presets (docs/DECODING.md). `--mode all` times every named mode.
-DEFAULT_MODES = ("exact", "cached", "cached_focus", "fast", "cached_bf16", "fast_bf16")
+DEFAULT_MODES = ("exact", "cached", "cached_focus", "fast")
+BF16_DEFAULT_MODES = ("cached_bf16", "fast_bf16")  # added by default where bf16 is native (GPU, AMX CPU)
+
+
+def default_modes(device: torch.device) -> list:
+    """The modes timed without --mode: the bf16 ones only where the hardware multiplies bf16 (on
+    other CPUs they are many times slower than fp32 and would make the default run long)."""
+    from mage_fast.decoding import bf16_native
+    return list(DEFAULT_MODES) + (list(BF16_DEFAULT_MODES) if bf16_native(device) else [])
 
 
 def build(args, device):
@@ -90,10 +99,11 @@ def main(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 4 on CPU, 64 on CUDA")
     p.add_argument("--num-iter", type=int, default=20)
     p.add_argument("--temperature", type=float, default=6.0)
-    p.add_argument("--mode", nargs="+", default=list(DEFAULT_MODES),
+    p.add_argument("--mode", nargs="+", default=None,
                    help="decoding modes to time beside the official path: names in mage_fast.decoding.MODES, specs "
                         "such as drop=all,refresh=2,quant=int8, or 'all' (every named mode; about 3 min per mode "
-                        f"on 2 CPU cores) (default: {' '.join(DEFAULT_MODES)})")
+                        f"on 2 CPU cores) (default: {' '.join(DEFAULT_MODES)}, and {' '.join(BF16_DEFAULT_MODES)} "
+                        f"where bf16 is native: a GPU or an AMX CPU)")
     p.add_argument("--only", default=None, help="run one path alone: official, vqgan_decode or a mode name")
     p.add_argument("--gen-repeats", type=int, default=None, help="timed rounds (default 2 CPU / 5 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -103,6 +113,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_throughput_<device>.json)")
     p.add_argument("--from-log", default=None, help="write the JSON from the per-run lines of a run's log instead")
     args = p.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.mode is None:
+        args.mode = default_modes(device)
     if "all" in args.mode:
         args.mode = [m for m in args.mode if m != "all"] + [m for m in MODES if m not in args.mode]
     if args.from_log:
@@ -110,7 +123,6 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
     sizes = args.batch_sizes or ([64] if cuda else [1, 4])
     reps = args.gen_repeats or (5 if cuda else 2)
