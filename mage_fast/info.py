@@ -56,7 +56,28 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    return f"CPU {cpu_model()}{cpu_matrix_units()}, {torch.get_num_threads()} torch threads"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else the platform's machine name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_matrix_units() -> str:
+    """' (AMX bf16/int8)', ' (AVX-512)', ' (AVX2)' or '': what decides the bf16 and int8 speed."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if amx is not None and amx():
+        return f" ({cap}, AMX bf16/int8)"
+    return f" ({cap})" if cap else ""
 
 
 def git_commit() -> str:

@@ -167,3 +167,12 @@ def test_grid_enlarges_small_tiles_only(tmp_path):
     assert (g[2:86, 88:172] == 100).all()  # the second tile, enlarged, pixel values kept
     big = [np.zeros((64, 64, 3), np.uint8)] * 2
     assert np.asarray(Image.open(save_grid(big, str(tmp_path / "b.png")))).shape == make_grid(big).shape
+
+
+def test_cpu_description_names_the_model_and_its_vector_units():
+    """Benchmarks name the machine: the CPU model and what decides bf16/int8 speed (AVX2, AVX-512, AMX)."""
+    import torch
+    from mage_fast.info import cpu_model, device_description
+    d = device_description(torch.device("cpu"))
+    assert cpu_model() in d and torch.backends.cpu.get_cpu_capability() in d
+    assert ("AMX" in d) == bool(torch.cpu._is_amx_tile_supported())
