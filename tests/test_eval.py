@@ -161,3 +161,8 @@ def test_frechet_distance_survives_an_eigensolver_that_fails_to_converge(monkeyp
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
     got = frechet.frechet_distance(*frechet.gaussian_stats(a), *frechet.gaussian_stats(b))
     assert len(calls) == 3 and got == pytest.approx(want, rel=1e-6)
+    calls.clear()
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: (_ for _ in ()).throw(torch.linalg.LinAlgError("no")))
+    psd = frechet.frechet_distance(*frechet.gaussian_stats(a), *frechet.gaussian_stats(b))  # through the SVD
+    assert psd == pytest.approx(want, rel=1e-6)
+

@@ -82,8 +82,13 @@ def _eigh(a: torch.Tensor):
     try:
         return torch.linalg.eigh(a)
     except torch.linalg.LinAlgError:
-        eps = 1e-12 * float(a.diagonal().mean().abs().clamp_min(1e-300))
+        pass
+    eps = 1e-12 * float(a.diagonal().mean().abs().clamp_min(1e-300))
+    try:
         return torch.linalg.eigh(a + eps * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
+    except torch.linalg.LinAlgError:  # the matrices here are symmetric PSD: singular values = eigenvalues
+        u, sv, _ = torch.linalg.svd(a)
+        return sv, u
 
 
 def _efficientnet():
