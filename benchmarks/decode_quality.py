@@ -68,14 +68,11 @@ YARDSTICK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "yardstick.
 
 def read_yardstick(path: str) -> dict:
     """The fixed evaluation settings (benchmarks/yardstick.json): one line of error for a bad file."""
+    from mage_fast.models.checks import InputError, read_json_object
     try:
-        with open(path) as f:
-            ys = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --yardstick {path} is not readable JSON ({e})") from None
-    if not isinstance(ys, dict):
-        raise SystemExit(f"error: --yardstick {path} must hold a JSON object")
-    return ys
+        return read_json_object(path, "--yardstick")
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def load_test_images(n: int, seed: int) -> torch.Tensor:

@@ -83,15 +83,20 @@ def schedule_from(num_iter: int, seq_len: int, num_unknown: int, schedule: str =
     return start, out
 
 
-def _decode_images(model, ids: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
-    """Token ids -> images through the tokenizer, ``chunk`` images per call (None: all at once).
-    ``chunk=1`` makes each image's pixels independent of the batch it was drawn in (convolutions
-    round differently at other batch sizes)."""
+def _decode_images(model, ids: torch.Tensor, chunk: Optional[int] = None, vqgan=None) -> torch.Tensor:
+    """Token ids -> images through the tokenizer (``vqgan``: another copy of it, e.g. a mode's
+    channels-last or bf16 one; its input follows its dtype and layout, the images come back fp32),
+    ``chunk`` images per call (None: all at once). ``chunk=1`` makes each image's pixels
+    independent of the batch it was drawn in (convolutions round differently at other batch sizes)."""
     g = model.token_grid
     if chunk is not None and chunk < ids.shape[0]:
-        return torch.cat([_decode_images(model, part) for part in ids.split(chunk)])
-    z_q = model.vqgan.quantize.get_codebook_entry(ids, shape=(ids.shape[0], g, g, model.vqgan.quantize.e_dim))
-    return model.vqgan.decode(z_q)
+        return torch.cat([_decode_images(model, part, vqgan=vqgan) for part in ids.split(chunk)])
+    if vqgan is None:
+        z_q = model.vqgan.quantize.get_codebook_entry(ids, shape=(ids.shape[0], g, g, model.vqgan.quantize.e_dim))
+        return model.vqgan.decode(z_q)
+    z_q = vqgan.quantize.get_codebook_entry(ids, shape=(ids.shape[0], g, g, vqgan.quantize.e_dim))
+    w = next(vqgan.parameters())
+    return vqgan.decode(z_q.to(w.dtype).contiguous(memory_format=torch.channels_last)).float().contiguous()
 
 
 def _official_remask(ids_known: torch.Tensor, logits: torch.Tensor, step: int, num_iter: int, temperature: float,

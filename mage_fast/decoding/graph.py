@@ -18,6 +18,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .quant import fingerprint
+
 _MAX_GRAPHS = 4  # captures kept per model (each holds its own memory pool on CUDA)
 _GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -51,16 +53,12 @@ def backend_for(device: torch.device):
     return CudaGraphBackend()
 
 
-def _fingerprint(model: torch.nn.Module) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
 def run_captured(model: torch.nn.Module, key: tuple, loop: Callable[..., tuple], inputs: dict,
                  device: torch.device) -> tuple:
     """``loop(**static_inputs) -> (sampled, ids)`` captured once per (model state, ``key``, input
     shapes) and replayed with ``inputs`` copied into its static buffers; returns fresh tensors."""
     shapes = tuple((k, None if v is None else (tuple(v.shape), v.dtype)) for k, v in sorted(inputs.items()))
-    full_key = (_fingerprint(model), key, shapes)
+    full_key = (fingerprint(model), key, shapes)
     graphs = _GRAPHS.setdefault(model, OrderedDict())
     entry = graphs.get(full_key)
     if entry is None:

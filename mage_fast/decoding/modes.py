@@ -200,17 +200,11 @@ class NetworkPass:
         """Token ids (B, L) -> images (B, 3, S, S) in fp32. The exact mode decodes as the official
         code; the others through :func:`.quant.fast_tokenizer` (channels-last; bf16 with
         ``quant='bf16'``), ``chunk`` images per call."""
-        model = self.model
+        from ..sampling import _decode_images
         if self.mode.is_exact:
-            from ..sampling import _decode_images
-            return _decode_images(model, ids, chunk)
-        vq = fast_tokenizer(model, torch.bfloat16 if self.mode.quant == "bf16" else torch.float32)
-        g, dt = model.token_grid, next(vq.parameters()).dtype
-        out = []
-        for part in ids.split(chunk or ids.shape[0]):
-            z = vq.quantize.get_codebook_entry(part, shape=(part.shape[0], g, g, vq.quantize.e_dim))
-            out.append(vq.decode(z.to(dt).contiguous(memory_format=torch.channels_last)).float().contiguous())
-        return torch.cat(out)
+            return _decode_images(self.model, ids, chunk)
+        vq = fast_tokenizer(self.model, torch.bfloat16 if self.mode.quant == "bf16" else torch.float32)
+        return _decode_images(self.model, ids, chunk, vqgan=vq)
 
     # ------------------------------------------------------------------ encoder
     def _row_keys(self, B: int, device) -> torch.Tensor:

@@ -63,8 +63,19 @@ def quant_support(kind: str, device: torch.device) -> str | None:
     return None
 
 
-def _fingerprint(model: nn.Module) -> tuple:
+def fingerprint(model: nn.Module) -> tuple:
+    """What identifies a module's weights: each parameter's storage and in-place version."""
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def _cached(cache: "weakref.WeakKeyDictionary", model: nn.Module, key: tuple, build) -> nn.Module:
+    """``cache[model]``'s copy when it was built for ``key``, else ``build()``, kept for ``key``."""
+    hit = cache.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    made = build()
+    cache[model] = (key, made)
+    return made
 
 
 def quantized_weights(model: nn.Module, kind: str) -> nn.Module:
@@ -73,14 +84,12 @@ def quantized_weights(model: nn.Module, kind: str) -> nn.Module:
     why = quant_support(kind, dev)
     if why is not None:
         raise RuntimeError(f"quantization {kind!r} is not available: {why}")
-    key = (kind, _fingerprint(model))
-    hit = _CACHE.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    return _cached(_CACHE, model, (kind, fingerprint(model)), lambda: _pass_weights(model, kind))
+
+
+def _pass_weights(model: nn.Module, kind: str) -> nn.Module:
     if kind == "bf16":
-        weights = PassWeights(model).eval().to(torch.bfloat16)
-        _CACHE[model] = (key, weights)
-        return weights
+        return PassWeights(model).eval().to(torch.bfloat16)
     from torchao.quantization import quantize_
     if kind == "int8":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig
@@ -91,7 +100,6 @@ def quantized_weights(model: nn.Module, kind: str) -> nn.Module:
     weights = PassWeights(model).eval()
     with torch.no_grad():
         quantize_(weights, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
-    _CACHE[model] = (key, weights)
     return weights
 
 
@@ -103,13 +111,11 @@ def fast_tokenizer(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     convolutions (1.2x fp32 on a CPU at the same values to ~1e-10), in ``dtype`` (bf16: 3.2x fp32
     on a CPU with AMX). Rebuilt when a tokenizer parameter changes in place."""
     vq = model.vqgan
-    key = (dtype, _fingerprint(vq))
-    hit = _TOK_CACHE.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    fast = copy.deepcopy(vq).eval().to(dtype=dtype, memory_format=torch.channels_last)
-    for p in fast.parameters():
-        p.requires_grad_(False)
-    _TOK_CACHE[model] = (key, fast)
-    return fast
+
+    def build():
+        fast = copy.deepcopy(vq).eval().to(dtype=dtype, memory_format=torch.channels_last)
+        for p in fast.parameters():
+            p.requires_grad_(False)
+        return fast
+    return _cached(_TOK_CACHE, model, (dtype, fingerprint(vq)), build)
 

@@ -194,18 +194,11 @@ def build_from_checkpoint(path, map_location="cpu", **overrides) -> nn.Module:
 def read_model_card(ckpt) -> dict:
     """The model card ``<ckpt without extension>.json`` beside a checkpoint ({} when there is none):
     ``classes`` (names, label order), ``class_conditional``, ``sampling`` defaults."""
-    import json
+    from .checks import read_json_object
     card = os.path.splitext(os.fspath(ckpt))[0] + ".json"
     if not os.path.isfile(card):
         return {}
-    try:
-        with open(card) as f:
-            obj = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"the model card {card} is not readable JSON ({e})") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"the model card {card} must hold a JSON object, got {type(obj).__name__}")
-    return obj
+    return read_json_object(card, "the model card", CheckpointError)
 
 
 # ---------------------------------------------------------------------------------------- tokenizers

@@ -68,3 +68,18 @@ def check_file(path, what: str, error=InputError) -> None:
         raise FileNotFoundError(f"{what.split(' ', 1)[-1]} not found: {path}")
     if os.path.getsize(path) == 0:
         raise error(f"{path} is empty (0 bytes); expected {what} file")
+
+
+def read_json_object(path, what: str, error=InputError) -> dict:
+    """The JSON object in ``path``; an unreadable file, bad JSON or another JSON value each get one
+    line naming ``what`` it should be (raised as ``error``)."""
+    import json
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise error(f"{what} {path} is not readable JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise error(f"{what} {path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+

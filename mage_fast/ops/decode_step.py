@@ -76,13 +76,8 @@ def decode_step_ref(logits: torch.Tensor, ids: torch.Tensor, key: torch.Tensor, 
     B, N, C = logits.shape
     dev = logits.device
     logits = logits.float()  # precision raised: sampling and log-softmax in fp32
-    k = key.view(B, 1, 1)
     row = (step * N + torch.arange(N, device=dev)).view(1, N, 1)
-    col = torch.arange(C, device=dev).view(1, 1, C)
-    g = gumbel_from_uniform(counter_uniform(k, _STREAM_SAMPLE, row, col))  # (B, N, C)
-    sample = torch.argmax(logits + g, dim=-1)  # (B, N)
-    unknown = ids == mask_id
-    sampled = torch.where(unknown, sample, ids)
+    sample, unknown, sampled = _sample_codes(logits, ids, key, row, mask_id)
     logp = logits.gather(-1, sample.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     g2 = gumbel_from_uniform(counter_uniform(key.view(B, 1), _STREAM_CONF, row.view(1, N), torch.zeros(1, 1, dtype=torch.long, device=dev)))
     conf = torch.where(unknown, logp + noise_scale * g2, torch.full_like(logp, float("inf")))
@@ -90,6 +85,17 @@ def decode_step_ref(logits: torch.Tensor, ids: torch.Tensor, key: torch.Tensor, 
     remask = torch.zeros_like(unknown).scatter(1, order, True)
     next_ids = torch.where(remask, torch.full_like(ids, mask_id), sampled)
     return sampled, next_ids
+
+
+def _sample_codes(logits: torch.Tensor, ids: torch.Tensor, key: torch.Tensor, row: torch.Tensor, mask_id: int):
+    """Gumbel-max samples of every position from counter-based noise keyed by (key, row, code):
+    -> (sample (B, N), unknown (B, N) bool, sampled = sample at unknown positions, ids elsewhere)."""
+    B, N, C = logits.shape
+    col = torch.arange(C, device=logits.device).view(1, 1, C)
+    g = gumbel_from_uniform(counter_uniform(key.view(B, 1, 1), _STREAM_SAMPLE, row, col))  # (B, N, C)
+    sample = torch.argmax(logits + g, dim=-1)  # (B, N)
+    unknown = ids == mask_id
+    return sample, unknown, torch.where(unknown, sample, ids)
 
 
 decode_step_op = Op("decode_step", decode_step_ref)
@@ -177,11 +183,7 @@ def halton_step(logits: torch.Tensor, ids: torch.Tensor, key: torch.Tensor, step
         raise ValueError(f"mask_len must be in [0, {N}), got {mask_len}")
     dev = logits.device
     row = (step * N + torch.arange(N, device=dev)).view(1, N, 1)
-    col = torch.arange(C, device=dev).view(1, 1, C)
-    g = gumbel_from_uniform(counter_uniform(key.view(B, 1, 1), _STREAM_SAMPLE, row, col))
-    sample = torch.argmax(logits.float() + g, dim=-1)
-    unknown = ids == mask_id
-    sampled = torch.where(unknown, sample, ids)
+    _, unknown, sampled = _sample_codes(logits.float(), ids, key, row, mask_id)
     late = torch.where(unknown, -rank.view(1, N).to(dev), torch.full_like(ids, N))  # latest first
     order = torch.sort(late, dim=1, stable=True).indices[:, :mask_len]
     remask = torch.zeros_like(unknown).scatter(1, order, True)
