@@ -75,5 +75,7 @@ def test_cli_block_and_token_pixels(tiny, tmp_path):
     assert 0 <= probe["test_accuracy"] <= 1 and 0 <= pixels["test_accuracy"] <= 1
     assert set(probe["few_shot"]) == {"1", "2"} and len(probe["few_shot"]["2"]["runs"]) == 5
     assert "few_shot" not in pixels
+    with pytest.raises(SystemExit, match="--fewshot takes images per class >= 1"):
+        ev.main(["probe", *common, "--fewshot", "5", "0"])
     with pytest.raises(SystemExit, match="--block must be in"):
         ev.main(["probe", *common, "--block", "9"])

@@ -260,6 +260,8 @@ def main(argv=None):
                "mse": mse, "mae": ae / n, "psnr_db": float(10 * torch.log10(torch.tensor(1.0 / mse))),
                "max_channel_gap": max_channel_gap, "codes_used": int(used.sum()), "codebook": vq.n_embed}
     elif args.cmd == "probe":
+        if any(k < 1 for k in args.fewshot):
+            raise SystemExit(f"error: --fewshot takes images per class >= 1, got {args.fewshot}")
         model = build_from_checkpoint(args.ckpt)
         try:
             block = encoder_block(model, args.block)
