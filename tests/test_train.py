@@ -187,11 +187,17 @@ def test_zero3_export_and_continue_from_checkpoint(tmp_path):
     out2 = tmp_path / "cont"
     proc = run(["train/pretrain.py", *TINY_ARGS, "--synthetic", "--synthetic_length", "16", "--batch_size", "4",
                  "--max_steps", "1", "--num_workers", "0", "--init_from", str(out / "mage.pt"), "--lr", "0",
-                 "--output_dir", str(out2), "--export", str(out2 / "mage.pt")])
+                 "--dropout", "0", "--output_dir", str(out2), "--export", str(out2 / "mage.pt")])
     ok(proc)
     second = read_state_dict(str(out2 / "mage.pt"))
     for k, v in first.state_dict().items():  # lr 0: continuing changes nothing
         assert torch.equal(v, second[k]), k
+    # --dropout travels in the export's config (the official 0.1 stays implicit) and rebuilds
+    assert "dropout" not in torch.load(out / "mage.pt", weights_only=True)["config"]
+    assert torch.load(out2 / "mage.pt", weights_only=True)["config"]["dropout"] == 0.0
+    rebuilt = mage_fast.MAGE.from_pretrained(str(out2 / "mage.pt"))
+    ps = {m.p for m in rebuilt.modules() if isinstance(m, torch.nn.Dropout)}
+    assert ps == {0.0} and {m.p for m in first.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
 
 
 @needs_deepspeed

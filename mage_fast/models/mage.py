@@ -65,6 +65,8 @@ class MAGE(nn.Module):
             ``num_res_blocks``, ``z_channels``, ``embed_dim``, ``n_embed``); default the official.
         tokenizer: a ready tokenizer module with the ``VQModel`` interface (e.g. a ViT-VQGAN) used
             instead of building the MaskGIT VQGAN; it is stored as ``vqgan`` and frozen.
+        dropout: residual, attention and embedding dropout in training (the official fixes 0.1;
+            not part of the official constructor, no effect in eval mode or on the weights' keys).
 
     Example:
         >>> m = MAGE(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=2,
@@ -79,8 +81,10 @@ class MAGE(nn.Module):
                  norm_pix_loss: bool = False, mask_ratio_min: float = 0.5, mask_ratio_max: float = 1.0,
                  mask_ratio_mu: float = 0.55, mask_ratio_std: float = 0.25,
                  vqgan_ckpt_path: Optional[str] = "vqgan_jax_strongaug.ckpt", vqgan_config: Optional[dict] = None,
-                 tokenizer: Optional[nn.Module] = None):
+                 tokenizer: Optional[nn.Module] = None, dropout: float = DROPOUT):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         norm_layer = fast_norm_layer(norm_layer)  # same parameters and keys, dispatched computation
         if tokenizer is not None:
             for attr in ("encode", "decode", "quantize", "n_embed", "downsample"):
@@ -103,7 +107,7 @@ class MAGE(nn.Module):
         vocab_size = self.codebook_size + NUM_LEGACY_CLASSES + 1
         self.fake_class_label = self.codebook_size + 1100 - 1024
         self.mask_token_label = vocab_size - 1
-        self.token_emb = BertEmbeddings(vocab_size, embed_dim, self.seq_len + 1, dropout=DROPOUT)
+        self.token_emb = BertEmbeddings(vocab_size, embed_dim, self.seq_len + 1, dropout=dropout)
 
         if not 0.0 <= mask_ratio_min <= mask_ratio_max <= 1.0:
             raise ValueError(f"need 0 <= mask_ratio_min <= mask_ratio_max <= 1, got {mask_ratio_min}, {mask_ratio_max}")
@@ -115,7 +119,7 @@ class MAGE(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
-                                           drop=DROPOUT, attn_drop=DROPOUT) for _ in range(depth)])
+                                           drop=dropout, attn_drop=dropout) for _ in range(depth)])
         self.norm = norm_layer(embed_dim)
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
@@ -124,7 +128,7 @@ class MAGE(nn.Module):
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n_pos, decoder_embed_dim), requires_grad=False)
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + 1, decoder_embed_dim))
         self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
-                                                   norm_layer=norm_layer, drop=DROPOUT, attn_drop=DROPOUT)
+                                                   norm_layer=norm_layer, drop=dropout, attn_drop=dropout)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
