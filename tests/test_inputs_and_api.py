@@ -96,6 +96,17 @@ def test_vqgan_config_errors():
         mage_fast.VQModel(ch=32, z_channels=32, embed_dim=32, chmult=(1, 2))
 
 
+def test_dropout_argument():
+    """MAGE(dropout=p) sets every dropout (embedding, residual, attention); the official 0.1 by default."""
+    cfg = dict(vqgan_config=dict(ch=32, num_res_blocks=1, z_channels=32, embed_dim=32), vqgan_ckpt_path=None)
+    for p, want in ((None, 0.1), (0.0, 0.0), (0.3, 0.3)):
+        m = mage_fast.mage_vit_tiny(**cfg) if p is None else mage_fast.mage_vit_tiny(dropout=p, **cfg)
+        ps = [d.p for d in m.modules() if isinstance(d, torch.nn.Dropout)]
+        assert ps and set(ps) == {want}
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        mage_fast.mage_vit_tiny(dropout=1.0, **cfg)
+
+
 def test_fused_training_loss_matches_official_path_with_gradients(tiny):
     """forward() uses the fused MLM-head loss; it must equal forward_loss(forward_decoder(...))."""
     tiny.eval()  # no dropout: both paths see the same network

@@ -5,7 +5,8 @@
 #   train/recipes/fmnist256.sh mage                                          # one stage (or several)
 #   train/recipes/fmnist256.sh status                                        # what is done, where runs stand
 #
-# Stages: data tokenizer recon caches pixels mage probe curve (and `status`). Rerunning the script
+# Stages: data tokenizer recon caches pixels mage probe curve fd (and `status`); `fd` (10 000
+# samples per seed, hours of CPU) runs only when named. Rerunning the script
 # after a kill (or a reboot) continues where it stopped: finished stages are skipped (their output
 # exists), the two training stages resume exactly from their latest checkpoint (--resume auto).
 # Everything runs at one torch thread, one job at a time, under $RUNS (outside the repository).
@@ -59,6 +60,7 @@ VIEWS=${VIEWS:-3}               # cached views per training image: view 0 plain 
                                 # (a run of 2 epochs draws about 4 views per image)
 CURVE_LIMIT=${CURVE_LIMIT:-10000}   # training images the curve's probes fit on (the final probe: all)
 CURVE_EVERY=${CURVE_EVERY:-250}     # probe the checkpoints at multiples of this many steps
+FD_N=${FD_N:-10000}                 # samples per seed for the model card's Frechet distances (fd stage)
 
 THREADS=${THREADS:-1}            # torch threads per job (one job runs at a time)
 export PYTHONPATH=$REPO OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
@@ -210,6 +212,48 @@ EOF
   done
 }
 
+stage_fd() {  # the model card's Frechet distances: samples against the test split, with both noise floors
+  need "$MAGE/mage_fmnist256.pt"
+  local gen=$RUNS/gen fd=$RUNS/fd seed
+  mkdir -p "$gen" "$fd"
+  for seed in 0 1; do  # exact decoding, the model card's settings; --resume: a killed run goes on
+    [ -f "$fd/gen_seed$seed.done" ] && continue
+    say "fd: $FD_N class-balanced samples (--class-id all), seed $seed -> $gen/seed$seed"
+    "$PY" -m mage_fast generate --ckpt "$MAGE/mage_fmnist256.pt" --num-images "$FD_N" --class-id all \
+      --seed "$seed" --batch-size 100 --grid 100 --out "$gen/seed$seed" --resume
+    touch "$fd/gen_seed$seed.done"
+  done
+  if [ ! -f "$fd/halves.done" ]; then  # the real floor: the test split in two disjoint halves, alternating
+    rm -rf "$fd/test_a" "$fd/test_b"      # within each class folder (5 000 each, class-balanced)
+    "$PY" - "$DATA/test" "$fd/test_a" "$fd/test_b" <<'HALVES'
+import os, sys
+src, a, b = sys.argv[1:]
+for c in sorted(os.listdir(src)):
+    for i, f in enumerate(sorted(os.listdir(os.path.join(src, c)))):
+        d = os.path.join((a, b)[i % 2], c)
+        os.makedirs(d, exist_ok=True)
+        os.symlink(os.path.join(src, c, f), os.path.join(d, f))
+HALVES
+    touch "$fd/halves.done"
+  fi
+  local pair name x y
+  for pair in "seed0_test:$gen/seed0:$DATA/test" "seed1_test:$gen/seed1:$DATA/test" \
+              "seed0_seed1:$gen/seed0:$gen/seed1" "testa_testb:$fd/test_a:$fd/test_b"; do
+    IFS=: read -r name x y <<< "$pair"
+    [ -f "$fd/$name.json" ] && continue
+    say "fd: $name"
+    "$PY" -m mage_fast fid "$x" "$y" --device cpu --json "$fd/$name.json.tmp"
+    mv "$fd/$name.json.tmp" "$fd/$name.json"
+  done
+  "$PY" - "$fd" <<'SUMMARY'
+import json, os, sys
+d = sys.argv[1]
+for n in ("seed0_test", "seed1_test", "seed0_seed1", "testa_testb"):
+    r = json.load(open(os.path.join(d, n + ".json")))
+    print(f"  {n:12s} {r['frechet_efficientnet_lite0']:8.3f}  ({r['num_generated']} vs {r['num_reference']})")
+SUMMARY
+}
+
 stage_status() {
   for f in "$DATA/.done" "$TOK/tokenizer.pt" "$TOK/recon_test.json" "$CACHE/test_plain.pt" \
            "$CACHE/train_v$VIEWS.pt" "$RUNS/pixels.json" "$MAGE/mage_fmnist256.pt" "$MAGE/probe_final.json"; do
@@ -228,8 +272,8 @@ main() {
   [ ${#stages[@]} -gt 0 ] || stages=(data tokenizer recon caches pixels mage probe curve)
   for s in "${stages[@]}"; do
     case $s in
-      data|tokenizer|recon|caches|pixels|mage|probe|curve|status) ;;
-      *) echo "unknown stage $s (data tokenizer recon caches pixels mage probe curve status)" >&2; exit 64 ;;
+      data|tokenizer|recon|caches|pixels|mage|probe|curve|fd|status) ;;
+      *) echo "unknown stage $s (data tokenizer recon caches pixels mage probe curve fd status)" >&2; exit 64 ;;
     esac
   done
   for s in "${stages[@]}"; do "stage_$s"; done
