@@ -35,8 +35,10 @@ def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path):
 
     import decode_quality
     out = tmp_path / "q.json"
+    cache = tmp_path / "exact_cache"
     decode_quality.main(["--num-samples", "20", "--batch-size", "10", "--kl-samples", "10", "--feature-size", "32",
-                         "--threads", "1", "--modes", "bf16", "--step-points", "halton:4", "--out", str(out)])
+                         "--threads", "1", "--modes", "bf16", "--step-points", "halton:4", "--out", str(out),
+                         "--exact-cache", str(cache)])
     res = json.loads(out.read_text())
     rows = {r["mode"]: r for r in res["rows"]}
     assert set(rows) == {"exact", "exact_seed1", "bf16", "halton@T=4"}
@@ -44,6 +46,23 @@ def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path):
     assert 0 <= rows["bf16"]["token_diff"] <= 1 and rows["bf16"]["kl_per_step"]
     assert rows["halton@T=4"]["token_diff"] is None and rows["halton@T=4"]["spec"].startswith("exact pass, order=halton")
     assert os.path.isfile(str(out).replace(".json", ".png"))
+    # --exact-cache: a second run on the same work reads the exact runs (one file per seed) instead
+    # of generating them, with the same floor
+    assert len(os.listdir(cache)) == 2
+    calls = []
+    real = decode_quality.run_mode
+    monkey = lambda model, mode, *a, **k: (calls.append(mode), real(model, mode, *a, **k))[1]  # noqa: E731
+    decode_quality.run_mode = monkey
+    try:
+        decode_quality.main(["--num-samples", "20", "--batch-size", "10", "--kl-samples", "10", "--feature-size",
+                             "32", "--threads", "1", "--modes", "bf16", "--out", str(tmp_path / "q2.json"),
+                             "--exact-cache", str(cache)])
+    finally:
+        decode_quality.run_mode = real
+    assert calls == ["bf16"]
+    again = json.loads((tmp_path / "q2.json").read_text())
+    assert again["noise_floor"] == res["noise_floor"]
+    assert {r["mode"]: r["frechet"] for r in again["rows"]}["bf16"] == pytest.approx(rows["bf16"]["frechet"])
     with pytest.raises(SystemExit, match="ORDER:T"):
         decode_quality.main(["--num-samples", "10", "--batch-size", "10", "--feature-size", "32", "--modes",
                              "bf16", "--step-points", "spiral:4", "--out", str(tmp_path / "x.json")])
