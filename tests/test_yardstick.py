@@ -63,6 +63,13 @@ def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path):
     again = json.loads((tmp_path / "q2.json").read_text())
     assert again["noise_floor"] == res["noise_floor"]
     assert {r["mode"]: r["frechet"] for r in again["rows"]}["bf16"] == pytest.approx(rows["bf16"]["frechet"])
+    # pixel_decode_quality.py reads the same cache: the official decode gives back the exact samples
+    import pixel_decode_quality
+    pixel_decode_quality.main(["--exact-cache", str(cache), "--out", str(tmp_path / "pix.json")])
+    pix = json.loads((tmp_path / "pix.json").read_text())["decodes"]
+    assert set(pix) == {"fp32_official", "bf16_channels_last", "fp32_channels_last"}
+    assert abs(pix["fp32_official"]["frechet_vs_exact_samples"]) < 1e-3
+    assert all(math.isfinite(v["frechet_vs_test"]) for v in pix.values())
     with pytest.raises(SystemExit, match="ORDER:T"):
         decode_quality.main(["--num-samples", "10", "--batch-size", "10", "--feature-size", "32", "--modes",
                              "bf16", "--step-points", "spiral:4", "--out", str(tmp_path / "x.json")])
