@@ -225,7 +225,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_quality_<model>.json)")
     p.add_argument("--exact-cache", default=None, metavar="DIR",
                    help="keep the exact mode's two runs (features, ids, speed) in DIR and reuse them when the "
-                        "checkpoint file and settings are the same: later modes cost only their own runs")
+                        "checkpoint file and settings are the same: later modes cost only their own runs "
+                        "(default: none, always computed)")
     p.add_argument("--replot", default=None, help="a decode_quality JSON: redo its plot (with --throughput-json)")
     p.add_argument("--yardstick", default=YARDSTICK,
                    help="JSON of fixed evaluation settings used as the defaults (benchmarks/yardstick.json)")
@@ -244,6 +245,13 @@ def main(argv=None):
         if order not in ("confidence", "halton") or not t.isdigit() or int(t) < 1:
             raise SystemExit(f"error: --step-points takes ORDER:T with ORDER confidence or halton, got {point!r}")
         step_points.append((order, t))
+    if args.exact_cache:  # before hours of work: the cache must be a writable folder
+        try:
+            os.makedirs(args.exact_cache, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: --exact-cache {args.exact_cache} is not a usable folder ({e})") from None
+        if not os.access(args.exact_cache, os.W_OK):
+            raise SystemExit(f"error: --exact-cache {args.exact_cache} is not writable")
     if args.replot:
         return replot(args.replot, args.throughput_json)
     if args.threads:

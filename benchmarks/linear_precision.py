@@ -53,15 +53,15 @@ def paths(block: nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=4, help="images (257 tokens each)")
-    ap.add_argument("--tokens", type=int, default=257)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=4, help="images (default: 4)")
+    ap.add_argument("--tokens", type=int, default=257, help="tokens per image (default: 257)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds (default: 7)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     ap.add_argument("--json", default=None, help="default: results/linear_precision_cpu.json")
     a = ap.parse_args()
-    if a.batch < 1 or a.tokens < 1 or a.repeats < 1 or a.threads < 1:
-        ap.error("--batch, --tokens, --repeats and --threads must be >= 1")
+    if a.batch < 1 or a.tokens < 1 or a.repeats < 1 or a.threads < 1 or a.warmup < 0:
+        ap.error("--batch, --tokens, --repeats and --threads must be >= 1, --warmup >= 0")
     torch.set_num_threads(a.threads)
     env = environment(torch.device("cpu"))
     print_header("ViT-B MLP block: fp32 vs bf16 vs torchao int8 (paths alternate in each repeat, process CPU time)",
@@ -87,10 +87,10 @@ def main():
     for k, ts in times.items():
         s = summarize(ts, a.repeats, a.warmup)
         ratio = statistics.median(f / t for f, t in zip(times["fp32"], ts))
-        result["paths"][k] = dict(s, speedup_vs_fp32=ratio, rel_error_vs_fp32=err[k],
-                                  gflops=flops / 1e9 / s["median_s"] / a.threads)
+        gflops = flops / 1e9 / s["median_s"] / a.threads
+        result["paths"][k] = dict(s, speedup_vs_fp32=ratio, rel_error_vs_fp32=err[k], gflops=gflops)
         print(f"  {k:14s} {s['median_s'] * 1e3:8.1f} ms (min {s['min_s'] * 1e3:.1f}, max {s['max_s'] * 1e3:.1f})  "
-              f"{ratio:5.2f}x fp32  {flops / 1e9 / s['median_s'] / a.threads:6.1f} GFLOP/s/thread  "
+              f"{ratio:5.2f}x fp32  {gflops:6.1f} GFLOP/s/thread  "
               f"rel. error {err[k]:.4f}")
     for k, why in skipped.items():
         print(f"  {k:14s} not run: {why}")

@@ -24,11 +24,14 @@ from common import write_json  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--exact-cache", required=True, metavar="DIR")
-    ap.add_argument("--copies", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--exact-cache", required=True, metavar="DIR", help="a decode_quality.py --exact-cache directory")
+    ap.add_argument("--copies", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"],
+                    help="the channels-last tokenizer copies to decode with, beside the official (default: bf16 fp32)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     ap.add_argument("--out", default=None, help="default: results/pixel_decode_quality.json")
     a = ap.parse_args(argv)
+    if a.threads < 1:
+        ap.error(f"--threads must be >= 1, got {a.threads}")
     from mage_fast.__main__ import load_model
     from mage_fast.decoding.quant import fast_tokenizer
     from mage_fast.sampling import _decode_images
@@ -50,7 +53,7 @@ def main(argv=None):
     out = {"checkpoint": ckpt, "num_samples": int(ids.shape[0]), "feature_size": size, "decodes": {}}
     with torch.no_grad():
         for name, vq in copies:
-            imgs = torch.cat([_decode_images(model, part, vqgan=vq) for part in ids.split(250)])
+            imgs = _decode_images(model, ids, chunk=250, vqgan=vq)
             f = dq.features(net, dq.to_8bit(imgs), size)
             out["decodes"][name] = {"frechet_vs_test": dq.fd(f, ref), "frechet_vs_exact_samples": dq.fd(f, ex_feat)}
             print(f"  {name:20s} Frechet to test {out['decodes'][name]['frechet_vs_test']:8.3f}, "

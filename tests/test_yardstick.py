@@ -28,7 +28,7 @@ def test_a_bad_yardstick_is_one_clear_error(tmp_path):
         decode_quality.main(["--yardstick", str(bad)])
 
 
-def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path):
+def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path, monkeypatch):
     """The whole script on the shipped model: the exact mode's floor, a mode and a Halton step
     point, with a JSON whose numbers are finite and whose rows name what ran."""
     import math
@@ -49,16 +49,16 @@ def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path):
     # --exact-cache: a second run on the same work reads the exact runs (one file per seed) instead
     # of generating them, with the same floor
     assert len(os.listdir(cache)) == 2
-    calls = []
-    real = decode_quality.run_mode
-    monkey = lambda model, mode, *a, **k: (calls.append(mode), real(model, mode, *a, **k))[1]  # noqa: E731
-    decode_quality.run_mode = monkey
-    try:
-        decode_quality.main(["--num-samples", "20", "--batch-size", "10", "--kl-samples", "10", "--feature-size",
-                             "32", "--threads", "1", "--modes", "bf16", "--out", str(tmp_path / "q2.json"),
-                             "--exact-cache", str(cache)])
-    finally:
-        decode_quality.run_mode = real
+    calls, real = [], decode_quality.run_mode
+
+    def counted(model, mode, *a, **k):
+        calls.append(mode)
+        return real(model, mode, *a, **k)
+    monkeypatch.setattr(decode_quality, "run_mode", counted)
+    decode_quality.main(["--num-samples", "20", "--batch-size", "10", "--kl-samples", "10", "--feature-size",
+                         "32", "--threads", "1", "--modes", "bf16", "--out", str(tmp_path / "q2.json"),
+                         "--exact-cache", str(cache)])
+    monkeypatch.undo()
     assert calls == ["bf16"]
     again = json.loads((tmp_path / "q2.json").read_text())
     assert again["noise_floor"] == res["noise_floor"]
@@ -70,6 +70,12 @@ def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path):
     assert set(pix) == {"fp32_official", "bf16_channels_last", "fp32_channels_last"}
     assert abs(pix["fp32_official"]["frechet_vs_exact_samples"]) < 1e-3
     assert all(math.isfinite(v["frechet_vs_test"]) for v in pix.values())
+    with pytest.raises(SystemExit) as bad:
+        pixel_decode_quality.main(["--exact-cache", str(cache), "--threads", "0"])
+    assert bad.value.code == 2
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit, match="--exact-cache .* is not a usable folder"):
+        decode_quality.main(["--num-samples", "10", "--modes", "bf16", "--exact-cache", str(tmp_path / "a_file")])
     with pytest.raises(SystemExit, match="ORDER:T"):
         decode_quality.main(["--num-samples", "10", "--batch-size", "10", "--feature-size", "32", "--modes",
                              "bf16", "--step-points", "spiral:4", "--out", str(tmp_path / "x.json")])

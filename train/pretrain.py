@@ -27,7 +27,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mage_fast.data import EpochLoader, LoaderSpec  # noqa: E402
 from mage_fast.models.checkpoint import load_checkpoint, load_state_dict_strict, read_state_dict  # noqa: E402
-from mage_fast.models.mage import MAGE  # noqa: E402
+from mage_fast.models.mage import DROPOUT, MAGE  # noqa: E402
 from mage_fast.training import engine as eng  # noqa: E402
 from mage_fast.models.checkpoint import tokenizer_checksum  # noqa: E402
 from mage_fast.training.common import (add_common_args, add_model_args, build_engine,  # noqa: E402
@@ -61,8 +61,8 @@ def parse_args(argv=None):
     g.add_argument("--mask_ratio_max", type=float, default=1.0)
     g.add_argument("--mask_ratio_mu", type=float, default=0.55)
     g.add_argument("--mask_ratio_std", type=float, default=0.25)
-    g.add_argument("--dropout", type=float, default=0.1,
-                   help="residual/attention/embedding dropout (the official 0.1; 0 trains a small, under-fit model "
+    g.add_argument("--dropout", type=float, default=DROPOUT,
+                   help=f"residual/attention/embedding dropout (default: the official {DROPOUT}; 0 trains a small, under-fit model "
                         "faster: no random masks, which are a quarter of a CPU step)")
     g.add_argument("--activation_checkpointing", action="store_true")
     g.add_argument("--contrastive_weight", type=float, default=0.0, help="> 0: MAGE-C with this loss weight")
@@ -111,7 +111,7 @@ def model_config(args) -> dict:
     cfg.update(img_size=args.img_size, mlp_ratio=args.mlp_ratio, vqgan_config=vq,
                mask_ratio_min=args.mask_ratio_min, mask_ratio_max=args.mask_ratio_max,
                mask_ratio_mu=args.mask_ratio_mu, mask_ratio_std=args.mask_ratio_std)
-    if args.dropout != 0.1:  # the official value stays implicit: exports keep the official config keys
+    if args.dropout != DROPOUT:  # the official value stays implicit: exports keep the official config keys
         cfg["dropout"] = args.dropout
     return cfg
 
