@@ -176,3 +176,15 @@ def test_cpu_description_names_the_model_and_its_vector_units():
     d = device_description(torch.device("cpu"))
     assert cpu_model() in d and torch.backends.cpu.get_cpu_capability() in d
     assert ("AMX" in d) == bool(torch.cpu._is_amx_tile_supported())
+
+
+def test_shipped_models_load_by_name(tmp_path, capsys, monkeypatch):
+    """--ckpt NAME picks a shipped model from mage_fast/assets; an absent one is one clear line."""
+    import mage_fast.__main__ as cli
+    model, path = cli.load_model("mage_fmnist", None)
+    assert path == cli.shipped_path("mage_fmnist") and model.seq_len == 49
+    assert cli.DEFAULT_CKPT == next(cli.shipped_path(n) for n in cli.SHIPPED if os.path.isfile(cli.shipped_path(n)))
+    monkeypatch.setattr(cli, "ASSETS", str(tmp_path))  # an install without the shipped files
+    assert main(["generate", "--ckpt", "mage_fmnist", "--num-images", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "does not ship that model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mage_fast
-from mage_fast.decoding import MODES, DecodeMode, encode_dropped, run_counts
+from mage_fast.decoding import MODES, DecodeMode, encode_dropped, mode_name, resolve_mode, run_counts
 from mage_fast.decoding.modes import drop_mask_for, first_true
 from mage_fast.ops import image_keys
 from mage_fast.sampling import TEMPERATURE_ANNEALING, decode_loop, schedule_from
@@ -227,6 +227,12 @@ def test_unknown_mode_and_bad_settings_raise(tiny):
         DecodeMode(drop="train", refresh_every=2)
     with pytest.raises(ValueError, match="refresh_every"):
         DecodeMode(refresh_every=-1)
+    with pytest.raises(ValueError, match="pixels"):
+        resolve_mode("quant=bf16,pixels=int8")
+    m = resolve_mode("refresh=4,quant=bf16,pixels=fp32")
+    assert m == MODES["cached_bf16_px32"] and m.pixel_dtype == torch.float32 and not m.is_exact
+    assert MODES["cached_bf16"].pixel_dtype == torch.bfloat16 and MODES["cached"].pixel_dtype == torch.float32
+    assert resolve_mode(mode_name(resolve_mode("quant=bf16,pixels=fp32"))) == resolve_mode("quant=bf16,pixels=fp32")
 
 
 def test_focus_covering_every_masked_row_equals_plain_cached(tiny):
@@ -271,8 +277,12 @@ def test_mode_pixel_decode_matches_the_exact_tokenizer_decode():
         ref = _decode_images(model, ids)
         fp = MODES["cached"].build(model, [1]).decode_images(ids)
         bf = MODES["bf16"].build(model, [1]).decode_images(ids, chunk=2)
+        bf_px32 = resolve_mode("quant=bf16,pixels=fp32").build(model, [1]).decode_images(ids)
+        px16 = resolve_mode("refresh=4,pixels=bf16").build(model, [1]).decode_images(ids)
     assert fp.dtype == bf.dtype == torch.float32 and fp.shape == bf.shape == ref.shape
     torch.testing.assert_close(fp, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bf_px32, ref, atol=1e-5, rtol=1e-5)  # bf16 pass, fp32 pixels
+    torch.testing.assert_close(px16, bf, atol=0, rtol=0)  # fp32 pass, bf16 pixels: the bf16 decode
     psnr = 10 * torch.log10(1.0 / (bf.clamp(0, 1) - ref.clamp(0, 1)).pow(2).mean())
     assert 35 < float(psnr) < 200, float(psnr)  # close, and really bf16
     assert next(model.vqgan.parameters()).dtype == torch.float32

@@ -22,6 +22,9 @@ mode runs without host syncs and traces as one graph.
   last step recomputes every masked row.
 - ``quant``: ``"bf16"`` (the whole pass in bfloat16), ``"int8"`` / ``"fp8"`` Linear layers
   through torchao (see :mod:`.quant`).
+- ``pixels``: the precision of the tokenizer's pixel decode after the last step. ``"auto"`` (bf16
+  with ``quant='bf16'``, else fp32), ``"fp32"`` or ``"bf16"``; every non-exact mode decodes
+  through a channels-last copy of the tokenizer (:func:`.quant.fast_tokenizer`).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from .quant import QUANT_KINDS, fast_tokenizer, quantized_weights
 from .stack import gather_rows, scatter_rows, stack_full, stack_partial
 
 DROP_KINDS = ("none", "train", "all")
+PIXEL_KINDS = ("auto", "fp32", "bf16")
 _STREAM_DROP = 0x2545F491
 
 
@@ -47,12 +51,15 @@ class DecodeMode:
     refresh_every: int = 0
     quant: str = "none"
     focus: int = 0
+    pixels: str = "auto"
 
     def __post_init__(self):
         if self.drop not in DROP_KINDS:
             raise ValueError(f"drop must be one of {DROP_KINDS}, got {self.drop!r}")
         if self.quant not in QUANT_KINDS:
             raise ValueError(f"quant must be one of {QUANT_KINDS}, got {self.quant!r}")
+        if self.pixels not in PIXEL_KINDS:
+            raise ValueError(f"pixels must be one of {PIXEL_KINDS}, got {self.pixels!r}")
         if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
             raise ValueError(f"refresh_every must be an int >= 0 (0 = no cache), got {self.refresh_every!r}")
         if self.refresh_every and self.drop == "train":
@@ -64,12 +71,20 @@ class DecodeMode:
     def is_exact(self) -> bool:
         return self == DecodeMode()
 
+    @property
+    def pixel_dtype(self) -> torch.dtype:
+        """The dtype of the pixel decode (``pixels``, with ``"auto"`` resolved)."""
+        if self.pixels == "auto":
+            return torch.bfloat16 if self.quant == "bf16" else torch.float32
+        return torch.bfloat16 if self.pixels == "bf16" else torch.float32
+
     def describe(self) -> str:
         parts = [f"drop={self.drop}"]
         parts.append(f"cache: full pass every {self.refresh_every} steps" if self.refresh_every else "no cache")
         if self.focus:
             parts.append(f"decoder recomputes the {self.focus}x most confident masked rows")
         parts.append(f"quant={self.quant}")
+        parts.append(f"pixel decode in {'bf16' if self.pixel_dtype == torch.bfloat16 else 'fp32'}")
         return ", ".join(parts)
 
     def build(self, model, counts: Sequence[int], keys: Optional[torch.Tensor] = None) -> "NetworkPass":
@@ -91,18 +106,19 @@ MODES = {
     "cached_bf16": DecodeMode(refresh_every=4, quant="bf16"),
     "cached_focus_bf16": DecodeMode(refresh_every=4, focus=2, quant="bf16"),
     "fast_bf16": DecodeMode(drop="all", refresh_every=4, focus=2, quant="bf16"),
+    "cached_bf16_px32": DecodeMode(refresh_every=4, quant="bf16", pixels="fp32"),
 }
 
 
 def resolve_mode(mode) -> DecodeMode:
     """A mode from a name in :data:`MODES`, a spec ``"drop=all,refresh=4,quant=int8"`` (any subset
-    of the three keys), a :class:`DecodeMode`, or any object with DecodeMode's ``build`` method."""
+    of the keys drop, refresh, focus, quant, pixels), a :class:`DecodeMode`, or any object with DecodeMode's ``build`` method."""
     if isinstance(mode, DecodeMode) or (not isinstance(mode, str) and callable(getattr(mode, "build", None))):
         return mode
     if isinstance(mode, str) and mode in MODES:
         return MODES[mode]
     if isinstance(mode, str) and "=" in mode:
-        fields = {"drop": "drop", "refresh": "refresh_every", "quant": "quant", "focus": "focus"}
+        fields = {"drop": "drop", "refresh": "refresh_every", "quant": "quant", "focus": "focus", "pixels": "pixels"}
         kw = {}
         for part in mode.split(","):
             key, _, value = part.partition("=")
@@ -119,7 +135,8 @@ def mode_name(mode: DecodeMode) -> str:
     for name, m in MODES.items():
         if m == mode:
             return name
-    return f"drop={mode.drop},refresh={mode.refresh_every},quant={mode.quant}" + (f",focus={mode.focus}" if mode.focus else "")
+    return (f"drop={mode.drop},refresh={mode.refresh_every},quant={mode.quant}" + (f",focus={mode.focus}" if mode.focus else "")
+            + (f",pixels={mode.pixels}" if mode.pixels != "auto" else ""))
 
 
 def first_true(mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -198,12 +215,12 @@ class NetworkPass:
 
     def decode_images(self, ids: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
         """Token ids (B, L) -> images (B, 3, S, S) in fp32. The exact mode decodes as the official
-        code; the others through :func:`.quant.fast_tokenizer` (channels-last; bf16 with
-        ``quant='bf16'``), ``chunk`` images per call."""
+        code; the others through :func:`.quant.fast_tokenizer` (channels-last, in the mode's
+        ``pixel_dtype``), ``chunk`` images per call."""
         from ..sampling import _decode_images
         if self.mode.is_exact:
             return _decode_images(self.model, ids, chunk)
-        vq = fast_tokenizer(self.model, torch.bfloat16 if self.mode.quant == "bf16" else torch.float32)
+        vq = fast_tokenizer(self.model, self.mode.pixel_dtype)
         return _decode_images(self.model, ids, chunk, vqgan=vq)
 
     # ------------------------------------------------------------------ encoder
