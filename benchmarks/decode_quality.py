@@ -159,7 +159,7 @@ def plot(rows, path, x_key, x_label):
     for r in pts:
         ax.scatter(r[x_key], r["frechet"], color="k" if r["mode"] == "exact" else "tab:blue")
         ax.annotate(r["mode"], (r[x_key], r["frechet"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhspan(min(ex), max(ex), color="0.85", label="exact, two seeds (noise floor)")
+    ax.axhspan(min(ex), max(ex), color="0.85", label="exact, its seeds (noise floor)")
     ax.set_xlabel(x_label)
     ax.set_ylabel("Frechet distance to the test split (lower is better)")
     ax.legend(fontsize=8)
@@ -200,7 +200,7 @@ def _plot_pil(pts, ex, path, x_key, x_label):
         d.ellipse([px - 4, py - 4, px + 4, py + 4], fill="black" if r["mode"] == "exact" else "#1f77b4")
         d.text((px + 6, py - 14), r["mode"], fill="black", font=font)
     d.text((pad, H - pad + 28), x_label, fill="black", font=font)
-    d.text((pad, 20), "Frechet distance to the test split (lower is better); grey band: exact mode, two seeds",
+    d.text((pad, 20), "Frechet distance to the test split (lower is better); grey band: exact mode, its seeds",
            fill="black", font=font)
     img.save(path)
     return path
@@ -227,6 +227,9 @@ def main(argv=None):
                    help="keep the exact mode's two runs (features, ids, speed) in DIR and reuse them when the "
                         "checkpoint file and settings are the same: later modes cost only their own runs "
                         "(default: none, always computed)")
+    p.add_argument("--floor-seeds", nargs="*", type=int, default=[], metavar="SEED",
+                   help="more exact runs for the noise floor, beside the yardstick's two: each one's distance to "
+                        "the test split and to the first seed's samples joins the floor (cached with --exact-cache)")
     p.add_argument("--replot", default=None, help="a decode_quality JSON: redo its plot (with --throughput-json)")
     p.add_argument("--yardstick", default=YARDSTICK,
                    help="JSON of fixed evaluation settings used as the defaults (benchmarks/yardstick.json)")
@@ -239,6 +242,10 @@ def main(argv=None):
     ref_seed = int(ys.get("reference", {}).get("seed", 0))
     if len(seeds) != 2:
         raise SystemExit(f"error: {pre.yardstick}: 'seeds' must hold two seeds (the exact mode's noise floor)")
+    if set(args.floor_seeds) & set(seeds) or len(set(args.floor_seeds)) != len(args.floor_seeds) \
+            or any(s < 0 for s in args.floor_seeds):
+        raise SystemExit(f"error: --floor-seeds must be distinct seeds >= 0 other than the yardstick's {seeds}, "
+                         f"got {args.floor_seeds}")
     step_points = []
     for point in args.step_points:
         order, _, t = point.partition(":")
@@ -288,13 +295,32 @@ def main(argv=None):
     print(f"  noise floor: exact seed 0 {floor['exact_seed0_vs_test']:.2f}, seed 1 {floor['exact_seed1_vs_test']:.2f}, "
           f"seed 0 vs 1 {floor['exact_seed0_vs_seed1']:.2f}; tokens differing between seeds "
           f"{100 * floor['token_diff_seed0_vs_seed1']:.1f} %")
+    extra_rows = []
+    for s in args.floor_seeds:  # a wider floor: more exact seed sets
+        f_s, ids_s, _ = exact(s)
+        extra_rows.append(dict(mode=f"exact_seed{s}", spec=f"seed {s}", frechet=fd(f_s, ref),
+                               frechet_vs_exact=fd(ex_feat, f_s), token_diff=float((ex_ids != ids_s).float().mean()),
+                               kl_per_step={}, images_per_s=None, vitb_speedup=None))
+        print(f"  noise floor: exact seed {s} {extra_rows[-1]['frechet']:.2f}, seed {seeds[0]} vs {s} "
+              f"{extra_rows[-1]['frechet_vs_exact']:.2f}")
+    if extra_rows:
+        to_test = [floor["exact_seed0_vs_test"], floor["exact_seed1_vs_test"]] + [r["frechet"] for r in extra_rows]
+        floor["extra_seeds"] = {r["mode"]: {"vs_test": r["frechet"], "vs_first_seed": r["frechet_vs_exact"]}
+                                for r in extra_rows}
+        floor["all_seeds_vs_test"] = dict(seeds=seeds + list(args.floor_seeds), min=min(to_test), max=max(to_test),
+                                          mean=float(np.mean(to_test)), sd=float(np.std(to_test, ddof=1)))
+        floor["first_seed_vs_others_min"] = min([floor["exact_seed0_vs_seed1"]] + [r["frechet_vs_exact"] for r in extra_rows])
+        a = floor["all_seeds_vs_test"]
+        print(f"  noise floor over {len(to_test)} exact seeds: distance to the test split {a['min']:.2f} .. {a['max']:.2f} "
+              f"(mean {a['mean']:.2f}, sd {a['sd']:.2f}); seed {seeds[0]} to the others at least "
+              f"{floor['first_seed_vs_others_min']:.2f}")
     speedup = _speedups(args.throughput_json)
     rows = [dict(mode="exact", spec=mode_name(resolve_mode("exact")), frechet=floor["exact_seed0_vs_test"],
                  frechet_vs_exact=0.0, token_diff=0.0, kl_per_step={}, images_per_s=ex_speed,
                  vitb_speedup=speedup.get("exact")),
             dict(mode="exact_seed1", spec="seed 1", frechet=floor["exact_seed1_vs_test"],
                  frechet_vs_exact=floor["exact_seed0_vs_seed1"], token_diff=floor["token_diff_seed0_vs_seed1"],
-                 kl_per_step={}, images_per_s=None, vitb_speedup=None)]
+                 kl_per_step={}, images_per_s=None, vitb_speedup=None)] + extra_rows
     for name in args.modes:
         imgs, ids, kl, speed = run_mode(model, name, n, bs, seeds[0], T, temp, num_classes, args.kl_samples)
         feat = features(net, imgs, args.feature_size)

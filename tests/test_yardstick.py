@@ -57,11 +57,18 @@ def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path, monkeypatch):
     monkeypatch.setattr(decode_quality, "run_mode", counted)
     decode_quality.main(["--num-samples", "20", "--batch-size", "10", "--kl-samples", "10", "--feature-size",
                          "32", "--threads", "1", "--modes", "bf16", "--out", str(tmp_path / "q2.json"),
-                         "--exact-cache", str(cache)])
+                         "--exact-cache", str(cache), "--floor-seeds", "5"])
     monkeypatch.undo()
-    assert calls == ["bf16"]
+    assert calls == ["exact", "bf16"]  # seed 5 is new, seeds 0 and 1 come from the cache
     again = json.loads((tmp_path / "q2.json").read_text())
-    assert again["noise_floor"] == res["noise_floor"]
+    floor = again.pop("noise_floor")
+    wide = floor.pop("all_seeds_vs_test")
+    assert {k: floor[k] for k in res["noise_floor"]} == res["noise_floor"]
+    seed5 = {r["mode"]: r for r in again["rows"]}["exact_seed5"]
+    assert floor["extra_seeds"]["exact_seed5"]["vs_test"] == seed5["frechet"] and 0 < seed5["token_diff"] <= 1
+    assert wide["seeds"] == [0, 1, 5] and wide["min"] <= seed5["frechet"] <= wide["max"] and wide["sd"] >= 0
+    with pytest.raises(SystemExit, match="--floor-seeds"):
+        decode_quality.main(["--num-samples", "10", "--modes", "bf16", "--floor-seeds", "1"])
     assert {r["mode"]: r["frechet"] for r in again["rows"]}["bf16"] == pytest.approx(rows["bf16"]["frechet"])
     # pixel_decode_quality.py reads the same cache: the official decode gives back the exact samples
     import pixel_decode_quality
