@@ -209,7 +209,8 @@ def _plot_pil(pts, ex, path, x_key, x_label):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="default: the shipped model")
-    p.add_argument("--modes", nargs="+", default=[n for n in MODES if n != "exact"])
+    p.add_argument("--modes", nargs="*", default=[n for n in MODES if n != "exact"],
+                   help="modes to judge (default: every named mode); none: only the floor (with --floor-seeds)")
     p.add_argument("--step-points", nargs="*", default=[], metavar="ORDER:T",
                    help="exact passes with another order or step count as points on the same curve, e.g. "
                         "halton:12 confidence:8 halton:8 (their ViT-B speed is the exact mode's times the step "
@@ -231,6 +232,9 @@ def main(argv=None):
                    help="more exact runs for the noise floor, beside the yardstick's two: each one's distance to "
                         "the test split and to the first seed's samples joins the floor (cached with --exact-cache)")
     p.add_argument("--replot", default=None, help="a decode_quality JSON: redo its plot (with --throughput-json)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="decode_quality JSONs of the same yardstick and checkpoint: one JSON (--out) and one plot "
+                        "with every row (a mode in several: the first file's), the floor of the file with most seeds")
     p.add_argument("--yardstick", default=YARDSTICK,
                    help="JSON of fixed evaluation settings used as the defaults (benchmarks/yardstick.json)")
     pre, _ = p.parse_known_args(argv)
@@ -261,6 +265,8 @@ def main(argv=None):
             raise SystemExit(f"error: --exact-cache {args.exact_cache} is not writable")
     if args.replot:
         return replot(args.replot, args.throughput_json)
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     from mage_fast.__main__ import load_model, model_card
@@ -385,6 +391,40 @@ def replot(path: str, throughput_json) -> None:
     out["throughput_json"] = throughput_json
     write_json(out, path, "")
     print(f"  rewrote {path} and {_plot_rows(out['rows'], path, bool(speedup))}")
+
+
+def merge(paths, out_path) -> None:
+    """Rows of several runs on the same work in one JSON and plot (see ``--merge``)."""
+    if not out_path:
+        raise SystemExit("error: --merge needs --out (the merged JSON's path)")
+    runs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --merge {path}: not a readable decode_quality JSON ({e})") from None
+        if runs[-1].get("benchmark") != "decode_quality":
+            raise SystemExit(f"error: --merge {path}: not a decode_quality JSON")
+    same = ("checkpoint", "num_samples", "num_iter", "temperature", "feature_extractor", "reference", "seeds")
+    for path, r in zip(paths[1:], runs[1:]):
+        diff = [k for k in same if r.get(k) != runs[0].get(k)]
+        if diff:
+            raise SystemExit(f"error: --merge {path}: other work than {paths[0]} ({', '.join(diff)} differ)")
+    widest = max(runs, key=lambda r: len(r["noise_floor"].get("all_seeds_vs_test", {}).get("seeds", [0, 1])))
+    rows, seen = [], set()
+    for r in runs:
+        for row in r["rows"]:
+            if row["mode"] not in seen:
+                seen.add(row["mode"])
+                rows.append(row)
+    out = {k: runs[0][k] for k in ("benchmark", "yardstick", "seeds", "checkpoint", "num_samples", "num_iter",
+                                    "temperature", "feature_extractor", "reference")}
+    out.update(noise_floor=widest["noise_floor"], rows=rows, merged_from=[os.path.basename(p) for p in paths],
+               environment=runs[0].get("environment"))
+    path = write_json(out, out_path, "")
+    vitb = any(r.get("vitb_speedup") for r in rows)
+    print(f"  merged {len(rows)} rows from {len(paths)} runs into {path} and {_plot_rows(rows, path, vitb)}")
 
 
 if __name__ == "__main__":

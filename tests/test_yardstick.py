@@ -69,6 +69,17 @@ def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path, monkeypatch):
     assert wide["seeds"] == [0, 1, 5] and wide["min"] <= seed5["frechet"] <= wide["max"] and wide["sd"] >= 0
     with pytest.raises(SystemExit, match="--floor-seeds"):
         decode_quality.main(["--num-samples", "10", "--modes", "bf16", "--floor-seeds", "1"])
+    # --merge: both runs' rows in one JSON and plot, the floor of the run with more seeds
+    decode_quality.main(["--merge", str(out), str(tmp_path / "q2.json"), "--out", str(tmp_path / "m.json")])
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert [r["mode"] for r in merged["rows"]] == ["exact", "exact_seed1", "bf16", "halton@T=4", "exact_seed5"]
+    assert merged["noise_floor"]["all_seeds_vs_test"]["seeds"] == [0, 1, 5]
+    assert os.path.isfile(tmp_path / "m.png")
+    other = json.loads(out.read_text())
+    other["num_samples"] = 40
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="other work"):
+        decode_quality.main(["--merge", str(out), str(tmp_path / "other.json"), "--out", str(tmp_path / "m2.json")])
     assert {r["mode"]: r["frechet"] for r in again["rows"]}["bf16"] == pytest.approx(rows["bf16"]["frechet"])
     # pixel_decode_quality.py reads the same cache: the official decode gives back the exact samples
     import pixel_decode_quality
