@@ -169,18 +169,24 @@ def plot(rows, path, x_key, x_label):
     return path
 
 
-def _plot_pil(pts, ex, path, x_key, x_label):
+def _plot_pil(pts, ex, path, x_key, x_label, off_scale: float = 1.06):
+    """The plot drawn with PIL: points more than ``off_scale`` x the exact band's top sit on the top
+    edge (a triangle, their value in the label), so a far outlier does not flatten the rest; each
+    label takes the first nearby place that overlaps no other label, with a leader line."""
     from PIL import Image, ImageDraw, ImageFont
-    W, H, pad = 900, 560, 80
+    W, H, pad = 1000, 620, 80
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     try:
         font = ImageFont.load_default(size=13)
     except TypeError:
         font = ImageFont.load_default()
-    xs, ys = [r[x_key] for r in pts], [r["frechet"] for r in pts] + ex
-    x_lo, x_hi = 0.0, max(xs) * 1.1
-    y_lo, y_hi = min(ys) * 0.97, max(ys) * 1.03
+    cap = max(ex) * off_scale
+    xs = [r[x_key] for r in pts]
+    ys = [min(r["frechet"], cap) for r in pts] + ex
+    x_lo, x_hi = 0.0, max(xs) * 1.12
+    span = max(ys) - min(ys) or 1.0
+    y_lo, y_hi = min(ys) - 0.08 * span, max(ys) + 0.08 * span
 
     def xy(x, y):
         return pad + (W - 2 * pad) * (x - x_lo) / (x_hi - x_lo), H - pad - (H - 2 * pad) * (y - y_lo) / (y_hi - y_lo)
@@ -194,11 +200,30 @@ def _plot_pil(pts, ex, path, x_key, x_label):
         px, _ = xy(xv, y_lo)
         _, py = xy(x_lo, yv)
         d.text((px - 10, H - pad + 6), f"{xv:.2f}", fill="black", font=font)
-        d.text((8, py - 7), f"{yv:.1f}", fill="black", font=font)
-    for r in pts:
-        px, py = xy(r[x_key], r["frechet"])
-        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill="black" if r["mode"] == "exact" else "#1f77b4")
-        d.text((px + 6, py - 14), r["mode"], fill="black", font=font)
+        d.text((8, py - 7), f"{yv:.2f}", fill="black", font=font)
+    placed = []
+    offsets = [(8, -16), (8, 4), (-8, -16), (-8, 4)] + [(dx, dy) for k in range(1, 8) for dy in (-16 - 15 * k, 4 + 15 * k)
+                                                         for dx in (8, -8)]
+    for r in sorted(pts, key=lambda r: r[x_key]):
+        over = r["frechet"] > cap
+        px, py = xy(r[x_key], min(r["frechet"], cap))
+        color = "black" if r["mode"] == "exact" else "#1f77b4"
+        if over:
+            d.polygon([(px, py - 6), (px - 5, py + 3), (px + 5, py + 3)], fill="#d62728")
+        else:
+            d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=color)
+        label = f"{r['mode']} ({r['frechet']:.1f}, off scale)" if over else r["mode"]
+        for dx, dy in offsets:
+            w = d.textlength(label, font=font)
+            x0 = px + dx if dx > 0 else px + dx - w
+            box = (x0, py + dy, x0 + w, py + dy + 13)
+            if all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed) \
+                    and pad < box[0] and box[2] < W - 4 and 40 < box[1] and box[3] < H - pad:
+                break
+        placed.append(box)
+        if abs(dy) > 16:
+            d.line([(px, py), (box[0] if dx > 0 else box[2], box[1] + 6)], fill="#999999")
+        d.text((box[0], box[1]), label, fill="black", font=font)
     d.text((pad, H - pad + 28), x_label, fill="black", font=font)
     d.text((pad, 20), "Frechet distance to the test split (lower is better); grey band: exact mode, its seeds",
            fill="black", font=font)
@@ -408,7 +433,7 @@ def merge(paths, out_path) -> None:
             raise SystemExit(f"error: --merge {path}: not a decode_quality JSON")
     same = ("checkpoint", "num_samples", "num_iter", "temperature", "feature_extractor", "reference", "seeds")
     for path, r in zip(paths[1:], runs[1:]):
-        diff = [k for k in same if r.get(k) != runs[0].get(k)]
+        diff = [k for k in same if None not in (r.get(k), runs[0].get(k)) and r[k] != runs[0][k]]  # absent: unknown
         if diff:
             raise SystemExit(f"error: --merge {path}: other work than {paths[0]} ({', '.join(diff)} differ)")
     widest = max(runs, key=lambda r: len(r["noise_floor"].get("all_seeds_vs_test", {}).get("seeds", [0, 1])))
@@ -418,8 +443,9 @@ def merge(paths, out_path) -> None:
             if row["mode"] not in seen:
                 seen.add(row["mode"])
                 rows.append(row)
-    out = {k: runs[0][k] for k in ("benchmark", "yardstick", "seeds", "checkpoint", "num_samples", "num_iter",
-                                    "temperature", "feature_extractor", "reference")}
+    out = {k: next((r[k] for r in runs if r.get(k) is not None), None)
+           for k in ("benchmark", "yardstick", "seeds", "checkpoint", "num_samples", "num_iter", "temperature",
+                     "feature_extractor", "reference")}
     out.update(noise_floor=widest["noise_floor"], rows=rows, merged_from=[os.path.basename(p) for p in paths],
                environment=runs[0].get("environment"))
     path = write_json(out, out_path, "")

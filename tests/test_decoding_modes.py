@@ -230,7 +230,8 @@ def test_unknown_mode_and_bad_settings_raise(tiny):
     with pytest.raises(ValueError, match="pixels"):
         resolve_mode("quant=bf16,pixels=int8")
     m = resolve_mode("refresh=4,quant=bf16,pixels=fp32")
-    assert m == MODES["cached_bf16_px32"] and m.pixel_dtype == torch.float32 and not m.is_exact
+    assert m == DecodeMode(refresh_every=4, quant="bf16", pixels="fp32") and m.pixel_dtype == torch.float32
+    assert not m.is_exact and mode_name(m) == "drop=none,refresh=4,quant=bf16,pixels=fp32"
     assert MODES["cached_bf16"].pixel_dtype == torch.bfloat16 and MODES["cached"].pixel_dtype == torch.float32
     assert resolve_mode(mode_name(resolve_mode("quant=bf16,pixels=fp32"))) == resolve_mode("quant=bf16,pixels=fp32")
 

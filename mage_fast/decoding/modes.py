@@ -106,7 +106,6 @@ MODES = {
     "cached_bf16": DecodeMode(refresh_every=4, quant="bf16"),
     "cached_focus_bf16": DecodeMode(refresh_every=4, focus=2, quant="bf16"),
     "fast_bf16": DecodeMode(drop="all", refresh_every=4, focus=2, quant="bf16"),
-    "cached_bf16_px32": DecodeMode(refresh_every=4, quant="bf16", pixels="fp32"),
 }
 
 
