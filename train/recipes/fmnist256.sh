@@ -59,7 +59,7 @@ M_PRECISION=${M_PRECISION:-$(grep -q amx_bf16 /proc/cpuinfo && echo bf16 || echo
 VIEWS=${VIEWS:-3}               # cached views per training image: view 0 plain (the probe's), 2 crops
                                 # (a run of 2 epochs draws about 4 views per image)
 CURVE_LIMIT=${CURVE_LIMIT:-10000}   # training images the curve's probes fit on (the final probe: all)
-CURVE_EVERY=${CURVE_EVERY:-250}     # probe the checkpoints at multiples of this many steps
+CURVE_EVERY=${CURVE_EVERY:-500}     # probe the checkpoints at multiples of this many steps (a probe: 10-20 CPU-min)
 FD_N=${FD_N:-10000}                 # samples per seed for the model card's Frechet distances (fd stage)
 
 THREADS=${THREADS:-1}            # torch threads per job (one job runs at a time)
