@@ -724,8 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", default="exact",
                    help="decoding mode: exact (default, the official pass), drop_train, drop_all, cached, cached_focus, "
                         "int8, cached_int8, fast (the fast preset), bf16, cached_bf16, cached_focus_bf16, fast_bf16 (bfloat16: fast on GPUs and "
-                        "on CPUs with AMX), or a spec such as drop=all,refresh=4,focus=2,quant=int8 "
-                        "(docs/DECODING.md; `python -m mage_fast info` lists them)")
+                        "on CPUs with AMX), or a spec such as drop=all,refresh=4,focus=2,quant=int8 or "
+                        "refresh=2,quant=bf16,pixels=fp32 (pixels: the tokenizer decode's precision; "
+                        "docs/DECODING.md; `python -m mage_fast info` lists them)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="capture the decoding loop as one CUDA graph and replay it per batch (CUDA, --rng torch)")
     g.add_argument("--order", default="confidence", choices=("confidence", "halton"),

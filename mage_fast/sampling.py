@@ -240,7 +240,9 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
             (per-layer key/value reuse between full passes), ``"cached_focus"`` (cached, the decoder
             recomputing only the most confident masked rows), ``"int8"``, the fast preset
             ``"fast"`` (cached_focus + drop_all), or a spec such as
-            ``"drop=all,refresh=4,focus=2,quant=int8"``. See docs/DECODING.md for speed and quality.
+            ``"drop=all,refresh=4,focus=2,quant=int8"`` (keys drop, refresh, focus, quant, and pixels:
+            the tokenizer decode's precision, e.g. ``"refresh=2,quant=bf16,pixels=fp32"``). See
+            docs/DECODING.md for speed and quality.
         decode_chunk: decode the tokens to pixels this many images at a time (``1``: every image's
             pixels are the same in any batch, as sharded and resumed runs need; default: at once).
 
