@@ -213,8 +213,8 @@ def _plot_pil(pts, ex, path, x_key, x_label, off_scale: float = 1.06):
         else:
             d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=color)
         label = f"{r['mode']} ({r['frechet']:.1f}, off scale)" if over else r["mode"]
+        w = d.textlength(label, font=font)
         for dx, dy in offsets:
-            w = d.textlength(label, font=font)
             x0 = px + dx if dx > 0 else px + dx - w
             box = (x0, py + dy, x0 + w, py + dy + 13)
             if all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed) \
@@ -454,4 +454,5 @@ def merge(paths, out_path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mage_fast.script_exit import run_script
+    run_script(main)

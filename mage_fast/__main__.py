@@ -21,6 +21,7 @@ def shipped_path(name: str) -> str:
 
 
 DEFAULT_CKPT = next((shipped_path(n) for n in SHIPPED if os.path.isfile(shipped_path(n))), shipped_path(SHIPPED[-1]))
+CKPT_HELP = f"a shipped model by name ({', '.join(SHIPPED)}); default: {os.path.basename(DEFAULT_CKPT)[:-3]}"
 SEED_MAX = 2 ** 31 - 1
 
 
@@ -702,8 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = add("generate", "generate images (unconditional, or class-conditional with --class-id) to PNG files, a "
                         "grid.png and a run.json manifest; under torchrun the ranks share the work")
-    g.add_argument("--ckpt", default=None, help="checkpoint ({'model': sd} official or mage_fast); "
-                                               f"or a shipped model by name ({', '.join(SHIPPED)}); default: {os.path.basename(DEFAULT_CKPT)[:-3]}")
+    g.add_argument("--ckpt", default=None, help="checkpoint ({'model': sd} official or mage_fast); or " + CKPT_HELP)
     g.add_argument("--model", default=None, help="vit_base | vit_large | tiny (default: inferred from the checkpoint)")
     g.add_argument("--num-images", type=int, default=16, help="images to generate")
     g.add_argument("--batch-size", type=int, default=16, help="images per network pass")
@@ -757,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--grow", type=int, default=1, help="tokens added around the region (>= 0)")
         e.add_argument("--background", default="black", choices=("black", "white", "gray"),
                        help="what transparent pixels of --image are composited over")
-        e.add_argument("--ckpt", default=None, help=f"checkpoint file, or a shipped model by name ({', '.join(SHIPPED)}); default: {os.path.basename(DEFAULT_CKPT)[:-3]}")
+        e.add_argument("--ckpt", default=None, help="checkpoint file, or " + CKPT_HELP)
         e.add_argument("--model", default=None, help="vit_base | vit_large | tiny (default: inferred)")
         e.add_argument("--num-samples", type=int, default=4, help="alternatives to draw")
         e.add_argument("--num-iter", type=int, default=None,
@@ -772,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.set_defaults(fn=fn)
     ev = add("eval", "recognition: linear probe, few-shot, fine-tuning on ImageFolder data")
     ev.add_argument("task", choices=("probe", "fewshot", "finetune"), help="what to run")
-    ev.add_argument("--ckpt", default=None, help=f"checkpoint file, or a shipped model by name ({', '.join(SHIPPED)}); default: {os.path.basename(DEFAULT_CKPT)[:-3]}")
+    ev.add_argument("--ckpt", default=None, help="checkpoint file, or " + CKPT_HELP)
     ev.add_argument("--model", default=None, help="vit_base | vit_large | tiny (default: inferred)")
     ev.add_argument("--train-dir", required=True, help="ImageFolder root: train/<class>/<image>")
     ev.add_argument("--test-dir", required=True, help="ImageFolder root: test/<class>/<image>")

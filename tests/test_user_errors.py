@@ -195,6 +195,29 @@ def test_bad_input_gives_one_clear_line(results, cid, argv, words):
     assert not (d / "afile").is_dir() and (d / "afile").read_text() == "x"
 
 
+SCRIPT_CASES = [  # the repository's scripts refuse bad input as the CLI does: status 2, one line
+    (["train/export_checkpoint.py", "--run_dir", "no_run", "--out", "OUT"], ["no_run/args.json not found"]),
+    (["train/cache_tokens.py", "--data_path", ".", "--tokenizer", "text.pt", "--img_size", "32", "--out", "OUT"],
+     ["--tokenizer text.pt"]),
+    (["benchmarks/decode_quality.py", "--merge", "text.pt", "--out", "OUT"], ["--merge text.pt"]),
+]
+
+
+@pytest.mark.parametrize("argv,words", SCRIPT_CASES, ids=[c[0][0] for c in SCRIPT_CASES])
+def test_scripts_refuse_bad_input_with_status_2(results, argv, words):
+    d = next(iter(results.values()))[0]  # the folder of bad files the CLI cases used
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    argv = [os.path.join(REPO, argv[0])] + ["script_out" if a == "OUT" else a for a in argv[1:]]
+    proc = subprocess.run([sys.executable, *argv], cwd=d, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
+    for w in words:
+        assert w in lines[-1], f"{w!r} not in {lines[-1]!r}"
+    assert not os.path.exists(d / "script_out")
+
+
 # ---------------------------------------------------------------------------------- the Python API
 @pytest.fixture(scope="module")
 def shipped():

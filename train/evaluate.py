@@ -380,4 +380,5 @@ def save_grid(imgs: torch.Tensor, path: str, scale: int = 1, cols: int = None) -
 
 
 if __name__ == "__main__":
-    main()
+    from mage_fast.script_exit import run_script
+    run_script(main)

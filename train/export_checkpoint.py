@@ -131,4 +131,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from mage_fast.script_exit import run_script
+    run_script(main)

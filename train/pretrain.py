@@ -202,4 +202,5 @@ def export(engine, loop, tag, cfg, path, rank) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mage_fast.script_exit import run_script
+    run_script(main)

@@ -199,4 +199,5 @@ def export(engine, loop, tag, cfg, tok_exp, path, rank) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mage_fast.script_exit import run_script
+    run_script(main)

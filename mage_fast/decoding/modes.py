@@ -74,9 +74,8 @@ class DecodeMode:
     @property
     def pixel_dtype(self) -> torch.dtype:
         """The dtype of the pixel decode (``pixels``, with ``"auto"`` resolved)."""
-        if self.pixels == "auto":
-            return torch.bfloat16 if self.quant == "bf16" else torch.float32
-        return torch.bfloat16 if self.pixels == "bf16" else torch.float32
+        kind = ("bf16" if self.quant == "bf16" else "fp32") if self.pixels == "auto" else self.pixels
+        return torch.bfloat16 if kind == "bf16" else torch.float32
 
     def describe(self) -> str:
         parts = [f"drop={self.drop}"]

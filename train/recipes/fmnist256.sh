@@ -86,7 +86,7 @@ stage_tokenizer() {
     --crop_scale_min 0.5 --grayscale --ch "$TOK_CH" --ch_mult 1,2 --num_res_blocks "$TOK_NRB" \
     --z_channels "$TOK_Z" --n_embed "$TOK_CODES" --batch_size "$TOK_BATCH" --max_steps "$TOK_STEPS" \
     --lr "$TOK_LR" --warmup_steps 50 --min_lr 1e-5 --weight_decay 0.0 --l1_weight 0.5 --restart_every 50 \
-    --log_every 25 --save_every 100 --keep_last 2 --num_workers 1 --data_backend torch --threads 1 \
+    --log_every 25 --save_every 100 --keep_last 2 --num_workers 1 --data_backend torch --threads "$THREADS" \
     --no_progress --output_dir "$TOK" --export "$TOK/tokenizer.pt.tmp" --resume auto
   mv "$TOK/tokenizer.pt.tmp" "$TOK/tokenizer.pt"
 }

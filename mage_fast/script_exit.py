@@ -1,0 +1,21 @@
+"""How the repository's scripts (``train/*.py``, ``benchmarks/*.py``) end, as the ``python -m mage_fast`` CLI does.
+
+A script refuses bad input with ``raise SystemExit("error: ...")``: Python prints that line and exits
+with status 1. ``run_script(main)`` keeps the line and makes the status 2 (a usage error, as argparse
+and the CLI report it), so a caller can tell bad input from a crash. Integer exits pass through.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def run_script(main: Callable[[], object]) -> None:
+    try:
+        code = main()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
