@@ -28,6 +28,10 @@ TOK=$RUNS/tok
 MAGE=$RUNS/mage
 CACHE=$RUNS/cache
 MIN_PSNR=${MIN_PSNR:-26}        # the tokenizer gate (test split, central 28x28 pixels)
+# The finished exports of the two training stages live in the repository (machines are new from one
+# session to the next; checkpoints never go into git): a stage whose output is missing under $RUNS
+# starts from the committed file instead of training again. SAVED= (empty) trains from scratch.
+SAVED=${SAVED-$REPO/train/recipes/fmnist256}
 
 # tokenizer (pilot: see docs/TRAINING.md)
 TOK_CH=${TOK_CH:-32}
@@ -69,6 +73,30 @@ cd "$REPO"
 say() { echo "[$(date -u +%F' '%T)] fmnist256: $*"; }
 need() { [ -e "$1" ] || { say "missing $1 (run the stage that makes it first)"; exit 1; }; }
 
+restore() {  # file dir [more files]: copy a committed export (and its run's args.json, metrics.csv) into $RUNS
+  local f=$1 dir=$2 x; shift 2
+  [ -n "$SAVED" ] && [ -f "$SAVED/$f" ] || return 1
+  [ -d "$dir/checkpoints" ] && return 1   # a run of this machine goes on (or finished): do not mix the two
+  mkdir -p "$dir"
+  for x in "$f" "$@"; do cp "$SAVED/$x" "$dir/$x"; done
+  for x in args.json metrics.csv; do
+    if [ -f "$SAVED/${f%.pt}.$x" ]; then cp "$SAVED/${f%.pt}.$x" "$dir/$x"; fi
+  done
+  say "$f: restored from $SAVED (the committed export of this stage; SAVED= trains it again)"
+  return 0
+}
+
+save() {  # file dir [more files]: what `git add train/recipes/fmnist256` would keep of a finished stage
+  local f=$1 dir=$2 x; shift 2
+  [ -n "$SAVED" ] || return 0
+  mkdir -p "$SAVED"
+  cp "$dir/$f" "$SAVED/$f"
+  for x in "$@"; do cp "$dir/$x" "$SAVED/$x"; done
+  cp "$dir/args.json" "$SAVED/${f%.pt}.args.json"
+  cp "$dir/metrics.csv" "$SAVED/${f%.pt}.metrics.csv"
+  say "$f: copied to $SAVED with its run's args.json and metrics.csv (commit them; never the checkpoints)"
+}
+
 stage_data() {
   if [ -f "$DATA/.done" ]; then say "data: done ($DATA)"; return; fi
   [ -d "$SRC" ] || { say "no $SRC: apt-get update && apt-get install -y dataset-fashion-mnist"; exit 1; }
@@ -80,6 +108,7 @@ stage_data() {
 
 stage_tokenizer() {
   if [ -f "$TOK/tokenizer.pt" ]; then say "tokenizer: done ($TOK/tokenizer.pt)"; return; fi
+  if restore tokenizer.pt "$TOK"; then return; fi
   need "$DATA/.done"
   say "tokenizer: grayscale VQGAN ch $TOK_CH, ch_mult 1,2, $TOK_NRB res blocks, $TOK_CODES codes, $TOK_STEPS steps"
   "$DEEPSPEED" --master_port "$PORT" train/train_tokenizer.py --data_path "$DATA/train" --img_size 32 \
@@ -89,6 +118,7 @@ stage_tokenizer() {
     --log_every 25 --save_every 100 --keep_last 2 --num_workers 1 --data_backend torch --threads "$THREADS" \
     --no_progress --output_dir "$TOK" --export "$TOK/tokenizer.pt.tmp" --resume auto
   mv "$TOK/tokenizer.pt.tmp" "$TOK/tokenizer.pt"
+  save tokenizer.pt "$TOK"
 }
 
 stage_recon() {
@@ -137,6 +167,7 @@ stage_pixels() {
 
 stage_mage() {
   if [ -f "$MAGE/mage_fmnist256.pt" ]; then say "mage: done ($MAGE/mage_fmnist256.pt)"; return; fi
+  if restore mage_fmnist256.pt "$MAGE" mage_fmnist256.json; then return; fi
   need "$CACHE/train_v$VIEWS.pt"
   if [ -f "$MAGE/args.json" ]; then  # a run resumes with the precision it started with
     M_PRECISION=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['precision'])" "$MAGE/args.json")
@@ -162,6 +193,7 @@ card = {"description": "class-conditional MAGE-C + grayscale VQGAN on Fashion-MN
 json.dump(card, open(sys.argv[2], "w"), indent=1)
 CARD
   mv "$MAGE/mage_fmnist256.pt.tmp" "$MAGE/mage_fmnist256.pt"
+  save mage_fmnist256.pt "$MAGE" mage_fmnist256.json
 }
 
 probe_one() {  # ckpt json [evaluate.py probe flags]
