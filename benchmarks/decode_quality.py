@@ -75,11 +75,17 @@ def read_yardstick(path: str) -> dict:
         raise SystemExit(f"error: {e}") from None
 
 
-def load_test_images(n: int, seed: int) -> torch.Tensor:
+def load_test_images(n: int, seed: int, size: int = 28) -> torch.Tensor:
+    """``n`` seeded-random Fashion-MNIST test images as (n, 3, size, size) in [0, 1]: the 28x28
+    images padded with their black background to the model's ``size``, as its training data was
+    (train/prepare_fashion_mnist.py --pad_to), so samples and references have the same geometry."""
+    if size < 28 or (size - 28) % 2:
+        raise SystemExit(f"error: the Fashion-MNIST reference is 28x28, padded evenly to the model's image size; "
+                         f"a model of {size} px cannot be judged against it (expected 28, 30, 32, ...)")
     with gzip.open(FMNIST_TEST, "rb") as f:
         data = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
     idx = np.random.default_rng(seed).permutation(len(data))[:n]
-    x = torch.from_numpy(data[idx].copy()).float().div(255.0)
+    x = F.pad(torch.from_numpy(data[idx].copy()).float().div(255.0), [(size - 28) // 2] * 4)
     return x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
@@ -306,7 +312,7 @@ def main(argv=None):
     print_header(f"decode quality: {os.path.basename(ckpt)}, {args.num_samples} samples/mode, T={T}, "
                  f"temperature {temp}, {num_classes} classes, features at {args.feature_size} px", env)
     net = _efficientnet()
-    ref = features(net, load_test_images(args.num_samples, ref_seed), args.feature_size)
+    ref = features(net, load_test_images(args.num_samples, ref_seed, model.img_size), args.feature_size)
     n, bs = args.num_samples, args.batch_size
     st = os.stat(ckpt)
 
@@ -378,7 +384,8 @@ def main(argv=None):
     out = {"benchmark": "decode_quality", "yardstick": os.path.abspath(args.yardstick), "seeds": seeds,
            "checkpoint": ckpt, "num_samples": n, "num_iter": T, "temperature": temp,
            "feature_extractor": f"EfficientNet-Lite0 pooled, bilinear resize to {args.feature_size} px",
-           "reference": f"{n} seeded-random Fashion-MNIST test images", "noise_floor": floor, "rows": rows,
+           "reference": f"{n} seeded-random Fashion-MNIST test images" + (
+               f", padded to {model.img_size} px" if model.img_size != 28 else ""), "noise_floor": floor, "rows": rows,
            "throughput_json": args.throughput_json, "environment": env}
     path = write_json(out, args.out, f"decode_quality_{os.path.splitext(os.path.basename(ckpt))[0]}.json")
     print(f"  wrote {path} and {_plot_rows(rows, path, bool(speedup))}")

@@ -47,7 +47,8 @@ def main(argv=None):
                          f"run decode_quality.py --exact-cache {a.exact_cache} first")
     ids, ex_feat, size = hits[0]["ids"], hits[0]["features"], hits[0]["key"]["feature_size"]
     net = dq._efficientnet()
-    ref = dq.features(net, dq.load_test_images(ids.shape[0], int(ys.get("reference", {}).get("seed", 0))), size)
+    ref = dq.features(net, dq.load_test_images(ids.shape[0], int(ys.get("reference", {}).get("seed", 0)),
+                                            model.img_size), size)
     copies = [("fp32_official", None)] + [(f"{c}_channels_last", fast_tokenizer(
         model, torch.bfloat16 if c == "bf16" else torch.float32)) for c in a.copies]
     out = {"checkpoint": ckpt, "num_samples": int(ids.shape[0]), "feature_size": size, "decodes": {}}

@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -97,3 +98,22 @@ def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="ORDER:T"):
         decode_quality.main(["--num-samples", "10", "--batch-size", "10", "--feature-size", "32", "--modes",
                              "bf16", "--step-points", "spiral:4", "--out", str(tmp_path / "x.json")])
+
+
+def test_reference_images_take_the_models_geometry():
+    """The test-split reference is padded with black to the model's image size, as its training
+    data was: a 32 px model (the 256-token one) is judged against 32 px references whose centre is
+    the 28x28 image, never against the bare 28x28 ones."""
+    import decode_quality
+    if not os.path.isfile(decode_quality.FMNIST_TEST):
+        pytest.skip(f"{decode_quality.FMNIST_TEST} missing: apt-get install dataset-fashion-mnist")
+    plain = decode_quality.load_test_images(6, 3)
+    padded = decode_quality.load_test_images(6, 3, 32)
+    assert plain.shape == (6, 3, 28, 28) and padded.shape == (6, 3, 32, 32)
+    assert torch.equal(padded[:, :, 2:30, 2:30], plain) and plain.sum() > 0
+    border = padded.clone()
+    border[:, :, 2:30, 2:30] = 0
+    assert border.abs().sum() == 0
+    for bad in (24, 31):
+        with pytest.raises(SystemExit, match="padded evenly"):
+            decode_quality.load_test_images(2, 0, bad)
