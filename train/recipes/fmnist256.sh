@@ -279,7 +279,11 @@ from mage_fast.runs import write_json
 *dirs, out = sys.argv[1:]
 sets = {}
 for name, d in zip(("seed0", "seed1", "test", "base49"), dirs):
-    files = sample_files(d, name)[0]
+    try:  # by hand, before every set is made: the pairs of the sets that are
+        files = sample_files(d, name)[0]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"features of {name}: skipped ({e})")
+        continue
     if name == "base49":
         os.makedirs(d + "_pad32", exist_ok=True)
         for f in files:
@@ -306,6 +310,8 @@ feats["test_a"], feats["test_b"] = (sets["test"]["features"][h] for h in halves)
 for pair, (x, y) in {"seed0_test": ("seed0", "test"), "seed1_test": ("seed1", "test"),
                      "seed0_seed1": ("seed0", "seed1"), "testa_testb": ("test_a", "test_b"),
                      "base49_test": ("base49", "test")}.items():
+    if not {x, y} <= set(feats):
+        continue
     (mx, sx), (my, sy) = gaussian_stats(feats[x]), gaussian_stats(feats[y])
     r = {"frechet_efficientnet_lite0": frechet_distance(mx, sx, my, sy), "num_generated": len(feats[x]),
          "num_reference": len(feats[y]), "sets": [x, y],
