@@ -65,7 +65,9 @@ VIEWS=${VIEWS:-3}               # cached views per training image: view 0 plain 
                                 # (a run of 2 epochs draws about 4 views per image)
 CURVE_LIMIT=${CURVE_LIMIT:-10000}   # training images the curve's probes fit on (the final probe: all)
 CURVE_EVERY=${CURVE_EVERY:-500}     # probe the checkpoints at multiples of this many steps (a probe: 10-20 CPU-min)
-FD_N=${FD_N:-10000}                 # samples per seed for the model card's Frechet distances (fd stage)
+FD_N=${FD_N:-10000}                 # seed 0's samples: the model card's Frechet distance (fd stage)
+FD_FLOOR_N=${FD_FLOOR_N:-5000}      # seed 1's: the floor between seeds, 5 000 against seed 0's first 5 000,
+                                    # the size of the test split's halves (the real floor) they sit beside
 
 THREADS=${THREADS:-1}            # torch threads per job (one job runs at a time)
 export PYTHONPATH=$REPO OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
@@ -247,12 +249,13 @@ EOF
 
 stage_fd() {  # the model card's Frechet distances: samples against the test split, with both noise floors
   need "$MAGE/mage_fmnist256.pt"
-  local gen=$RUNS/gen fd=$RUNS/fd seed
+  local gen=$RUNS/gen fd=$RUNS/fd seed n
   mkdir -p "$gen" "$fd"
   for seed in 0 1; do  # exact decoding, the model card's settings; --resume: a killed run goes on
     [ -f "$fd/gen_seed$seed.done" ] && continue
-    say "fd: $FD_N class-balanced samples (--class-id all), seed $seed -> $gen/seed$seed"
-    "$PY" -m mage_fast generate --ckpt "$MAGE/mage_fmnist256.pt" --num-images "$FD_N" --class-id all \
+    n=$FD_N; [ "$seed" = 1 ] && n=$FD_FLOOR_N
+    say "fd: $n class-balanced samples (--class-id all), seed $seed -> $gen/seed$seed"
+    "$PY" -m mage_fast generate --ckpt "$MAGE/mage_fmnist256.pt" --num-images "$n" --class-id all \
       --seed "$seed" --batch-size 100 --grid 100 --out "$gen/seed$seed" --resume
     touch "$fd/gen_seed$seed.done"
   done
@@ -262,11 +265,11 @@ stage_fd() {  # the model card's Frechet distances: samples against the test spl
       --batch-size 100 --grid 100 --out "$gen/base49" --resume
     touch "$fd/gen_base49.done"
   fi
-  # The four distances from three feature sets, each computed once (EfficientNet-Lite0 is about 40
-  # images/s here: 30 000 images, not the 60 000 of one `mage_fast fid` call per pair) and cached
-  # beside the results; the real floor splits the test features in two disjoint halves, alternating
-  # within each class folder (5 000 each, class-balanced). `python -m mage_fast fid X Y` gives the
-  # same number for any one pair.
+  # The distances from four feature sets, each computed once (EfficientNet-Lite0: about 58 images/s
+  # at two threads; 35 000 images, half what one `mage_fast fid` call per pair would featurise) and
+  # cached beside the results; the real floor splits the test features in two disjoint halves,
+  # alternating within each class folder (5 000 each, class-balanced). `python -m mage_fast fid X Y`
+  # gives the same number for any one pair.
   # The 49-token model's 28 px samples are padded to 32 px with black, as its training images
   # were by this recipe's data stage, so both models meet the same reference features.
   "$PY" - "$gen/seed0" "$gen/seed1" "$DATA/test" "$gen/base49" "$fd" <<'FD'
@@ -307,9 +310,11 @@ half = [sorted(idx, key=lambda i: sets["test"]["files"][i])[k::2] for idx in by_
 halves = [torch.tensor(sum(half[0::2], [])), torch.tensor(sum(half[1::2], []))]
 feats = {n: st["features"] for n, st in sets.items()}
 feats["test_a"], feats["test_b"] = (sets["test"]["features"][h] for h in halves)
-for pair, (x, y) in {"seed0_test": ("seed0", "test"), "seed1_test": ("seed1", "test"),
-                     "seed0_seed1": ("seed0", "seed1"), "testa_testb": ("test_a", "test_b"),
-                     "base49_test": ("base49", "test")}.items():
+if "seed0" in feats and "seed1" in feats:  # the seed floor at seed 1's count: seed 0's first images
+    feats["seed0_first"] = feats["seed0"][: len(feats["seed1"])]  # (indices cycle the classes: balanced)
+for pair, (x, y) in {"seed0_test": ("seed0", "test"), "seed0first_test": ("seed0_first", "test"),
+                     "seed1_test": ("seed1", "test"), "seed0first_seed1": ("seed0_first", "seed1"),
+                     "testa_testb": ("test_a", "test_b"), "base49_test": ("base49", "test")}.items():
     if not {x, y} <= set(feats):
         continue
     (mx, sx), (my, sy) = gaussian_stats(feats[x]), gaussian_stats(feats[y])
