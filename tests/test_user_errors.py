@@ -137,8 +137,9 @@ CASES = [
     ("mask-not-an-image", ["inpaint", *IMG, "--mask", "notimage.png", "--out", "OUT"], ["not an image"]),
     ("no-box-no-mask", ["inpaint", *IMG, "--out", "OUT"], ["--box", "--mask"]),
     ("box-malformed", ["inpaint", *IMG, "--box", "1,2,3", "--out", "OUT"], ["x0,y0,x1,y1"]),
-    ("box-outside-image", ["inpaint", *IMG, "--box", "0,0,64,64", "--out", "OUT"], ["<= 28", "28x28"]),
-    ("keep-box-outside", ["outpaint", *IMG, "--keep-box", "0,0,256,256", "--out", "OUT"], ["--keep-box", "28"]),
+    # (the default model, mage_fmnist256, takes 32x32 images)
+    ("box-outside-image", ["inpaint", *IMG, "--box", "0,0,64,64", "--out", "OUT"], ["<= 32", "32x32"]),
+    ("keep-box-outside", ["outpaint", *IMG, "--keep-box", "0,0,256,256", "--out", "OUT"], ["--keep-box", "32"]),
     # eval and fid folders
     ("eval-missing-folder", ["eval", "probe", "--train-dir", "nope", "--test-dir", "data/test", "--json", "OUT"],
      ["image folder not found: nope"]),
@@ -394,7 +395,7 @@ def test_generate_cli_run_folder_grid_and_resume(tmp_path):
             "--process", "--out", str(out)]
     assert main(args) == 0
     grid = np.asarray(Image.open(out / "grid.png"))
-    tile = 28 * 3  # 28 px enlarged x3
+    tile = 32 * 2  # the default model's 32 px, enlarged x2 to the grid's 64-px minimum tile
     assert grid.shape[1] == 10 * (tile + 2) + 2  # ten columns, one per class
     assert grid.shape[0] > 2 * (tile + 2) + 2 + 10  # two rows plus a header of class names
     assert (grid[:12] < 128).any()  # the header holds dark text
@@ -417,7 +418,7 @@ def test_process_picture_has_step_labels_and_a_legend(tmp_path):
                  "--out", str(tmp_path / "p")]) == 0
     assert not (tmp_path / "p" / "grid.png").exists()  # --grid 0: no grid
     pic = np.asarray(Image.open(tmp_path / "p" / "process.png"))
-    tile = 28 * 3
+    tile = 32 * 2
     rows_h = 2 * (tile + 2) + 2
     assert pic.shape[0] > rows_h + 30  # a title, step labels and a legend around the rows
     assert pic.shape[1] == 5 * (tile + 2) + 2  # 4 steps + the "fixed at" column

@@ -31,6 +31,8 @@ MIN_PSNR=${MIN_PSNR:-26}        # the tokenizer gate (test split, central 28x28 
 # The finished exports of the two training stages live in the repository (machines are new from one
 # session to the next; checkpoints never go into git): a stage whose output is missing under $RUNS
 # starts from the committed file instead of training again. SAVED= (empty) trains from scratch.
+# The MAGE export is the shipped default model: $SAVED/mage_fmnist256.{pt,json} are links to
+# mage_fast/assets/; a new run's `save` replaces the links with its own files (the asset is kept).
 SAVED=${SAVED-$REPO/train/recipes/fmnist256}
 
 # tokenizer (pilot: see docs/TRAINING.md)
@@ -93,8 +95,10 @@ save() {  # file dir [more files]: what `git add train/recipes/fmnist256` would 
   local f=$1 dir=$2 x; shift 2
   [ -n "$SAVED" ] || return 0
   mkdir -p "$SAVED"
-  cp "$dir/$f" "$SAVED/$f"
-  for x in "$@"; do cp "$dir/$x" "$SAVED/$x"; done
+  for x in "$f" "$@"; do  # a link to the shipped asset is replaced, never written through
+    [ -L "$SAVED/$x" ] && rm "$SAVED/$x"
+    cp "$dir/$x" "$SAVED/$x"
+  done
   cp "$dir/args.json" "$SAVED/${f%.pt}.args.json"
   cp "$dir/metrics.csv" "$SAVED/${f%.pt}.metrics.csv"
   say "$f: copied to $SAVED with its run's args.json and metrics.csv (commit them; never the checkpoints)"
