@@ -288,7 +288,7 @@ def test_mode_pixel_decode_matches_the_exact_tokenizer_decode():
         fp = MODES["cached"].build(model, [1]).decode_images(ids)
         bf = MODES["bf16"].build(model, [1]).decode_images(ids, chunk=2)
         bf_px32 = resolve_mode("quant=bf16,pixels=fp32").build(model, [1]).decode_images(ids)
-        px16 = resolve_mode("refresh=4,pixels=bf16").build(model, [1]).decode_images(ids)
+        px16 = resolve_mode("refresh=4,pixels=bf16").build(model, [1]).decode_images(ids, chunk=2)
     assert fp.dtype == bf.dtype == torch.float32 and fp.shape == bf.shape == ref.shape
     torch.testing.assert_close(fp, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(bf_px32, ref, atol=1e-5, rtol=1e-5)  # bf16 pass, fp32 pixels
