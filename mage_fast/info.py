@@ -72,11 +72,15 @@ def cpu_model() -> str:
 
 
 def cpu_matrix_units() -> str:
-    """' (AMX bf16/int8)', ' (AVX-512)', ' (AVX2)' or '': what decides the bf16 and int8 speed."""
+    """' (AVX512, AMX bf16/int8)', ' (AVX512, AVX512-BF16)', ' (AVX2)' or '': what decides the bf16
+    and int8 speed."""
     cap = torch.backends.cpu.get_cpu_capability()
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if amx is not None and amx():
         return f" ({cap}, AMX bf16/int8)"
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if avx512_bf16 is not None and avx512_bf16():
+        return f" ({cap}, AVX512-BF16)"
     return f" ({cap})" if cap else ""
 
 
@@ -138,7 +142,7 @@ def decoding_modes_report(devices) -> list[str]:
         for dev in devices:
             why = quant_support(mode.quant, dev)
             if why is None and mode.quant == "bf16" and not bf16_native(dev):
-                why = "runs, but slower than fp32: this CPU has no AMX bf16 units"
+                why = "runs, but slower than fp32: this CPU has neither AMX nor AVX512-BF16"
                 where.append(f"{dev.type}: yes ({why})")
                 continue
             where.append(f"{dev.type}: " + ("yes" if why is None else f"no ({why})"))

@@ -175,7 +175,10 @@ def test_cpu_description_names_the_model_and_its_vector_units():
     from mage_fast.info import cpu_model, device_description
     d = device_description(torch.device("cpu"))
     assert cpu_model() in d and torch.backends.cpu.get_cpu_capability() in d
-    assert ("AMX" in d) == bool(torch.cpu._is_amx_tile_supported())
+    amx, avx512_bf16 = bool(torch.cpu._is_amx_tile_supported()), bool(torch.cpu._is_avx512_bf16_supported())
+    assert ("AMX" in d) == amx and ("AVX512-BF16" in d) == (avx512_bf16 and not amx)
+    from mage_fast.decoding import bf16_native
+    assert bf16_native(torch.device("cpu")) == (amx or avx512_bf16)  # bf16 matrix products in hardware
 
 
 def test_shipped_models_load_by_name(tmp_path, capsys, monkeypatch):

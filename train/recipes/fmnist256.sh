@@ -60,9 +60,10 @@ M_DROPOUT=${M_DROPOUT:-0}       # the official 0.1 regularises a model that sees
                                 # the random masks that are a quarter of a CPU step (docs/TRAINING.md)
 M_SAVE=${M_SAVE:-50}            # a checkpoint every M_SAVE steps (a few minutes; all kept, the curve reads them)
 # bf16 (DeepSpeed: bf16 weights and activations, fp32 master weights) where the CPU multiplies bf16 in
-# hardware (AMX: 3.5-4x fp32 matrix products, 1.4x a whole step here); fp32 elsewhere (bf16 is 6-50x
-# slower than fp32 on CPUs without it). A run resumes with the precision it started with.
-M_PRECISION=${M_PRECISION:-$(grep -q amx_bf16 /proc/cpuinfo && echo bf16 || echo fp32)}
+# hardware (AMX: 3.5-4x fp32 matrix products, 1.4x a whole step here; AVX512-BF16 on AMD Zen 5: 4x
+# the matrix products); fp32 elsewhere (bf16 is 6-50x slower than fp32 on CPUs without either). A
+# run resumes with the precision it started with.
+M_PRECISION=${M_PRECISION:-$(grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo && echo bf16 || echo fp32)}
 VIEWS=${VIEWS:-3}               # cached views per training image: view 0 plain (the probe's), 2 crops
                                 # (a run of 2 epochs draws about 4 views per image)
 CURVE_LIMIT=${CURVE_LIMIT:-10000}   # training images the curve's probes fit on (the final probe: all)
