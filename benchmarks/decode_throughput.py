@@ -42,7 +42,7 @@ from mage_fast.sampling import _decode_images  # noqa: E402
 # The default run (README quickstart, `make bench`): today's exact path, the mode inside the quality
 # noise floor and the two presets (docs/DECODING.md). `--mode all` times every named mode.
 DEFAULT_MODES = ("exact", "cached", "cached_focus", "fast")
-BF16_DEFAULT_MODES = ("cached_bf16", "fast_bf16")  # added by default where bf16 is native (GPU, AMX CPU)
+BF16_DEFAULT_MODES = ("cached_bf16", "fast_bf16")  # added by default where bf16 is native (GPU; CPU with AMX or AVX512-BF16)
 
 
 def default_modes(device: torch.device) -> list:
