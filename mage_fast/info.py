@@ -74,13 +74,10 @@ def cpu_model() -> str:
 def cpu_matrix_units() -> str:
     """' (AVX512, AMX bf16/int8)', ' (AVX512, AVX512-BF16)', ' (AVX2)' or '': what decides the bf16
     and int8 speed."""
-    cap = torch.backends.cpu.get_cpu_capability()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if amx is not None and amx():
-        return f" ({cap}, AMX bf16/int8)"
-    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    if avx512_bf16 is not None and avx512_bf16():
-        return f" ({cap}, AVX512-BF16)"
+    from .decoding.quant import cpu_bf16_units
+    cap, units = torch.backends.cpu.get_cpu_capability(), cpu_bf16_units()
+    if units:
+        return f" ({cap}, {'AMX bf16/int8' if units == 'AMX' else units})"
     return f" ({cap})" if cap else ""
 
 

@@ -5,8 +5,7 @@ The copy holds only what a network pass reads (embeddings, encoder, decoder, MLM
 the tokenizer. ``bf16``: the whole copy in bfloat16 (weights and activations; logits returned in
 fp32), fast where the hardware multiplies bf16 natively (CUDA GPUs; x86 CPUs with AMX or with
 AVX512-BF16, where oneDNN's bf16 matrix products run 3.5-4x fp32), slow elsewhere (see
-:func:`bf16_native`). Its
-Linear layers quantized with torchao (PyTorch's quantization library): ``int8``: int8 weights
+:func:`bf16_native`). Its Linear layers quantized with torchao (PyTorch's quantization library): ``int8``: int8 weights
 (per output channel) and int8 activations with dynamic per-token scales
 (``Int8DynamicActivationInt8WeightConfig``); ``fp8``: fp8 e4m3 weights and dynamic activations
 (``Float8DynamicActivationFloat8WeightConfig``, CUDA compute capability >= 8.9 only).
@@ -36,6 +35,16 @@ class PassWeights(nn.Module):
                                                       requires_grad=False)
 
 
+def cpu_bf16_units() -> str | None:
+    """This CPU's bf16 matrix units as torch sees them: ``"AMX"`` (tiles, which also multiply int8),
+    ``"AVX512-BF16"``, or None (bf16 runs emulated, slowly)."""
+    for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        has = getattr(torch.cpu, probe, None)
+        if has is not None and has():
+            return name
+    return None
+
+
 def bf16_native(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices in hardware: CUDA; a CPU with AMX tiles (Intel
     Sapphire Rapids and later) or with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake). Measured
@@ -45,8 +54,7 @@ def bf16_native(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     if device.type == "cpu":
-        probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-        return any(bool(p and p()) for p in probes)
+        return cpu_bf16_units() is not None
     return False
 
 
