@@ -105,8 +105,6 @@ def test_reference_images_take_the_models_geometry():
     data was: a 32 px model (the 256-token one) is judged against 32 px references whose centre is
     the 28x28 image, never against the bare 28x28 ones."""
     import decode_quality
-    if not os.path.isfile(decode_quality.FMNIST_TEST):
-        pytest.skip(f"{decode_quality.FMNIST_TEST} missing: apt-get install dataset-fashion-mnist")
     plain = decode_quality.load_test_images(6, 3)
     padded = decode_quality.load_test_images(6, 3, 32)
     assert plain.shape == (6, 3, 28, 28) and padded.shape == (6, 3, 32, 32)
