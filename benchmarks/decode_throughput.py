@@ -52,6 +52,21 @@ def default_modes(device: torch.device) -> list:
     return list(DEFAULT_MODES) + (list(BF16_DEFAULT_MODES) if bf16_native(device) else [])
 
 
+def all_modes(device: torch.device, exclude=()) -> list:
+    """``--mode all``: every named mode that is not slower than fp32 on ``device`` (bf16 or int8 without
+    the hardware for it runs many times slower and would take the run hours); the skipped ones are
+    named, and run when named explicitly."""
+    from mage_fast.decoding import quant_slow_reason
+    keep, skip = [], []
+    for m in MODES:
+        if m not in exclude:
+            (skip if quant_slow_reason(MODES[m].quant, device) else keep).append(m)
+    if skip:
+        print(f"note: --mode all leaves out {', '.join(skip)}: slower than fp32 on this device "
+              f"(python -m mage_fast info says why); name them to time them anyway")
+    return keep
+
+
 def build(args, device):
     torch.manual_seed(0)
     if args.ckpt:
@@ -103,7 +118,7 @@ def main(argv=None):
                    help="decoding modes to time beside the official path: names in mage_fast.decoding.MODES, specs "
                         "such as drop=all,refresh=2,quant=int8, or 'all' (every named mode; about 3 min per mode "
                         f"on 2 CPU cores) (default: {' '.join(DEFAULT_MODES)}, and {' '.join(BF16_DEFAULT_MODES)} "
-                        f"where bf16 is native: a GPU or an AMX CPU)")
+                        f"where bf16 is native: a GPU or a CPU with AMX or AVX512-BF16)")
     p.add_argument("--only", default=None, help="run one path alone: official, vqgan_decode or a mode name")
     p.add_argument("--gen-repeats", type=int, default=None, help="timed rounds (default 2 CPU / 5 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -117,7 +132,7 @@ def main(argv=None):
     if args.mode is None:
         args.mode = default_modes(device)
     if "all" in args.mode:
-        args.mode = [m for m in args.mode if m != "all"] + [m for m in MODES if m not in args.mode]
+        args.mode = [m for m in args.mode if m != "all"] + all_modes(device, exclude=args.mode)
     if args.from_log:
         return from_log(args, args.from_log)
     if args.threads:

@@ -156,6 +156,19 @@ def _notes(notes: list) -> None:
         print(f"note: {n}", file=sys.stderr)
 
 
+def _slow_mode_note(spec: str, dev) -> None:
+    """One note when ``--mode`` runs on ``dev`` but slower than fp32 (bf16 without bf16 units, int8
+    without int8 units); the caller silences generate()'s own warning of the same."""
+    from mage_fast.decoding import quant_slow_reason, resolve_mode
+    try:
+        mode = resolve_mode(spec)
+    except ValueError:
+        return  # generate() refuses it, with its own message
+    slow = quant_slow_reason(mode.quant, dev)
+    if slow:
+        _notes([f"--mode {spec}: {mode.quant} {slow}; --mode exact or an fp32 mode (cached, fast) is faster here"])
+
+
 def _model_summary(ckpt: str) -> dict:
     from mage_fast.runs import file_sha256
     return {"model": os.path.abspath(ckpt), "model_sha256": file_sha256(ckpt)}
@@ -222,7 +235,11 @@ def cmd_generate(args) -> int:
         torch.cuda.set_device(dev)
     parallel.init(dev.type)
     try:
-        return _generate_run(args, dev, rank, world, ref_set)
+        import warnings
+        from mage_fast.decoding import SlowModeWarning
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SlowModeWarning)  # said once, as a note (_slow_mode_note)
+            return _generate_run(args, dev, rank, world, ref_set)
     finally:
         parallel.shutdown()
 
@@ -247,6 +264,8 @@ def _generate_run(args, dev, rank: int, world: int, ref_set=None) -> int:
     label = resolve_class(args.class_id, ckpt, model)
     names = class_names(model, ckpt)
     num_classes = len(names)
+    if main:
+        _slow_mode_note(args.mode, dev)
     settings = {k: getattr(args, k) for k in ("num_iter", "temperature", "seed", "rng", "schedule",
                                               "temperature_annealing", "guidance", "guidance_schedule", "mode", "order")}
     settings["class_id"] = label
@@ -723,8 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     _decoding_args(g)
     g.add_argument("--mode", default="exact",
                    help="decoding mode: exact (default, the official pass), drop_train, drop_all, cached, cached_focus, "
-                        "int8, cached_int8, fast (the fast preset), bf16, cached_bf16, cached_focus_bf16, fast_bf16 (bfloat16: fast on GPUs and "
-                        "on CPUs with AMX), or a spec such as drop=all,refresh=4,focus=2,quant=int8 or "
+                        "int8, cached_int8 (int8: fast on GPUs and on CPUs with AMX or AVX512-VNNI), fast (the fast preset), bf16, "
+                        "cached_bf16, cached_focus_bf16, fast_bf16 (bfloat16: fast on GPUs and on CPUs with AMX or "
+                        "AVX512-BF16), or a spec such as drop=all,refresh=4,focus=2,quant=int8 or "
                         "refresh=2,quant=bf16,pixels=fp32 (pixels: the tokenizer decode's precision; "
                         "docs/DECODING.md; `python -m mage_fast info` lists them)")
     g.add_argument("--cuda-graph", action="store_true",

@@ -72,13 +72,15 @@ def cpu_model() -> str:
 
 
 def cpu_matrix_units() -> str:
-    """' (AVX512, AMX bf16/int8)', ' (AVX512, AVX512-BF16)', ' (AVX2)' or '': what decides the bf16
-    and int8 speed."""
-    from .decoding.quant import cpu_bf16_units
-    cap, units = torch.backends.cpu.get_cpu_capability(), cpu_bf16_units()
-    if units:
-        return f" ({cap}, {'AMX bf16/int8' if units == 'AMX' else units})"
-    return f" ({cap})" if cap else ""
+    """' (AVX512, AMX bf16/int8)', ' (AVX512, AVX512-BF16, VNNI int8)', ' (AVX2)' or '': what decides
+    the bf16 and int8 speed."""
+    from .decoding.quant import cpu_bf16_units, cpu_int8_units
+    cap, bf16, int8 = torch.backends.cpu.get_cpu_capability(), cpu_bf16_units(), cpu_int8_units()
+    if bf16 == "AMX":
+        units = ["AMX bf16/int8"]
+    else:
+        units = [u for u in (bf16, int8 and f"{int8} int8") if u]
+    return f" ({', '.join([cap] + units)})" if cap else ""
 
 
 def git_commit() -> str:
@@ -132,15 +134,15 @@ def report() -> str:
 
 def decoding_modes_report(devices) -> list[str]:
     """The decoding modes of ``generate(mode=...)`` / ``--mode``, and where each one runs."""
-    from .decoding import MODES, bf16_native, quant_support
+    from .decoding import MODES, quant_slow_reason, quant_support
     lines = ["decoding modes (generate(mode=...), --mode; 'exact' is the default):"]
     for name, mode in MODES.items():
         where = []
         for dev in devices:
             why = quant_support(mode.quant, dev)
-            if why is None and mode.quant == "bf16" and not bf16_native(dev):
-                why = "runs, but slower than fp32: this CPU has neither AMX nor AVX512-BF16"
-                where.append(f"{dev.type}: yes ({why})")
+            slow = quant_slow_reason(mode.quant, dev) if why is None else None
+            if slow:
+                where.append(f"{dev.type}: yes ({slow})")
                 continue
             where.append(f"{dev.type}: " + ("yes" if why is None else f"no ({why})"))
         lines.append(f"  {name:<12} {mode.describe():<58} {'; '.join(where)}")

@@ -177,8 +177,11 @@ def test_cpu_description_names_the_model_and_its_vector_units():
     assert cpu_model() in d and torch.backends.cpu.get_cpu_capability() in d
     amx, avx512_bf16 = bool(torch.cpu._is_amx_tile_supported()), bool(torch.cpu._is_avx512_bf16_supported())
     assert ("AMX" in d) == amx and ("AVX512-BF16" in d) == (avx512_bf16 and not amx)
-    from mage_fast.decoding import bf16_native
+    from mage_fast.decoding import bf16_native, int8_native
     assert bf16_native(torch.device("cpu")) == (amx or avx512_bf16)  # bf16 matrix products in hardware
+    vnni = bool(torch.cpu._is_vnni_supported())
+    assert int8_native(torch.device("cpu")) == (amx or vnni)  # int8 matrix products in hardware
+    assert ("VNNI int8" in d) == (vnni and not amx)
 
 
 def test_shipped_models_load_by_name(tmp_path, capsys, monkeypatch):

@@ -23,3 +23,19 @@ def test_decode_throughput_tiny_run_writes_every_path(tmp_path, one_thread):
     cpu = bench.default_modes(torch.device("cpu"))
     assert cpu[0] == "exact" and "fast" in cpu and set(cpu) <= set(MODES)
     assert ("fast_bf16" in cpu) == bf16_native(torch.device("cpu"))  # bf16 only where it is fast
+
+
+def test_mode_all_leaves_out_what_is_slower_than_fp32_here(monkeypatch, capsys):
+    """--mode all: every named mode that is fast on this device; int8 without int8 units (15-20x
+    slower than exact on an AVX2-only CPU) and bf16 without bf16 units are named and left out."""
+    import decode_throughput as bench
+    from mage_fast.decoding import MODES, quant
+    monkeypatch.setattr(quant, "cpu_int8_units", lambda: None)
+    monkeypatch.setattr(quant, "cpu_bf16_units", lambda: None)
+    modes = bench.all_modes(torch.device("cpu"))
+    assert set(modes) == {m for m in MODES if MODES[m].quant == "none"}
+    note = capsys.readouterr().out
+    assert "int8" in note and "cached_int8" in note and "fast_bf16" in note
+    monkeypatch.setattr(quant, "cpu_int8_units", lambda: "AMX")
+    monkeypatch.setattr(quant, "cpu_bf16_units", lambda: "AMX")
+    assert bench.all_modes(torch.device("cpu"), exclude=["exact"]) == [m for m in MODES if m != "exact"]

@@ -21,3 +21,46 @@ def test_generate_runs_in_every_mode(mode, tmp_path):
 def test_unknown_mode_is_a_usage_error(tmp_path, capsys):
     assert main(["generate", "--num-images", "1", "--mode", "fastest", "--out", str(tmp_path / "o")]) == 2
     assert "mode" in capsys.readouterr().err
+
+
+def _no_int8_units(monkeypatch):
+    """This CPU as one without int8 matrix units (an AVX2-only EPYC, where torch's int8 product is a
+    plain loop and a whole int8 decode is 15-20x slower than exact)."""
+    from mage_fast.decoding import quant
+    monkeypatch.setattr(quant, "cpu_int8_units", lambda: None)
+
+
+@pytest.mark.skipif(not os.path.isfile(DEFAULT_CKPT), reason="the shipped model is not present")
+def test_int8_without_int8_units_runs_with_one_note(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torchao")
+    import warnings
+    _no_int8_units(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["generate", "--num-images", "1", "--rng", "torch", "--num-iter", "2", "--mode", "cached_int8",
+                     "--grid", "0", "--out", str(tmp_path / "gen")]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note: --mode cached_int8: int8 runs, but")]
+    assert len(notes) == 1 and "AVX512-VNNI" in notes[0], err
+    from mage_fast.decoding import SlowModeWarning
+    assert not [w for w in caught if issubclass(w.category, SlowModeWarning)]  # said once, as the note
+    assert os.path.isfile(tmp_path / "gen" / "00000.png")
+
+
+def test_generate_warns_of_a_mode_slower_than_fp32_here(monkeypatch):
+    """generate(mode=...) says when the mode's arithmetic has no hardware here; not where it has."""
+    pytest.importorskip("torchao")
+    import torch
+    import mage_fast
+    from mage_fast.decoding import SlowModeWarning, int8_native, quant
+    model = mage_fast.mage_vit_tiny().eval()
+    _no_int8_units(monkeypatch)
+    assert not int8_native(torch.device("cpu"))
+    with pytest.warns(SlowModeWarning, match="int8 runs, but many times slower than fp32"):
+        mage_fast.generate(model, 1, num_iter=2, rng="torch", mode="int8")
+    monkeypatch.setattr(quant, "cpu_int8_units", lambda: "VNNI")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowModeWarning)
+        mage_fast.generate(model, 1, num_iter=2, rng="torch", mode="int8")
+        mage_fast.generate(model, 1, num_iter=2, rng="torch", mode="cached")

@@ -7,7 +7,7 @@ fp32), fast where the hardware multiplies bf16 natively (CUDA GPUs; x86 CPUs wit
 AVX512-BF16, where oneDNN's bf16 matrix products run 3.5-4x fp32), slow elsewhere (see
 :func:`bf16_native`). Its Linear layers quantized with torchao (PyTorch's quantization library): ``int8``: int8 weights
 (per output channel) and int8 activations with dynamic per-token scales
-(``Int8DynamicActivationInt8WeightConfig``); ``fp8``: fp8 e4m3 weights and dynamic activations
+(``Int8DynamicActivationInt8WeightConfig``; fast only with int8 hardware, see :func:`int8_native`); ``fp8``: fp8 e4m3 weights and dynamic activations
 (``Float8DynamicActivationFloat8WeightConfig``, CUDA compute capability >= 8.9 only).
 Copies are cached per model and rebuilt when a parameter changes in place.
 """
@@ -56,6 +56,43 @@ def bf16_native(device: torch.device) -> bool:
     if device.type == "cpu":
         return cpu_bf16_units() is not None
     return False
+
+
+def cpu_int8_units() -> str | None:
+    """This CPU's int8 matrix units as torch sees them: ``"AMX"`` (tiles) or ``"VNNI"``
+    (AVX512-VNNI), or None: then ``torch._int_mm``, which torchao's int8 Linear layers call,
+    runs a plain loop."""
+    for name, probe in (("AMX", "_is_amx_tile_supported"), ("VNNI", "_is_vnni_supported")):
+        has = getattr(torch.cpu, probe, None)
+        if has is not None and has():
+            return name
+    return None
+
+
+def int8_native(device: torch.device) -> bool:
+    """Whether ``device`` multiplies int8 matrices in hardware: CUDA; a CPU with AMX or
+    AVX512-VNNI. Measured, one ViT-B MLP matrix (1028 x 768) @ (768 x 3072) through torchao's
+    int8 Linear: an Intel Xeon with AMX 1.2x fp32's speed at one thread; an AVX2-only AMD EPYC
+    (Zen 3) **30x slower** than fp32 at two threads (1.09 s against 0.036 s), which makes a whole
+    ``int8`` decode 15-20x slower than ``exact`` there."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and cpu_int8_units() is not None
+
+
+class SlowModeWarning(UserWarning):
+    """A decoding mode that runs on this device but slower than the exact fp32 pass."""
+
+
+def quant_slow_reason(kind: str, device: torch.device) -> str | None:
+    """Why ``kind`` runs on ``device`` but slower than fp32 (None when it is fast there, or does not
+    run at all: see :func:`quant_support`)."""
+    if kind == "bf16" and not bf16_native(device):
+        return "runs, but slower than fp32: this CPU has neither AMX nor AVX512-BF16"
+    if kind == "int8" and not int8_native(device):
+        return ("runs, but many times slower than fp32 (15-20x for a whole decode, measured): this CPU has "
+                "neither AMX nor AVX512-VNNI, so torch's int8 matrix product is a plain loop")
+    return None
 
 
 def quant_support(kind: str, device: torch.device) -> str | None:
