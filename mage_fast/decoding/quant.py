@@ -35,14 +35,19 @@ class PassWeights(nn.Module):
                                                       requires_grad=False)
 
 
-def cpu_bf16_units() -> str | None:
-    """This CPU's bf16 matrix units as torch sees them: ``"AMX"`` (tiles, which also multiply int8),
-    ``"AVX512-BF16"``, or None (bf16 runs emulated, slowly)."""
-    for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+def _first_cpu_unit(probes) -> str | None:
+    """The name of the first (name, ``torch.cpu`` probe) pair whose probe exists and says yes."""
+    for name, probe in probes:
         has = getattr(torch.cpu, probe, None)
         if has is not None and has():
             return name
     return None
+
+
+def cpu_bf16_units() -> str | None:
+    """This CPU's bf16 matrix units as torch sees them: ``"AMX"`` (tiles, which also multiply int8),
+    ``"AVX512-BF16"``, or None (bf16 runs emulated, slowly)."""
+    return _first_cpu_unit((("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")))
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -62,11 +67,7 @@ def cpu_int8_units() -> str | None:
     """This CPU's int8 matrix units as torch sees them: ``"AMX"`` (tiles) or ``"VNNI"``
     (AVX512-VNNI), or None: then ``torch._int_mm``, which torchao's int8 Linear layers call,
     runs a plain loop."""
-    for name, probe in (("AMX", "_is_amx_tile_supported"), ("VNNI", "_is_vnni_supported")):
-        has = getattr(torch.cpu, probe, None)
-        if has is not None and has():
-            return name
-    return None
+    return _first_cpu_unit((("AMX", "_is_amx_tile_supported"), ("VNNI", "_is_vnni_supported")))
 
 
 def int8_native(device: torch.device) -> bool:
