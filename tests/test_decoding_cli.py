@@ -64,3 +64,19 @@ def test_generate_warns_of_a_mode_slower_than_fp32_here(monkeypatch):
         warnings.simplefilter("error", SlowModeWarning)
         mage_fast.generate(model, 1, num_iter=2, rng="torch", mode="int8")
         mage_fast.generate(model, 1, num_iter=2, rng="torch", mode="cached")
+
+
+def test_torchao_import_is_quiet_on_a_cpu_torch():
+    """With a CPU-only torch, torchao's import logs that its CUDA extensions cannot load (and torch a
+    deprecation meant for torchao's developers): noise before every int8 run. mage_fast imports it
+    without those lines; any other output stays."""
+    pytest.importorskip("torchao")
+    import subprocess
+    import sys
+    import torch
+    if torch.version.cuda:
+        pytest.skip("a CUDA torch: torchao's extensions load, and a failure to load them must show")
+    code = "from mage_fast.decoding.quant import import_torchao; import_torchao(); print('imported')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "imported", r.stderr
+    assert "Failed to load" not in r.stderr and "KernelPreference" not in r.stderr, r.stderr

@@ -96,6 +96,23 @@ def quant_slow_reason(kind: str, device: torch.device) -> str | None:
     return None
 
 
+def import_torchao():
+    """``import torchao``, without the lines its import prints with a CPU-only torch: torchao's CUDA
+    extensions (``_C_mxfp8``, ``_C_cutlass_90a``) cannot load there ("Failed to load ..."), and torch
+    logs a deprecation meant for torchao's developers. With a CUDA torch a failed load still shows."""
+    import logging
+    quiet = [] if torch.version.cuda else [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        import torchao
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    return torchao
+
+
 def quant_support(kind: str, device: torch.device) -> str | None:
     """None when ``kind`` runs on ``device``, else the reason it does not."""
     if kind not in QUANT_KINDS:
@@ -103,7 +120,7 @@ def quant_support(kind: str, device: torch.device) -> str | None:
     if kind in ("none", "bf16"):
         return None
     try:
-        import torchao  # noqa: F401
+        import_torchao()
     except ImportError:
         return "needs torchao (pip install 'mage_fast[quant]')"
     if kind == "fp8":
@@ -141,6 +158,7 @@ def quantized_weights(model: nn.Module, kind: str) -> nn.Module:
 def _pass_weights(model: nn.Module, kind: str) -> nn.Module:
     if kind == "bf16":
         return PassWeights(model).eval().to(torch.bfloat16)
+    import_torchao()
     from torchao.quantization import quantize_
     if kind == "int8":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig
