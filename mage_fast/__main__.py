@@ -159,14 +159,14 @@ def _notes(notes: list) -> None:
 def _slow_mode_note(spec: str, dev) -> None:
     """One note when ``--mode`` runs on ``dev`` but slower than fp32 (bf16 without bf16 units, int8
     without int8 units); the caller silences generate()'s own warning of the same."""
-    from mage_fast.decoding import quant_slow_reason, resolve_mode
+    from mage_fast.decoding import resolve_mode, slow_mode_message
     try:
         mode = resolve_mode(spec)
     except ValueError:
         return  # generate() refuses it, with its own message
-    slow = quant_slow_reason(mode.quant, dev)
+    slow = slow_mode_message(mode.quant, dev)
     if slow:
-        _notes([f"--mode {spec}: {mode.quant} {slow}; --mode exact or an fp32 mode (cached, fast) is faster here"])
+        _notes([f"--mode {spec}: {slow}"])
 
 
 def _model_summary(ckpt: str) -> dict:

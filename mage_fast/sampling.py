@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .decoding.modes import DecodeMode, mode_name, resolve_mode, run_counts
-from .decoding.quant import SlowModeWarning, quant_slow_reason
+from .decoding.quant import SlowModeWarning, slow_mode_message
 from .models.checks import check_number
 from .ops.decode_step import decode_step, halton_ranks, halton_step, image_keys
 
@@ -320,10 +320,9 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
     else:
         keys = image_keys(seed, torch.arange(first_index, first_index + batch_size, device=dev))
     the_mode = resolve_mode(mode)
-    slow = quant_slow_reason(the_mode.quant, dev) if isinstance(the_mode, DecodeMode) else None
+    slow = slow_mode_message(the_mode.quant, dev) if isinstance(the_mode, DecodeMode) else None
     if slow:
-        warnings.warn(f"decoding mode {mode_name(the_mode)!r}: {the_mode.quant} {slow}; mode 'exact' or an "
-                      f"fp32 mode ('cached', 'fast') is faster here", SlowModeWarning, stacklevel=2)
+        warnings.warn(f"decoding mode {mode_name(the_mode)!r}: {slow}", SlowModeWarning, stacklevel=2)
     counts = run_counts(L if init_ids is None else n, mask_lens)
     net = the_mode.build(model, counts, None if rng == "official" else keys)
     record = [] if return_trace else None

@@ -73,9 +73,9 @@ def cpu_int8_units() -> str | None:
 def int8_native(device: torch.device) -> bool:
     """Whether ``device`` multiplies int8 matrices in hardware: CUDA; a CPU with AMX or
     AVX512-VNNI. Measured, one ViT-B MLP matrix (1028 x 768) @ (768 x 3072) through torchao's
-    int8 Linear: an Intel Xeon with AMX 1.2x fp32's speed at one thread; an AVX2-only AMD EPYC
-    (Zen 3) **30x slower** than fp32 at two threads (1.09 s against 0.036 s), which makes a whole
-    ``int8`` decode 15-20x slower than ``exact`` there."""
+    int8 Linear (``benchmarks/linear_precision.py``, one thread): an Intel Xeon with AMX 1.2x fp32's
+    speed; an AVX2-only AMD EPYC (Zen 3) **27x slower** than fp32 (3.2 s against 0.12 s), which makes
+    a whole ``int8`` decode 15-20x slower than ``exact`` there."""
     if device.type == "cuda":
         return True
     return device.type == "cpu" and cpu_int8_units() is not None
@@ -94,6 +94,13 @@ def quant_slow_reason(kind: str, device: torch.device) -> str | None:
         return ("runs, but many times slower than fp32 (15-20x for a whole decode, measured): this CPU has "
                 "neither AMX nor AVX512-VNNI, so torch's int8 matrix product is a plain loop")
     return None
+
+
+def slow_mode_message(quant: str, device: torch.device) -> str | None:
+    """What a user asking for a mode with quantization ``quant`` is told on ``device`` where it
+    runs slower than fp32 (None elsewhere): the reason and what to use instead."""
+    slow = quant_slow_reason(quant, device)
+    return slow and f"{quant} {slow}; 'exact' or an fp32 mode ('cached', 'fast') is faster here"
 
 
 def import_torchao():
@@ -158,8 +165,7 @@ def quantized_weights(model: nn.Module, kind: str) -> nn.Module:
 def _pass_weights(model: nn.Module, kind: str) -> nn.Module:
     if kind == "bf16":
         return PassWeights(model).eval().to(torch.bfloat16)
-    import_torchao()
-    from torchao.quantization import quantize_
+    from torchao.quantization import quantize_  # imported quietly by quant_support, which ran first
     if kind == "int8":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig
         config = Int8DynamicActivationInt8WeightConfig()
