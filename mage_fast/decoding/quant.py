@@ -75,7 +75,7 @@ def int8_native(device: torch.device) -> bool:
     AVX512-VNNI. Measured, one ViT-B MLP matrix (1028 x 768) @ (768 x 3072) through torchao's
     int8 Linear (``benchmarks/linear_precision.py``, one thread): an Intel Xeon with AMX 1.2x fp32's
     speed; an AVX2-only AMD EPYC (Zen 3) **27x slower** than fp32 (3.2 s against 0.12 s), which makes
-    a whole ``int8`` decode 15-20x slower than ``exact`` there."""
+    a whole ``int8`` decode 12-20x slower than ``exact`` there."""
     if device.type == "cuda":
         return True
     return device.type == "cpu" and cpu_int8_units() is not None
@@ -91,7 +91,7 @@ def quant_slow_reason(kind: str, device: torch.device) -> str | None:
     if kind == "bf16" and not bf16_native(device):
         return "runs, but slower than fp32: this CPU has neither AMX nor AVX512-BF16"
     if kind == "int8" and not int8_native(device):
-        return ("runs, but many times slower than fp32 (15-20x for a whole decode, measured): this CPU has "
+        return ("runs, but many times slower than fp32 (12-20x for a whole decode, measured): this CPU has "
                 "neither AMX nor AVX512-VNNI, so torch's int8 matrix product is a plain loop")
     return None
 
