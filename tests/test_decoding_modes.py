@@ -49,6 +49,10 @@ def test_exact_is_the_default_and_refresh_every_step_equals_exact(tiny):
     for drop in ("none",):
         _, ids = mage_fast.generate(tiny, 3, rng="torch", mode=DecodeMode(drop=drop, refresh_every=1), **kw)
         assert torch.equal(ids, ref)
+    # the training-matched drop with a cache refreshed every step is drop_train (same drawn drops)
+    _, train = mage_fast.generate(tiny, 3, rng="torch", mode="drop_train", **kw)
+    _, train_cached = mage_fast.generate(tiny, 3, rng="torch", mode=DecodeMode(drop="train", refresh_every=1), **kw)
+    assert torch.equal(train_cached, train) and not torch.equal(train, ref)
     _, off = mage_fast.generate(tiny, 2, rng="official", **kw)
     _, off_cached = mage_fast.generate(tiny, 2, rng="official", mode=DecodeMode(refresh_every=1), **kw)
     assert torch.equal(off, off_cached)
@@ -65,7 +69,7 @@ def test_refresh_every_step_equals_exact_with_guidance(tiny):
     assert torch.equal(ids, ref)
 
 
-@pytest.mark.parametrize("drop", ["none", "all"])
+@pytest.mark.parametrize("drop", ["none", "train", "all"])
 def test_cached_pass_on_unchanged_input_equals_full_pass(tiny, drop):
     """Keys/values cached from the same input: the cached pass recomputes only the fresh rows, and
     must give the full pass's logits at every masked row (this checks slots, gathers and scatters)."""
@@ -81,6 +85,41 @@ def test_cached_pass_on_unchanged_input_equals_full_pass(tiny, drop):
         assert torch.equal(full[masked], exact[masked]) or torch.allclose(full[masked], exact[masked], atol=1e-5)
     torch.testing.assert_close(cached[masked], full[masked], atol=2e-5, rtol=1e-4)
     assert torch.count_nonzero(cached[~masked]) == 0
+
+
+def test_cached_train_drop_fills_dropped_slots_and_replaces_kept_masked_ones(tiny):
+    """drop='train' with a cache: the encoder cache holds every position at its own slot, the
+    dropped ones hidden. With a one-block encoder nothing in the cache is stale, so the cached pass
+    after new tokens must give, at the class slot and the new tokens, exactly the encoder on what
+    the cache then holds: the full pass's kept tokens with the new tokens in place (whether their
+    position was kept as a mask token or dropped)."""
+    import copy
+    m1 = copy.deepcopy(tiny)
+    m1.blocks = m1.blocks[:1]
+    B, L, n_new = 2, tiny.seq_len, 40
+    ids0 = _partly_known(m1, B, 60, seed=3)
+    masked0 = ids0 == m1.mask_token_label
+    m = int(masked0[0].sum())
+    new = first_true(masked0, n_new)
+    ids1 = ids0.clone()
+    ids1.scatter_(1, new, torch.randint(0, m1.codebook_size, new.shape, generator=torch.Generator().manual_seed(4)))
+    keys = torch.arange(B)
+    with torch.no_grad():
+        net = DecodeMode(drop="train", refresh_every=2).build(m1, [m, m - n_new], keys)
+        net(ids0, None, 0)
+        net(ids1, None, 1)
+        dropped0 = drop_mask_for(masked0, 128, keys, 0)
+        full1 = m1._with_class_slot(ids1, m1.fake_class_label)
+        for b in range(B):
+            was_dropped = dropped0[b, new[b]]
+            assert was_dropped.any() and not was_dropped.all()  # both kinds of slot are exercised
+            seen = torch.cat([torch.ones(1, dtype=torch.bool), ~dropped0[b]])
+            seen[new[b] + 1] = True
+            h, keep, _, _ = encode_dropped(m1, full1[b:b + 1], ~seen[None], int(seen.sum()))
+            ref = torch.zeros(L + 1, net.state.E.shape[-1])
+            ref[keep[0]] = m1.decoder_embed(h)[0]
+            rows = torch.cat([torch.zeros(1, dtype=torch.long), new[b] + 1])
+            torch.testing.assert_close(net.state.E[b, rows], ref[rows], atol=2e-5, rtol=1e-4)
 
 
 def test_cached_pass_after_new_tokens_matches_full_pass_of_new_input(tiny):
@@ -232,8 +271,6 @@ def test_unknown_mode_and_bad_settings_raise(tiny):
         mage_fast.generate(tiny, 1, num_iter=2, mode="fastest")
     with pytest.raises(ValueError, match="drop"):
         DecodeMode(drop="some")
-    with pytest.raises(ValueError, match="compose"):
-        DecodeMode(drop="train", refresh_every=2)
     with pytest.raises(ValueError, match="refresh_every"):
         DecodeMode(refresh_every=-1)
     with pytest.raises(ValueError, match="pixels"):

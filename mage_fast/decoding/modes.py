@@ -37,7 +37,7 @@ import torch
 from ..ops.decode_step import counter_uniform
 from ..ops.token_drop import keep_index
 from .quant import QUANT_KINDS, fast_tokenizer, quantized_weights
-from .stack import gather_rows, scatter_rows, stack_full, stack_partial
+from .stack import gather_rows, scatter_rows, stack_full, stack_partial, to_slots
 
 DROP_KINDS = ("none", "train", "all")
 PIXEL_KINDS = ("auto", "fp32", "bf16")
@@ -62,8 +62,6 @@ class DecodeMode:
             raise ValueError(f"pixels must be one of {PIXEL_KINDS}, got {self.pixels!r}")
         if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
             raise ValueError(f"refresh_every must be an int >= 0 (0 = no cache), got {self.refresh_every!r}")
-        if self.refresh_every and self.drop == "train":
-            raise ValueError("cached decoding composes with drop='none' or drop='all', not 'train'")
         if not isinstance(self.focus, int) or self.focus < 0 or (self.focus and not self.refresh_every):
             raise ValueError(f"focus must be an int >= 0, and > 0 only with a cache (refresh_every > 0); got {self.focus!r}")
 
@@ -169,7 +167,7 @@ def encode_dropped(net, full: torch.Tensor, drop: torch.Tensor, num_keep: int, k
 
 
 class _State:
-    __slots__ = ("batch", "E", "enc_ks", "enc_vs", "enc_len", "dec_ks", "dec_vs", "prev_masked", "logits", "conf")
+    __slots__ = ("batch", "E", "enc_ks", "enc_vs", "enc_len", "enc_seen", "dec_ks", "dec_vs", "prev_masked", "logits", "conf")
 
 
 class NetworkPass:
@@ -236,12 +234,18 @@ class NetworkPass:
         if num_drop == 0:
             h, st.enc_ks, st.enc_vs = stack_full(net.blocks, net.token_emb(full), cache)
             st.E = net.decoder_embed(net.norm(h))  # (B, L+1, Dd)
+            if cache and mode.drop == "train":
+                st.enc_seen = torch.ones_like(full, dtype=torch.bool)
         else:
             drop = drop_mask_for(masked, num_drop, self._row_keys(masked.shape[0], masked.device), i)
             drop = torch.cat([torch.zeros_like(drop[:, :1]), drop], 1)  # the class slot is never dropped
             h, keep, st.enc_ks, st.enc_vs = encode_dropped(net, full, drop, L + 1 - num_drop, cache)
             e = net.decoder_embed(h)  # (B, K, Dd)
             st.E = scatter_rows(e.new_zeros(e.shape[0], L + 1, e.shape[2]), keep, e)
+            if cache and mode.drop == "train":  # slot = position, the dropped slots hidden from the queries
+                st.enc_ks = [to_slots(c, keep, L + 1) for c in st.enc_ks]
+                st.enc_vs = [to_slots(c, keep, L + 1) for c in st.enc_vs]
+                st.enc_seen = ~drop
         st.enc_len = L + 1 - num_drop  # cache slots in use (drop='all': class slot + known, in keep order)
 
     def _encode_cached(self, st: _State, full, masked, i: int):
@@ -250,8 +254,12 @@ class NetworkPass:
         n_new = self.counts[i - 1] - self.counts[i]
         new = first_true(st.prev_masked & ~masked, n_new) + 1  # (B, n_new) sequence positions fixed last step
         pos = torch.cat([torch.zeros_like(new[:, :1]), new], 1)  # (B, 1 + n_new): class slot + new
+        seen = None
         if self.mode.drop == "none":
             slots = pos
+        elif self.mode.drop == "train":  # a new token replaces its masked slot or fills its dropped one
+            slots = pos
+            seen = st.enc_seen = st.enc_seen.scatter(1, pos, True)
         else:  # drop='all': the new tokens join the cache at its end
             S = st.enc_len
             st.enc_ks = [torch.cat([c, c.new_zeros(*c.shape[:2], n_new, c.shape[3])], 2) for c in st.enc_ks]
@@ -259,7 +267,7 @@ class NetworkPass:
             slots = torch.cat([torch.zeros_like(new[:, :1]), S + torch.arange(n_new, device=new.device).expand(B, -1)], 1)
             st.enc_len = S + n_new
         x = net.token_emb(torch.gather(full, 1, pos), positions=pos)
-        h = stack_partial(net.blocks, x, slots, st.enc_ks, st.enc_vs)
+        h = stack_partial(net.blocks, x, slots, st.enc_ks, st.enc_vs, seen)
         st.E = scatter_rows(st.E, pos, net.decoder_embed(net.norm(h)))
 
     # ------------------------------------------------------------------ decoder

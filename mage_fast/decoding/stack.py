@@ -11,13 +11,17 @@ quantized copy of the model (int8 Linear layers) runs through the same functions
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..ops.attention import attention
 
 
-def _attend(blk, x: torch.Tensor, q, k, v) -> torch.Tensor:
+def _attend(blk, x: torch.Tensor, q, k, v, key_mask=None) -> torch.Tensor:
     B, N, C = x.shape
-    o = attention(q, k, v, dropout_p=0.0, scale=blk.attn.scale)  # (B, H, N, d)
+    if key_mask is None:
+        o = attention(q, k, v, dropout_p=0.0, scale=blk.attn.scale)  # (B, H, N, d)
+    else:  # (B, S) bool, False = an empty cache slot no query may see
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], scale=blk.attn.scale)
     return blk.attn.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
@@ -28,14 +32,16 @@ def block_full(blk, x: torch.Tensor):
     return x + blk.mlp(blk.norm2(x)), k, v
 
 
-def block_partial(blk, x: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-    """Fresh rows x (B, F, C) at cache slots (B, F) int64; caches (B, H, S, d) are updated in place."""
+def block_partial(blk, x: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  key_mask=None):
+    """Fresh rows x (B, F, C) at cache slots (B, F) int64; caches (B, H, S, d) are updated in place.
+    ``key_mask`` (B, S) bool: the slots the queries attend to (default: all)."""
     q, k, v = blk.attn._qkv(blk.norm1(x))  # (B, H, F, d)
     B, H, F, d = k.shape
     idx = slots.view(B, 1, F, 1).expand(B, H, F, d)
     k_cache.scatter_(2, idx, k)
     v_cache.scatter_(2, idx, v)
-    x = x + _attend(blk, x, q, k_cache, v_cache)
+    x = x + _attend(blk, x, q, k_cache, v_cache, key_mask)
     return x + blk.mlp(blk.norm2(x))
 
 
@@ -51,11 +57,19 @@ def stack_full(blocks, x: torch.Tensor, keep_kv: bool):
     return x, ks, vs
 
 
-def stack_partial(blocks, x: torch.Tensor, slots: torch.Tensor, ks: list, vs: list) -> torch.Tensor:
-    """Run every block on the fresh rows x (B, F, C) at ``slots`` (B, F), against the caches."""
+def stack_partial(blocks, x: torch.Tensor, slots: torch.Tensor, ks: list, vs: list, key_mask=None) -> torch.Tensor:
+    """Run every block on the fresh rows x (B, F, C) at ``slots`` (B, F), against the caches
+    (only the slots where ``key_mask`` (B, S) is True, when given)."""
     for blk, k_cache, v_cache in zip(blocks, ks, vs):
-        x = block_partial(blk, x, slots, k_cache, v_cache)
+        x = block_partial(blk, x, slots, k_cache, v_cache, key_mask)
     return x
+
+
+def to_slots(c: torch.Tensor, index: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Keys or values c (B, H, K, d) of rows at positions index (B, K) -> a cache (B, H, num_slots, d)
+    holding them at those slots and zeros elsewhere."""
+    B, H, K, d = c.shape
+    return c.new_zeros(B, H, num_slots, d).scatter(2, index.view(B, 1, K, 1).expand(B, H, K, d), c)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
