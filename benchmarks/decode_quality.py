@@ -47,8 +47,8 @@ class KLProbe:
     def __init__(self, mode, log: dict):
         self.mode, self.log = resolve_mode(mode), log
 
-    def build(self, model, counts, keys=None):
-        inner = self.mode.build(model, counts, keys)
+    def build(self, model, counts, keys=None, choice=None):
+        inner = self.mode.build(model, counts, keys, choice)
 
         def run(ids, class_tokens, i):
             out = inner(ids, class_tokens, i)

@@ -1,6 +1,7 @@
 """Iterative (MaskGIT) decoding for MAGE: schedules, the official sampler, and the fast sampler."""
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Optional
@@ -158,6 +159,14 @@ def _cfg_logits(model, ids, class_tokens, scale: float, code_logits=None):
     both = code_logits(torch.cat([ids, ids]), torch.cat([class_tokens, fake]))
     cond, uncond = both.float().chunk(2)
     return cond + scale * (cond - uncond)
+
+
+def _build_pass(mode, model, counts, keys, choice):
+    """``mode.build(model, counts, keys)``, with the sampler's ``choice`` where the mode takes it (a
+    :class:`DecodeMode` does; a custom mode object may not)."""
+    if choice is not None and "choice" in inspect.signature(mode.build).parameters:
+        return mode.build(model, counts, keys, choice=choice)
+    return mode.build(model, counts, keys)
 
 
 def decode_loop(model, net, ids: torch.Tensor, steps, *, num_iter: int, mask_lens, temperature: float, anneal,
@@ -324,14 +333,17 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
     if slow:
         warnings.warn(f"decoding mode {mode_name(the_mode)!r}: {slow}", SlowModeWarning, stacklevel=2)
     counts = run_counts(L if init_ids is None else n, mask_lens)
-    net = the_mode.build(model, counts, None if rng == "official" else keys)
+    # the sampler's (step, confidence-noise scale) per step: focus modes rank stale rows by what it will draw
+    choice = [(s, temperature * anneal((s + 1) / num_iter)) for s in range(start, num_iter)] \
+        if rng == "torch" and order == "confidence" else None
+    net = _build_pass(the_mode, model, counts, None if rng == "official" else keys, choice)
     record = [] if return_trace else None
     rank = halton_ranks(model.token_grid, dev) if order == "halton" else None
     if cuda_graph:
         from .decoding import graph
 
         def loop(ids, keys, class_tokens):  # reads and writes only static buffers
-            return decode_loop(model, the_mode.build(model, counts, keys), ids, steps, num_iter=num_iter,
+            return decode_loop(model, _build_pass(the_mode, model, counts, keys, choice), ids, steps, num_iter=num_iter,
                                mask_lens=mask_lens, temperature=temperature, anneal=anneal, rng=rng, keys=keys,
                                ac=torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
                                                  cache_enabled=False),

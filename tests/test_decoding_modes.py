@@ -5,7 +5,7 @@ import torch
 import mage_fast
 from mage_fast.decoding import MODES, DecodeMode, encode_dropped, mode_name, resolve_mode, run_counts
 from mage_fast.decoding.modes import drop_mask_for, first_true
-from mage_fast.ops import image_keys
+from mage_fast.ops import decode_step_ref, image_keys
 from mage_fast.sampling import TEMPERATURE_ANNEALING, decode_loop, schedule_from
 
 
@@ -260,9 +260,10 @@ def test_mode_loop_traces_as_one_graph(tiny, name):
     ids = torch.full((B, 256), tiny.mask_token_label)
     torch._dynamo.reset()
     with torch.no_grad():
-        ref = loop(MODES[name].build(tiny, run_counts(256, mask_lens), keys), ids)
+        choice = [(s, 4.5 * TEMPERATURE_ANNEALING["linear"]((s + 1) / T)) for s in range(T)]  # focus by the sampler
+        ref = loop(MODES[name].build(tiny, run_counts(256, mask_lens), keys, choice), ids)
         compiled = torch.compile(loop, fullgraph=True, backend="eager")
-        out = compiled(MODES[name].build(tiny, run_counts(256, mask_lens), keys), ids)
+        out = compiled(MODES[name].build(tiny, run_counts(256, mask_lens), keys, choice), ids)
     assert torch.equal(ref, out)
 
 
@@ -309,6 +310,69 @@ def test_focus_covering_every_masked_row_equals_plain_cached(tiny):
     for a, b in zip(outs[0], outs[1000]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(outs[0], outs[1]))
+
+
+class _RecordBuild:
+    """A custom mode object: records what generate() hands its build()."""
+
+    def __init__(self, mode):
+        self.mode, self.calls = mode, []
+
+    def build(self, model, counts, keys=None, choice=None):
+        self.calls.append((list(counts), choice))
+        return self.mode.build(model, counts, keys, choice)
+
+
+def test_generate_hands_the_sampler_choice_to_the_pass(tiny):
+    """rng='torch' with the confidence order: build() gets (step, temperature * anneal) per step,
+    from the first step actually run (a partial start skips the schedule's first steps); the
+    official sampler and the Halton order give None."""
+    T, temp = 6, 3.0
+    anneal = TEMPERATURE_ANNEALING["linear"]
+    rec = _RecordBuild(MODES["cached_focus"])
+    mage_fast.generate(tiny, 2, num_iter=T, temperature=temp, rng="torch", mode=rec)
+    assert rec.calls[-1][1] == [(s, temp * anneal((s + 1) / T)) for s in range(T)]
+    init = _partly_known(tiny, 2, 100)
+    mage_fast.generate(tiny, 2, num_iter=T, temperature=temp, rng="torch", mode=rec, init_ids=init)
+    counts, choice = rec.calls[-1]
+    assert counts[0] == 156 and len(choice) == len(counts) < T and choice[0][0] == T - len(counts)
+    mage_fast.generate(tiny, 2, num_iter=T, temperature=temp, rng="torch", mode=rec, order="halton")
+    mage_fast.generate(tiny, 2, num_iter=T, rng="official", mode=rec)
+    assert rec.calls[-2][1] is None and rec.calls[-1][1] is None
+
+
+@pytest.mark.parametrize("drop", ["none", "train"])
+def test_sampler_focus_recomputes_the_rows_the_sampler_would_fix_first(tiny, drop):
+    """focus_by='sampler': at a cached step the recomputed masked rows are exactly the r rows a
+    decode step on the last logits keeps (decode_step_ref with mask_len = masked - r, the same
+    key, step and noise), and they differ from the largest-log-probability ranking."""
+    T, B, temp = 6, 2, 4.5
+    _, mask_lens = schedule_from(T, 256, 256)
+    counts = run_counts(256, mask_lens)
+    keys = image_keys(0, torch.arange(B))
+    anneal = TEMPERATURE_ANNEALING["linear"]
+    choice = [(s, temp * anneal((s + 1) / T)) for s in range(T)]
+    mode = DecodeMode(drop=drop, refresh_every=3, focus=1)
+    net = mode.build(tiny, counts, keys, choice)
+    by_max = DecodeMode(drop=drop, refresh_every=3, focus=1, focus_by="max").build(tiny, counts, keys, choice)
+    assert by_max.choice is None
+    ids, checked, differ = torch.full((B, 256), tiny.mask_token_label), 0, 0
+    with torch.no_grad():
+        for i in range(T):
+            stale = None if net.state is None or net.state.logits is None else net.state.logits.clone()
+            logits = net(ids, None, i)
+            by_max(ids, None, i)
+            m, last = counts[i], i == T - 1
+            if i % 3 and not last:
+                r = min(m, counts[i] - counts[i + 1])
+                _, keep = decode_step_ref(stale, ids, keys, i, m - r, choice[i][1], tiny.mask_token_label)
+                want = (keep != tiny.mask_token_label) & (ids == tiny.mask_token_label)
+                got = torch.zeros_like(want).scatter(1, net.focus_rows, True)
+                assert torch.equal(got, want)
+                checked += 1
+                differ += not torch.equal(got, torch.zeros_like(want).scatter(1, by_max.focus_rows, True))
+            _, ids = decode_step_ref(logits, ids, keys, i, mask_lens[i], choice[i][1], tiny.mask_token_label)
+    assert checked == 3 and differ > 0
 
 
 def test_mode_pixel_decode_matches_the_exact_tokenizer_decode():

@@ -17,9 +17,14 @@ mode runs without host syncs and traces as one graph.
   keys/values into the caches; every other row's keys/values are reused from when it was last
   computed.
 - ``focus`` (cached passes only): 0 = the decoder recomputes every masked row. f >= 1 = it
-  recomputes only the f * n masked rows that were most confident at their last computation,
-  n being how many tokens this step fixes, and the other masked rows keep their last logits; the
-  last step recomputes every masked row.
+  recomputes only f * n masked rows, n being how many tokens this step fixes, and the other
+  masked rows keep their last logits; the last step recomputes every masked row. Which rows:
+  ``focus_by="sampler"`` (default) the f * n rows the step's sampler would fix first given their
+  last logits: the sampler's own confidence (log p of its Gumbel-max draw plus its annealed
+  confidence noise), from the same counter-based random numbers it will use
+  (:func:`mage_fast.ops.decode_step.sample_confidence`); ``"max"``, or where the sampler's numbers
+  are not known in advance (``rng="official"``, the Halton order), the rows whose largest
+  log-probability was highest.
 - ``quant``: ``"bf16"`` (the whole pass in bfloat16), ``"int8"`` / ``"fp8"`` Linear layers
   through torchao (see :mod:`.quant`).
 - ``pixels``: the precision of the tokenizer's pixel decode after the last step. ``"auto"`` (bf16
@@ -34,12 +39,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..ops.decode_step import counter_uniform
+from ..ops.decode_step import counter_uniform, sample_confidence
 from ..ops.token_drop import keep_index
 from .quant import QUANT_KINDS, fast_tokenizer, quantized_weights
 from .stack import gather_rows, scatter_rows, stack_full, stack_partial, to_slots
 
 DROP_KINDS = ("none", "train", "all")
+FOCUS_KINDS = ("sampler", "max")
 PIXEL_KINDS = ("auto", "fp32", "bf16")
 _STREAM_DROP = 0x2545F491
 
@@ -52,12 +58,15 @@ class DecodeMode:
     quant: str = "none"
     focus: int = 0
     pixels: str = "auto"
+    focus_by: str = "sampler"
 
     def __post_init__(self):
         if self.drop not in DROP_KINDS:
             raise ValueError(f"drop must be one of {DROP_KINDS}, got {self.drop!r}")
         if self.quant not in QUANT_KINDS:
             raise ValueError(f"quant must be one of {QUANT_KINDS}, got {self.quant!r}")
+        if self.focus_by not in FOCUS_KINDS:
+            raise ValueError(f"focus_by must be one of {FOCUS_KINDS}, got {self.focus_by!r}")
         if self.pixels not in PIXEL_KINDS:
             raise ValueError(f"pixels must be one of {PIXEL_KINDS}, got {self.pixels!r}")
         if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
@@ -79,14 +88,16 @@ class DecodeMode:
         parts = [f"drop={self.drop}"]
         parts.append(f"cache: full pass every {self.refresh_every} steps" if self.refresh_every else "no cache")
         if self.focus:
-            parts.append(f"decoder recomputes the {self.focus}x most confident masked rows")
+            which = "the sampler would fix first" if self.focus_by == "sampler" else "most confident"
+            parts.append(f"decoder recomputes the {self.focus}x masked rows {which}")
         parts.append(f"quant={self.quant}")
         parts.append(f"pixel decode in {'bf16' if self.pixel_dtype == torch.bfloat16 else 'fp32'}")
         return ", ".join(parts)
 
-    def build(self, model, counts: Sequence[int], keys: Optional[torch.Tensor] = None) -> "NetworkPass":
+    def build(self, model, counts: Sequence[int], keys: Optional[torch.Tensor] = None,
+              choice: Optional[Sequence[tuple]] = None) -> "NetworkPass":
         """The network pass for one decoding run (see :class:`NetworkPass`)."""
-        return NetworkPass(model, self, counts, keys)
+        return NetworkPass(model, self, counts, keys, choice)
 
 
 # Named modes (`generate(mode=...)`, the CLI's --mode). "fast" is the fast preset.
@@ -108,13 +119,14 @@ MODES = {
 
 def resolve_mode(mode) -> DecodeMode:
     """A mode from a name in :data:`MODES`, a spec ``"drop=all,refresh=4,quant=int8"`` (any subset
-    of the keys drop, refresh, focus, quant, pixels), a :class:`DecodeMode`, or any object with DecodeMode's ``build`` method."""
+    of the keys drop, refresh, focus, focus_by, quant, pixels), a :class:`DecodeMode`, or any object with DecodeMode's ``build`` method."""
     if isinstance(mode, DecodeMode) or (not isinstance(mode, str) and callable(getattr(mode, "build", None))):
         return mode
     if isinstance(mode, str) and mode in MODES:
         return MODES[mode]
     if isinstance(mode, str) and "=" in mode:
-        fields = {"drop": "drop", "refresh": "refresh_every", "quant": "quant", "focus": "focus", "pixels": "pixels"}
+        fields = {"drop": "drop", "refresh": "refresh_every", "quant": "quant", "focus": "focus", "pixels": "pixels",
+                  "focus_by": "focus_by"}
         kw = {}
         for part in mode.split(","):
             key, _, value = part.partition("=")
@@ -132,6 +144,7 @@ def mode_name(mode: DecodeMode) -> str:
         if m == mode:
             return name
     return (f"drop={mode.drop},refresh={mode.refresh_every},quant={mode.quant}" + (f",focus={mode.focus}" if mode.focus else "")
+            + (f",focus_by={mode.focus_by}" if mode.focus_by != "sampler" else "")
             + (f",pixels={mode.pixels}" if mode.pixels != "auto" else ""))
 
 
@@ -178,14 +191,21 @@ class NetworkPass:
         mode: a :class:`DecodeMode`.
         counts: masked tokens at the input of each step of the run (from the schedule).
         keys: (B,) per-image keys for the random choice of dropped tokens (default: row index).
+        choice: per step of the run, ``(step, noise_scale)`` of the sampler's confidence draw
+            (``rng="torch"``, confidence order): with ``focus_by="sampler"`` the focus rows are the
+            ones the sampler would fix first (see the module docstring); None = rank by the largest
+            log-probability.
 
     Rows of known positions in the returned logits are zeros (sampling ignores them).
     """
 
-    def __init__(self, model, mode: DecodeMode, counts: Sequence[int], keys: Optional[torch.Tensor] = None):
+    def __init__(self, model, mode: DecodeMode, counts: Sequence[int], keys: Optional[torch.Tensor] = None,
+                 choice: Optional[Sequence[tuple]] = None):
         self.model, self.mode, self.counts = model, mode, [int(c) for c in counts]
         self.net = model if mode.quant == "none" else quantized_weights(model, mode.quant)
         self.keys = keys
+        self.choice = None if choice is None or keys is None or mode.focus_by != "sampler" else list(choice)
+        self.focus_rows: Optional[torch.Tensor] = None  # the last cached pass's focus rows (B, r), image positions
         self.state: Optional[_State] = None
 
     def __call__(self, ids: torch.Tensor, class_tokens: Optional[torch.Tensor], i: int) -> torch.Tensor:
@@ -283,8 +303,8 @@ class NetworkPass:
             st.logits = lm.new_zeros(B, L, lm.shape[-1])
             st.conf = lm.new_full((B, L), -float("inf"), dtype=torch.float32)
         st.logits = scatter_rows(st.logits, img_pos, lm)
-        conf = torch.log_softmax(lm.float(), -1).amax(-1)  # (B, m)
-        st.conf = st.conf.scatter(1, img_pos, conf)
+        if self.choice is None:  # rank by the largest log-probability
+            st.conf = st.conf.scatter(1, img_pos, torch.log_softmax(lm.float(), -1).amax(-1))
         return st.logits
 
     def _decode_full(self, st: _State, masked, i: int) -> torch.Tensor:
@@ -309,8 +329,14 @@ class NetworkPass:
             n_fix = m - self.counts[i + 1]  # tokens this step fixes
             r = min(m, self.mode.focus * max(1, n_fix))
             new = first_true(st.prev_masked & ~masked, n_new)  # (B, n_new)
-            score = torch.where(masked, st.conf, -float("inf"))
+            if self.choice is not None:  # the sampler's confidence on the last logits: +inf at known rows
+                step, noise = self.choice[i]
+                conf = sample_confidence(st.logits, masked, self._row_keys(B, masked.device), step, noise)[1]
+            else:
+                conf = st.conf
+            score = torch.where(masked, conf, -float("inf"))
             top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :r]  # (B, r) masked rows
+            self.focus_rows = top
             fresh = torch.cat([new, top], 1) + 1
         else:
             fresh = first_true(st.prev_masked, self.counts[i - 1]) + 1  # (B, F) masked at the previous step

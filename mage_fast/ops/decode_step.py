@@ -73,27 +73,43 @@ def decode_step_ref(logits: torch.Tensor, ids: torch.Tensor, key: torch.Tensor, 
     key: (B,) int64 in [0, 2^32), one per image. Returns (sampled (B, N), next_ids (B, N)):
     ``sampled`` has every position filled, ``next_ids`` has ``mask_len`` of them re-masked.
     """
-    B, N, C = logits.shape
-    dev = logits.device
-    logits = logits.float()  # precision raised: sampling and log-softmax in fp32
-    row = (step * N + torch.arange(N, device=dev)).view(1, N, 1)
-    sample, unknown, sampled = _sample_codes(logits, ids, key, row, mask_id)
-    logp = logits.gather(-1, sample.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    g2 = gumbel_from_uniform(counter_uniform(key.view(B, 1), _STREAM_CONF, row.view(1, N), torch.zeros(1, 1, dtype=torch.long, device=dev)))
-    conf = torch.where(unknown, logp + noise_scale * g2, torch.full_like(logp, float("inf")))
+    unknown = ids == mask_id
+    sample, conf = sample_confidence(logits, unknown, key, step, noise_scale)
+    sampled = torch.where(unknown, sample, ids)
     order = torch.sort(conf, dim=1, stable=True).indices[:, :mask_len]  # (B, mask_len)
     remask = torch.zeros_like(unknown).scatter(1, order, True)
     next_ids = torch.where(remask, torch.full_like(ids, mask_id), sampled)
     return sampled, next_ids
 
 
-def _sample_codes(logits: torch.Tensor, ids: torch.Tensor, key: torch.Tensor, row: torch.Tensor, mask_id: int):
-    """Gumbel-max samples of every position from counter-based noise keyed by (key, row, code):
-    -> (sample (B, N), unknown (B, N) bool, sampled = sample at unknown positions, ids elsewhere)."""
+def sample_confidence(logits: torch.Tensor, unknown: torch.Tensor, key: torch.Tensor, step: int,
+                      noise_scale: float):
+    """What a decode step draws, before it re-masks: logits (B, N, C), unknown (B, N) bool ->
+    (sample (B, N): a code at every position, conf (B, N): log p(sample) plus the annealed
+    confidence noise where unknown, +inf elsewhere). The same random numbers for the same
+    (key, step, position), so a caller can predict which positions a step will fix from any logits
+    (the cached decoding modes rank stale rows by it, :mod:`mage_fast.decoding`)."""
+    B, N, C = logits.shape
+    dev = logits.device
+    logits = logits.float()  # precision raised: sampling and log-softmax in fp32
+    row = (step * N + torch.arange(N, device=dev)).view(1, N, 1)
+    sample = _gumbel_sample(logits, key, row)
+    logp = logits.gather(-1, sample.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    g2 = gumbel_from_uniform(counter_uniform(key.view(B, 1), _STREAM_CONF, row.view(1, N), torch.zeros(1, 1, dtype=torch.long, device=dev)))
+    return sample, torch.where(unknown, logp + noise_scale * g2, torch.full_like(logp, float("inf")))
+
+
+def _gumbel_sample(logits: torch.Tensor, key: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max samples (B, N) of every position from counter-based noise keyed by (key, row, code)."""
     B, N, C = logits.shape
     col = torch.arange(C, device=logits.device).view(1, 1, C)
     g = gumbel_from_uniform(counter_uniform(key.view(B, 1, 1), _STREAM_SAMPLE, row, col))  # (B, N, C)
-    sample = torch.argmax(logits + g, dim=-1)  # (B, N)
+    return torch.argmax(logits + g, dim=-1)
+
+
+def _sample_codes(logits: torch.Tensor, ids: torch.Tensor, key: torch.Tensor, row: torch.Tensor, mask_id: int):
+    """-> (sample (B, N), unknown (B, N) bool, sampled = sample at unknown positions, ids elsewhere)."""
+    sample = _gumbel_sample(logits, key, row)
     unknown = ids == mask_id
     return sample, unknown, torch.where(unknown, sample, ids)
 
