@@ -5,7 +5,9 @@ on the shipped model (default) with its model-card sampling settings, class-bala
 
 - KL divergence of the mode's code logits from the exact pass on the same decoding states (the
   mode's own trajectory; the exact pass is run beside it at every step), per step, averaged over
-  the masked positions of the first ``--kl-samples`` images;
+  the masked positions of the first ``--kl-samples`` images, and averaged over the positions the
+  step fixed ("fixed KL": the logits the sampler actually drew the kept tokens from; a mode that
+  leaves some masked rows on stale logits is judged by the rows it used);
 - tokens that differ from exact decoding under the same random numbers (``rng="torch"``, same
   seed and image indices), as a fraction of all tokens;
 - an offline Frechet distance (EfficientNet-Lite0 pooled features, images resized to
@@ -42,10 +44,11 @@ FMNIST_TEST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 
 class KLProbe:
     """A mode whose network pass also runs the exact pass on the same ids and records, per step,
-    the KL divergence KL(p_exact || p_mode) summed over codes and averaged over masked positions."""
+    the KL divergence KL(p_exact || p_mode) summed over codes and averaged over masked positions;
+    ``per_position`` keeps each step's (B, L) KL (zero at known positions) for the fixed KL."""
 
     def __init__(self, mode, log: dict):
-        self.mode, self.log = resolve_mode(mode), log
+        self.mode, self.log, self.per_position = resolve_mode(mode), log, []
 
     def build(self, model, counts, keys=None, choice=None):
         inner = self.mode.build(model, counts, keys, choice)
@@ -57,6 +60,7 @@ class KLProbe:
             lp, lq = F.log_softmax(ref[masked].float(), -1), F.log_softmax(out[masked].float(), -1)
             kl = (lp.exp() * (lp - lq)).sum(-1)  # (n_masked,)
             self.log.setdefault(i, []).append((float(kl.sum()), int(kl.numel())))
+            self.per_position.append(torch.zeros(masked.shape).masked_scatter(masked, kl))
             return out
         if hasattr(inner, "decode_images"):  # the mode's own pixel decode, probed or not
             run.decode_images = inner.decode_images
@@ -111,22 +115,29 @@ def fd(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def run_mode(model, mode, n: int, bs: int, seed: int, T: int, temp: float, num_classes: int, kl_samples: int,
              order: str = "confidence"):
-    imgs, ids, kl_log, secs, timed = [], [], {}, 0.0, 0
+    imgs, ids, kl_log, fixed_log, secs, timed = [], [], {}, {}, 0.0, 0
     for start in range(0, n, bs):
         b = min(bs, n - start)
         labels = torch.arange(start, start + b) % num_classes
         probe = start < kl_samples and not resolve_mode(mode).is_exact
         m = KLProbe(mode, kl_log) if probe else mode
         t0 = time.perf_counter()
-        im, tok = mage_fast.generate(model, b, num_iter=T, temperature=temp, seed=seed, rng="torch", first_index=start,
-                                     class_ids=labels, mode=m, return_ids=True, order=order)
+        out = mage_fast.generate(model, b, num_iter=T, temperature=temp, seed=seed, rng="torch", first_index=start,
+                                 class_ids=labels, mode=m, return_ids=True, order=order, return_trace=probe)
+        im, tok = out[:2]
+        if probe:  # KL at the positions each step fixed
+            fixed_at = out[2]["fixed_at"]
+            for i, kl_i in enumerate(m.per_position):
+                at = fixed_at == i
+                fixed_log.setdefault(i, []).append((float(kl_i[at].sum()), int(at.sum())))
         if not probe:
             secs += time.perf_counter() - t0
             timed += b
         imgs.append(to_8bit(im))
         ids.append(tok)
-    kl = {int(i): s / c for i, v in sorted(kl_log.items()) for s, c in [tuple(map(sum, zip(*v)))]}
-    return torch.cat(imgs), torch.cat(ids), kl, (timed / secs if secs > 0 else None)
+    kl, kl_fixed = ({int(i): s / max(c, 1) for i, v in sorted(log.items()) for s, c in [tuple(map(sum, zip(*v)))]}
+                    for log in (kl_log, fixed_log))
+    return torch.cat(imgs), torch.cat(ids), (kl, kl_fixed), (timed / secs if secs > 0 else None)
 
 
 def exact_run(cache_dir, key: dict, compute):
@@ -359,15 +370,17 @@ def main(argv=None):
                  frechet_vs_exact=floor["exact_seed0_vs_seed1"], token_diff=floor["token_diff_seed0_vs_seed1"],
                  kl_per_step={}, images_per_s=None, vitb_speedup=None)] + extra_rows
     for name in args.modes:
-        imgs, ids, kl, speed = run_mode(model, name, n, bs, seeds[0], T, temp, num_classes, args.kl_samples)
+        imgs, ids, (kl, kl_fixed), speed = run_mode(model, name, n, bs, seeds[0], T, temp, num_classes, args.kl_samples)
         feat = features(net, imgs, args.feature_size)
         row = dict(mode=name, spec=mode_name(resolve_mode(name)), frechet=fd(feat, ref), frechet_vs_exact=fd(feat, ex_feat),
                    token_diff=float((ids != ex_ids).float().mean()), kl_per_step=kl,
-                   kl_mean=float(np.mean(list(kl.values()))) if kl else 0.0, images_per_s=speed,
+                   kl_mean=float(np.mean(list(kl.values()))) if kl else 0.0, kl_fixed_per_step=kl_fixed,
+                   kl_fixed_mean=float(np.mean(list(kl_fixed.values()))) if kl_fixed else 0.0, images_per_s=speed,
                    vitb_speedup=speedup.get(name))
         rows.append(row)
         print(f"  {name:<34} Frechet {row['frechet']:7.2f} (vs exact samples {row['frechet_vs_exact']:6.2f}) | "
-              f"tokens != exact {100 * row['token_diff']:5.1f} % | mean KL/step {row['kl_mean']:.4f} | "
+              f"tokens != exact {100 * row['token_diff']:5.1f} % | mean KL/step {row['kl_mean']:.4f}, "
+              f"at fixed tokens {row['kl_fixed_mean']:.4f} | "
               f"{speed or 0:7.1f} images/s here" + (f" | ViT-B {row['vitb_speedup']:.2f}x official" if row["vitb_speedup"] else ""))
     for order, t in step_points:
         imgs, ids, _, speed = run_mode(model, "exact", n, bs, seeds[0], int(t), temp, num_classes, 0, order=order)

@@ -45,6 +45,9 @@ def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path, monkeypatch):
     assert set(rows) == {"exact", "exact_seed1", "bf16", "halton@T=4"}
     assert all(math.isfinite(r["frechet"]) for r in rows.values())
     assert 0 <= rows["bf16"]["token_diff"] <= 1 and rows["bf16"]["kl_per_step"]
+    fixed = rows["bf16"]["kl_fixed_per_step"]  # KL at the tokens each step fixed: one value per step
+    assert fixed.keys() == rows["bf16"]["kl_per_step"].keys() and all(0 <= v < 10 for v in fixed.values())
+    assert rows["bf16"]["kl_fixed_mean"] == pytest.approx(sum(fixed.values()) / len(fixed))
     assert rows["halton@T=4"]["token_diff"] is None and rows["halton@T=4"]["spec"].startswith("exact pass, order=halton")
     assert os.path.isfile(str(out).replace(".json", ".png"))
     # --exact-cache: a second run on the same work reads the exact runs (one file per seed) instead
