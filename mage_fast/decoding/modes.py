@@ -9,7 +9,10 @@ mode runs without host syncs and traces as one graph.
   sees all L+1 tokens), ``"train"`` (as MAGE trained: ``ceil(mask_ratio_min * L)`` masked tokens
   dropped, or all of them when fewer are masked; which ones is drawn per image and step), ``"all"``
   (the encoder sees the class slot and the known tokens only). The decoder overwrites every
-  masked position with the class-slot vector in all cases, as the official decoder does.
+  masked position with the class-slot vector in all cases, as the official decoder does. With a
+  cache, ``"train"`` keeps every position at its own encoder-cache slot (the dropped ones hidden
+  from the queries by a key mask); a newly fixed token replaces its masked slot or fills its
+  dropped one.
 - ``refresh_every``: 0 = no cache. k >= 1 = a full pass at steps 0, k, 2k, ... keeping every
   layer's keys/values; between them a cached pass recomputes only the rows whose input changed
   or whose output is needed (encoder: the class slot and the tokens fixed at the previous step;
