@@ -161,6 +161,12 @@ def _cfg_logits(model, ids, class_tokens, scale: float, code_logits=None):
     return cond + scale * (cond - uncond)
 
 
+def _noise_scale(temperature: float, anneal, step: int, num_iter: int) -> float:
+    """The confidence-noise scale of decoding step ``step``: the one the sampler uses, and the one
+    focus modes predict it with."""
+    return temperature * anneal((step + 1) / num_iter)
+
+
 def _build_pass(mode, model, counts, keys, choice):
     """``mode.build(model, counts, keys)``, with the sampler's ``choice`` where the mode takes it (a
     :class:`DecodeMode` does; a custom mode object may not)."""
@@ -192,7 +198,8 @@ def decode_loop(model, net, ids: torch.Tensor, steps, *, num_iter: int, mask_len
         elif rank is not None:
             sampled, ids = halton_step(logits, ids, keys, step, mask_lens[i], rank, mask_id)
         else:
-            sampled, ids = decode_step(logits, ids, keys, step, mask_lens[i], temperature * anneal(r), mask_id)
+            sampled, ids = decode_step(logits, ids, keys, step, mask_lens[i], _noise_scale(temperature, anneal, step, num_iter),
+                                       mask_id)
         if record is not None:
             record.append((ids, sampled))
     return sampled, ids
@@ -334,7 +341,7 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         warnings.warn(f"decoding mode {mode_name(the_mode)!r}: {slow}", SlowModeWarning, stacklevel=2)
     counts = run_counts(L if init_ids is None else n, mask_lens)
     # the sampler's (step, confidence-noise scale) per step: focus modes rank stale rows by what it will draw
-    choice = [(s, temperature * anneal((s + 1) / num_iter)) for s in range(start, num_iter)] \
+    choice = [(s, _noise_scale(temperature, anneal, s, num_iter)) for s in range(start, num_iter)] \
         if rng == "torch" and order == "confidence" else None
     net = _build_pass(the_mode, model, counts, None if rng == "official" else keys, choice)
     record = [] if return_trace else None

@@ -309,9 +309,10 @@ class NetworkPass:
             return scatter_rows(lm.new_zeros(B, L, lm.shape[-1]), img_pos, lm)
         if getattr(st, "logits", None) is None:
             st.logits = lm.new_zeros(B, L, lm.shape[-1])
-            st.conf = lm.new_full((B, L), -float("inf"), dtype=torch.float32)
+            if self.choice is None:
+                st.conf = lm.new_full((B, L), -float("inf"), dtype=torch.float32)
         st.logits = scatter_rows(st.logits, img_pos, lm)
-        if self.choice is None:  # rank by the largest log-probability
+        if self.choice is None:  # rank by the largest log-probability (else the sampler's, from st.logits)
             st.conf = st.conf.scatter(1, img_pos, torch.log_softmax(lm.float(), -1).amax(-1))
         return st.logits
 
