@@ -160,11 +160,7 @@ def _slow_mode_note(spec: str, dev) -> None:
     """One note when ``--mode`` runs on ``dev`` but slower than fp32 (bf16 without bf16 units, int8
     without int8 units); the caller silences generate()'s own warning of the same."""
     from mage_fast.decoding import resolve_mode, slow_mode_message
-    try:
-        mode = resolve_mode(spec)
-    except ValueError:
-        return  # generate() refuses it, with its own message
-    slow = slow_mode_message(mode.quant, dev)
+    slow = slow_mode_message(resolve_mode(spec).quant, dev)  # a bad spec was refused by cmd_generate
     if slow:
         _notes([f"--mode {spec}: {slow}"])
 
@@ -209,6 +205,8 @@ def cmd_generate(args) -> int:
     _check_sampling_args(args, "--num-images")
     _need(args.batch_size, "--batch-size", lo=1, integer=True)
     _need(args.grid, "--grid", lo=0, integer=True)
+    from mage_fast.decoding import resolve_mode
+    resolve_mode(args.mode)  # a bad --mode or spec: one line (ValueError, exit 2) before any folder is made
     if args.rng == "official" and (args.class_id is not None or args.schedule != "cosine"
                                    or args.temperature_annealing != "linear" or args.order != "confidence"):
         raise CLIError("--rng official reproduces the official unconditional sampler only (cosine schedule, linear "

@@ -21,6 +21,11 @@ def test_generate_runs_in_every_mode(mode, tmp_path):
 def test_unknown_mode_is_a_usage_error(tmp_path, capsys):
     assert main(["generate", "--num-images", "1", "--mode", "fastest", "--out", str(tmp_path / "o")]) == 2
     assert "mode" in capsys.readouterr().err
+    # a spec with a bad value: one line, and no run folder half-made
+    out = tmp_path / "bad_spec"
+    assert main(["generate", "--num-images", "1", "--mode", "refresh=4,focus=2,focus_by=bogus", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: focus_by must be one of ('sampler', 'max'), got 'bogus'"] and not out.exists()
 
 
 def _no_int8_units(monkeypatch):
