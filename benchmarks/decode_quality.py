@@ -273,6 +273,10 @@ def main(argv=None):
     p.add_argument("--floor-seeds", nargs="*", type=int, default=[], metavar="SEED",
                    help="more exact runs for the noise floor, beside the yardstick's two: each one's distance to "
                         "the test split and to the first seed's samples joins the floor (cached with --exact-cache)")
+    p.add_argument("--floor-from", default=None, metavar="JSON",
+                   help="a decode_quality JSON of the same checkpoint and settings: take its noise floor (both exact "
+                        "seeds) and run only the first exact seed (the modes' reference samples and tokens), "
+                        "about half the exact work when no --exact-cache holds them")
     p.add_argument("--replot", default=None, help="a decode_quality JSON: redo its plot (with --throughput-json)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="decode_quality JSONs of the same yardstick and checkpoint: one JSON (--out) and one plot "
@@ -305,6 +309,17 @@ def main(argv=None):
             raise SystemExit(f"error: --exact-cache {args.exact_cache} is not a usable folder ({e})") from None
         if not os.access(args.exact_cache, os.W_OK):
             raise SystemExit(f"error: --exact-cache {args.exact_cache} is not writable")
+    prior_floor = None
+    if args.floor_from:  # checked before any work
+        try:
+            with open(args.floor_from) as f:
+                prior = json.load(f)
+            prior_floor = prior["noise_floor"]
+            prior_floor = {k: prior_floor[k] for k in ("exact_seed0_vs_test", "exact_seed1_vs_test",
+                                                        "exact_seed0_vs_seed1", "token_diff_seed0_vs_seed1")}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: --floor-from {args.floor_from}: not a readable decode_quality JSON with a "
+                             f"two-seed noise floor ({type(e).__name__}: {e})") from None
     if args.replot:
         return replot(args.replot, args.throughput_json)
     if args.merge:
@@ -318,6 +333,17 @@ def main(argv=None):
     T = args.num_iter or card.get("num_iter", 20)
     temp = args.temperature if args.temperature is not None else card.get("temperature", 6.0)
     num_classes = len(model_card(ckpt).get("classes", [])) or 1
+    if prior_floor is not None:
+        want = dict(checkpoint=os.path.basename(ckpt), num_samples=args.num_samples, num_iter=T, temperature=temp,
+                    seeds=seeds, feature_size=args.feature_size)
+        have = dict(checkpoint=os.path.basename(str(prior.get("checkpoint"))), num_samples=prior.get("num_samples"),
+                    num_iter=prior.get("num_iter"), temperature=prior.get("temperature"), seeds=prior.get("seeds"),
+                    feature_size=int(str(prior.get("feature_extractor", "")).rsplit("to ", 1)[-1].split()[0] or -1)
+                    if "to " in str(prior.get("feature_extractor", "")) else None)
+        diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+        if diff:
+            raise SystemExit(f"error: --floor-from {args.floor_from} measured other work: "
+                             + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
     env = environment(torch.device("cpu"))
     env["load_average_at_start"] = os.getloadavg()
     print_header(f"decode quality: {os.path.basename(ckpt)}, {args.num_samples} samples/mode, T={T}, "
@@ -336,10 +362,18 @@ def main(argv=None):
                    torch=str(torch.__version__), mage_fast=str(mage_fast.__version__))
         return exact_run(args.exact_cache, key, compute)
     ex_feat, ex_ids, ex_speed = exact(seeds[0])
-    ex1_feat, ex1_ids, _ = exact(seeds[1])
-    floor = {"exact_seed0_vs_test": fd(ex_feat, ref), "exact_seed1_vs_test": fd(ex1_feat, ref),
-             "exact_seed0_vs_seed1": fd(ex_feat, ex1_feat),
-             "token_diff_seed0_vs_seed1": float((ex_ids != ex1_ids).float().mean())}
+    if prior_floor is not None:  # seed 1 from the earlier run; seed 0 must reproduce it
+        floor = dict(prior_floor, floor_from=os.path.abspath(args.floor_from))
+        again = fd(ex_feat, ref)
+        if abs(again - floor["exact_seed0_vs_test"]) > 1e-3 * floor["exact_seed0_vs_test"]:
+            raise SystemExit(f"error: --floor-from {args.floor_from}: exact seed {seeds[0]} gives {again:.3f} here "
+                             f"against {floor['exact_seed0_vs_test']:.3f} there; not the same work, so not its floor")
+        floor["exact_seed0_vs_test_here"] = again
+    else:
+        ex1_feat, ex1_ids, _ = exact(seeds[1])
+        floor = {"exact_seed0_vs_test": fd(ex_feat, ref), "exact_seed1_vs_test": fd(ex1_feat, ref),
+                 "exact_seed0_vs_seed1": fd(ex_feat, ex1_feat),
+                 "token_diff_seed0_vs_seed1": float((ex_ids != ex1_ids).float().mean())}
     print(f"  noise floor: exact seed 0 {floor['exact_seed0_vs_test']:.2f}, seed 1 {floor['exact_seed1_vs_test']:.2f}, "
           f"seed 0 vs 1 {floor['exact_seed0_vs_seed1']:.2f}; tokens differing between seeds "
           f"{100 * floor['token_diff_seed0_vs_seed1']:.1f} %")

@@ -105,6 +105,53 @@ at::Tensor scatter_tokens_cpu(const at::Tensor& x, const at::Tensor& index, cons
   return out;
 }
 
+at::Tensor winograd_weight_cpu(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat,
+              "mage_fast::winograd_weight: expects a float32 (Cout, Cin, 3, 3) weight, got ", w.scalar_type(), " ",
+              w.sizes());
+  const at::Tensor wc = w.contiguous();
+  at::Tensor U = at::empty({36, w.size(1), w.size(0)}, w.options());  // (36, Cin, Cout)
+  cpu::winograd_f43_weight(wc.data_ptr<float>(), w.size(0), w.size(1), U.data_ptr<float>());
+  return U;
+}
+
+at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& U, const c10::optional<at::Tensor>& bias,
+                                bool upsample) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat,
+              "mage_fast::winograd_conv3x3: expects float32 x (N, C, H, W), got ", x.scalar_type(), " ", x.sizes());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(U.dim() == 3 && U.size(0) == 36 && U.size(1) == C && U.scalar_type() == at::kFloat,
+              "mage_fast::winograd_conv3x3: U must be float32 (36, ", C, ", Cout) from winograd_weight, got ",
+              U.scalar_type(), " ", U.sizes());
+  const int64_t Cout = U.size(2);
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == Cout && bias->scalar_type() == at::kFloat),
+              "mage_fast::winograd_conv3x3: bias must be float32 (", Cout, ",)");
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast), Uc = U.contiguous();
+  const int64_t Ho = upsample ? 2 * H : H, Wo = upsample ? 2 * W : W;
+  at::Tensor y = at::empty({N, Cout, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t tiles = N * ((Ho + 3) / 4) * ((Wo + 3) / 4);
+  if (tiles == 0 || Cout == 0) return y;
+  // tiles per chunk: the chunk's transformed input and products (36 x P x (C + Cout) floats) about 4 MiB
+  // (the chunk's share of the time in the transforms and products is flat from 1/4 to 4x this size here)
+  const int64_t P = std::max<int64_t>(16, std::min<int64_t>(tiles, (int64_t{1} << 20) / (36 * (C + Cout))));
+  at::Tensor V = at::empty({36, P, C}, x.options()), M = at::empty({36, P, Cout}, x.options());
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const float* b = bias.has_value() ? bc.data_ptr<float>() : nullptr;
+  const int nt = at::get_num_threads();
+  for (int64_t t0 = 0; t0 < tiles; t0 += P) {
+    const int64_t p = std::min(P, tiles - t0);
+    cpu::winograd_f43_input(xc.data_ptr<float>(), N, H, W, C, upsample, t0, p, P, V.data_ptr<float>(), nt);
+    if (p == P) {  // the 36 products (P x C) @ (C x Cout)
+      at::bmm_out(M, V, Uc);
+      cpu::winograd_f43_output(M.data_ptr<float>(), p, P, t0, N, Ho, Wo, Cout, b, y.data_ptr<float>(), nt);
+    } else {  // the last, shorter chunk
+      const at::Tensor Mp = at::bmm(V.narrow(1, 0, p), Uc).contiguous();
+      cpu::winograd_f43_output(Mp.data_ptr<float>(), p, p, t0, N, Ho, Wo, Cout, b, y.data_ptr<float>(), nt);
+    }
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mage_fast, m) {
@@ -113,6 +160,8 @@ TORCH_LIBRARY(mage_fast, m) {
         "int mask_id) -> (Tensor, Tensor)");
   m.def("gather_tokens(Tensor x, Tensor index) -> Tensor");
   m.def("scatter_tokens(Tensor x, Tensor index, Tensor all_mask, Tensor pos_embed) -> Tensor");
+  m.def("winograd_weight(Tensor w) -> Tensor");
+  m.def("winograd_conv3x3(Tensor x, Tensor U, Tensor? bias, bool upsample) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mage_fast, CPU, m) {
@@ -120,6 +169,8 @@ TORCH_LIBRARY_IMPL(mage_fast, CPU, m) {
   m.impl("decode_step", &decode_step_cpu);
   m.impl("gather_tokens", &gather_tokens_cpu);
   m.impl("scatter_tokens", &scatter_tokens_cpu);
+  m.impl("winograd_weight", &winograd_weight_cpu);
+  m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
 }
 
 }  // namespace mage_fast

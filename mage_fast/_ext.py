@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 ABI_VERSION = 1  # must equal MAGE_FAST_ABI_VERSION in csrc/module.cpp
-OPS = ("codebook_nn", "decode_step", "gather_tokens", "scatter_tokens")
+OPS = ("codebook_nn", "decode_step", "gather_tokens", "scatter_tokens", "winograd_weight", "winograd_conv3x3")
 
 status: str = "not loaded yet"
 _module: Optional[ModuleType] = None

@@ -43,5 +43,18 @@ int64_t gather_rows(const void* x, const int64_t* index, int64_t B, int64_t L, i
 int64_t scatter_tokens(const float* x, const int64_t* index, const bool* all_mask, const float* pos, int64_t B,
                        int64_t K, int64_t L, int64_t D, float* out, int num_threads);
 
+// Winograd F(4x4, 3x3), channels-last fp32 (csrc/cpu/winograd.cpp); the binding runs the 36 products.
+// w: (Cout, Cin, 3, 3) -> U: (36, Cin, Cout).
+void winograd_f43_weight(const float* w, int64_t Cout, int64_t Cin, float* U);
+// x: (N, H, W, C) -> V: (36, P_stride, C), rows [0, P) = tiles [tile0, tile0 + P) of the 4x4 tiling of the
+// (Ho, Wo) output, in (n, tile row, tile column) order, each the transformed 6x6 patch with zero padding 1.
+// upsample: the input is x upsampled 2x (nearest), read in place: Ho = 2H, Wo = 2W.
+void winograd_f43_input(const float* x, int64_t N, int64_t H, int64_t W, int64_t C, bool upsample, int64_t tile0,
+                        int64_t P, int64_t P_stride, float* V, int num_threads);
+// M: (36, P_stride, Cout) products of tiles [tile0, tile0 + P) -> their pixels of y: (N, Ho, Wo, Cout), + bias
+// (Cout,) when not null.
+void winograd_f43_output(const float* M, int64_t P, int64_t P_stride, int64_t tile0, int64_t N, int64_t Ho,
+                         int64_t Wo, int64_t Cout, const float* bias, float* y, int num_threads);
+
 }  // namespace cpu
 }  // namespace mage_fast

@@ -197,6 +197,53 @@ static void test_decode_step_invariants() {
   }
 }
 
+// Winograd F(4x4, 3x3): the three transforms with a naive loop for the 36 products, against a direct
+// padded 3x3 convolution in double, plain and reading a 2x nearest upsampling; sizes not multiples of 4.
+static void test_winograd() {
+  std::mt19937 gen(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int up = 0; up < 2; ++up) {
+    const int64_t N = 2, H = 5, W = 7, C = 6, Co = 5, Ho = up ? 2 * H : H, Wo = up ? 2 * W : W;
+    std::vector<float> x(N * H * W * C), w(Co * C * 9), bias(Co), U(36 * C * Co);
+    for (auto& v : x) v = nd(gen);
+    for (auto& v : w) v = nd(gen) / 3.f;
+    for (auto& v : bias) v = nd(gen);
+    cpu::winograd_f43_weight(w.data(), Co, C, U.data());
+    const int64_t tiles = N * ((Ho + 3) / 4) * ((Wo + 3) / 4), P = 5;  // chunks of 5 tiles, the last shorter
+    std::vector<float> V(36 * P * C), M(36 * P * Co), y(N * Ho * Wo * Co, -1e30f);
+    for (int64_t t0 = 0; t0 < tiles; t0 += P) {
+      const int64_t p = std::min(P, tiles - t0);
+      cpu::winograd_f43_input(x.data(), N, H, W, C, up, t0, p, P, V.data(), 1);
+      for (int k = 0; k < 36; ++k)
+        for (int64_t i = 0; i < p; ++i)
+          for (int64_t o = 0; o < Co; ++o) {
+            float acc = 0.f;
+            for (int64_t c = 0; c < C; ++c) acc += V[(k * P + i) * C + c] * U[(k * C + c) * Co + o];
+            M[(k * P + i) * Co + o] = acc;
+          }
+      cpu::winograd_f43_output(M.data(), p, P, t0, N, Ho, Wo, Co, bias.data(), y.data(), 1);
+    }
+    double worst = 0.0, scale = 0.0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t r = 0; r < Ho; ++r)
+        for (int64_t q = 0; q < Wo; ++q)
+          for (int64_t o = 0; o < Co; ++o) {
+            double ref = bias[o];
+            for (int dy = -1; dy <= 1; ++dy)
+              for (int dx = -1; dx <= 1; ++dx) {
+                const int64_t yy = r + dy, xx = q + dx;
+                if (yy < 0 || yy >= Ho || xx < 0 || xx >= Wo) continue;
+                const int64_t sy = up ? yy / 2 : yy, sx = up ? xx / 2 : xx;
+                for (int64_t c = 0; c < C; ++c)
+                  ref += double(x[((n * H + sy) * W + sx) * C + c]) * w[((o * C + c) * 3 + dy + 1) * 3 + dx + 1];
+              }
+            worst = std::max(worst, std::fabs(ref - y[((n * Ho + r) * Wo + q) * Co + o]));
+            scale = std::max(scale, std::fabs(ref));
+          }
+    CHECK(worst <= 1e-5 * scale, "winograd (upsample %d): max error %g against max |y| %g", up, worst, scale);
+  }
+}
+
 int main() {
   test_hash();
   test_select();
@@ -204,6 +251,7 @@ int main() {
   test_codebook_nn();
   test_token_drop();
   test_decode_step_invariants();
+  test_winograd();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

@@ -117,7 +117,11 @@ class Decoder(nn.Module):
             for blk in level.block:
                 h = blk(h)
             if i != 0:
-                h = level.upsample.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+                conv = level.upsample.conv
+                if getattr(conv, "reads_upsampled", False):  # a convolution that upsamples as it reads (ops.winograd)
+                    h = conv(h, upsample=True)
+                else:
+                    h = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -1,0 +1,75 @@
+"""3x3 convolutions by Winograd's minimal filtering, F(4x4, 3x3), for the pixel decode on a CPU.
+
+A 3x3 convolution (stride 1, zero padding 1) over 4x4 output tiles is 36 matrix products
+(tiles x Cin) @ (Cin x Cout) between fixed linear transforms of the 6x6 input patches and of the
+products (Lavin & Gray 2016): 36 multiplies per 16 outputs and channel pair instead of 144. The
+compiled op (``csrc/cpu/winograd.cpp``) transforms cache-sized chunks of tiles in channels-last
+fp32 and runs the 36 products through ``torch.bmm``; it also reads a nearest 2x upsampling of its
+input in place (``upsample=True``), so the VQGAN decoder's "upsample, then convolve" never
+materialises the upsampled tensor.
+
+fp32 only: the transforms' coefficients (up to 8 and 1/24) make its rounding error about 10x
+that of a direct fp32 convolution (measured ~1e-5 of the output's largest magnitude; tests/
+test_winograd.py). The reference is ``F.conv2d`` on the same weights.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def available() -> bool:
+    """Whether the compiled op is loaded (``mage_fast._C``)."""
+    from .. import _ext
+    return _ext.load() is not None and hasattr(torch.ops.mage_fast, "winograd_conv3x3")
+
+
+def conv3x3_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], upsample: bool) -> torch.Tensor:
+    """The plain-torch reference: nearest 2x upsampling when asked, then the padded 3x3 convolution."""
+    if upsample:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+class WinogradConv2d(nn.Module):
+    """A frozen 3x3 / stride 1 / padding 1 convolution computed by F(4x4, 3x3) where it can be (fp32
+    on the CPU, the compiled op loaded), else by :func:`conv3x3_ref`. ``forward(x, upsample=True)``
+    convolves the nearest 2x upsampling of x without materialising it."""
+
+    reads_upsampled = True  # the VQGAN decoder hands it the low-resolution input with upsample=True
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if not (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+                and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"):
+            raise ValueError(f"WinogradConv2d takes a 3x3 convolution with stride 1, padding 1, no groups; got {conv}")
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self._U = None  # (36, Cin, Cout), made on first use from the weight as it is then
+
+    def forward(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32 or not available():
+            return conv3x3_ref(x, self.weight, self.bias, upsample)
+        if self._U is None or self._U[0] != self.weight._version:
+            self._U = (self.weight._version, torch.ops.mage_fast.winograd_weight(self.weight.detach()))
+        return torch.ops.mage_fast.winograd_conv3x3(x, self._U[1], None if self.bias is None else self.bias.detach(),
+                                                    upsample)
+
+
+def winograd_convs(module: nn.Module, min_channels: int = 32) -> int:
+    """Replace, in place, every 3x3 / stride 1 / padding 1 ``nn.Conv2d`` of ``module`` with at least
+    ``min_channels`` input and output channels (below that the transforms cost more than they save)
+    by a :class:`WinogradConv2d`. Returns how many were replaced."""
+    n = 0
+    for name, child in list(module.named_children()):
+        if (type(child) is nn.Conv2d and child.kernel_size == (3, 3) and child.stride == (1, 1)
+                and child.padding == (1, 1) and child.dilation == (1, 1) and child.groups == 1
+                and child.padding_mode == "zeros" and min(child.in_channels, child.out_channels) >= min_channels):
+            setattr(module, name, WinogradConv2d(child))
+            n += 1
+        else:
+            n += winograd_convs(child, min_channels)
+    return n
