@@ -100,3 +100,16 @@ def test_fast_tokenizer_uses_winograd_in_fp32_on_the_cpu():
     assert isinstance(fp.decoder.up[1].upsample.conv, WinogradConv2d)
     assert not any(isinstance(m, WinogradConv2d) for m in fast_tokenizer(model, torch.bfloat16).modules())
     assert not any(isinstance(m, WinogradConv2d) for m in model.vqgan.modules())  # the model's own tokenizer
+
+
+@needs_op
+def test_winograd_module_runs_on_inference_tensors():
+    """A copy made under torch.inference_mode (as the CLI's generate makes the pixel decoder) has
+    weights without a version counter; the module still runs and matches the convolution."""
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(1, 32, 8, 8)
+    with torch.inference_mode():
+        m = WinogradConv2d(conv)
+        y = m(x, upsample=True)
+        ref = conv(F.interpolate(x, scale_factor=2.0))
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)

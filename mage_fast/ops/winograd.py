@@ -34,6 +34,15 @@ def conv3x3_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return F.conv2d(x, weight, bias, padding=1)
 
 
+def _weight_key(w: torch.Tensor) -> tuple:
+    """What identifies the weight's values: its storage and in-place version (an inference tensor,
+    made under ``torch.inference_mode``, has no version counter: its storage alone)."""
+    try:
+        return (w.data_ptr(), w._version)
+    except RuntimeError:
+        return (w.data_ptr(), None)
+
+
 class WinogradConv2d(nn.Module):
     """A frozen 3x3 / stride 1 / padding 1 convolution computed by F(4x4, 3x3) where it can be (fp32
     on the CPU, the compiled op loaded), else by :func:`conv3x3_ref`. ``forward(x, upsample=True)``
@@ -53,8 +62,9 @@ class WinogradConv2d(nn.Module):
     def forward(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32 or not available():
             return conv3x3_ref(x, self.weight, self.bias, upsample)
-        if self._U is None or self._U[0] != self.weight._version:
-            self._U = (self.weight._version, torch.ops.mage_fast.winograd_weight(self.weight.detach()))
+        key = _weight_key(self.weight)
+        if self._U is None or self._U[0] != key:
+            self._U = (key, torch.ops.mage_fast.winograd_weight(self.weight.detach()))
         return torch.ops.mage_fast.winograd_conv3x3(x, self._U[1], None if self.bias is None else self.bias.detach(),
                                                     upsample)
 
