@@ -49,6 +49,16 @@ inline void at4(const float* in0, int64_t in_stride, float* out0, int64_t out_st
   }
 }
 
+// Image n and top-left output pixel (y0, x0) of tile `tile` in the (n, tile row, tile column) order
+// of the 4x4 tiling of an (Ho, Wo) output.
+struct Tile {
+  int64_t n, y0, x0;
+};
+inline Tile tile_at(int64_t tile, int64_t Ho, int64_t Wo) {
+  const int64_t th = (Ho + 3) / 4, tw = (Wo + 3) / 4;
+  return {tile / (th * tw), 4 * ((tile / tw) % th), 4 * (tile % tw)};
+}
+
 }  // namespace
 
 void winograd_f43_weight(const float* w, int64_t Cout, int64_t Cin, float* U) {
@@ -73,19 +83,19 @@ void winograd_f43_weight(const float* w, int64_t Cout, int64_t Cin, float* U) {
 void winograd_f43_input(const float* x, int64_t N, int64_t H, int64_t W, int64_t C, bool upsample, int64_t tile0,
                         int64_t P, int64_t P_stride, float* V, int num_threads) {
   const int64_t Ho = upsample ? 2 * H : H, Wo = upsample ? 2 * W : W;
-  const int64_t th = (Ho + 3) / 4, tw = (Wo + 3) / 4;
   (void)N;
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> d(36 * C), t(36 * C);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < P; ++p) {
-      const int64_t tile = tile0 + p, n = tile / (th * tw), ty = (tile / tw) % th, tx = tile % tw;
+      const Tile t0 = tile_at(tile0 + p, Ho, Wo);
+      const int64_t n = t0.n;
       // the 6x6 input patch around the tile, zero outside the (upsampled) image
       for (int i = 0; i < 6; ++i) {
-        const int64_t y = 4 * ty - 1 + i;
+        const int64_t y = t0.y0 - 1 + i;
         for (int j = 0; j < 6; ++j) {
-          const int64_t xx = 4 * tx - 1 + j;
+          const int64_t xx = t0.x0 - 1 + j;
           float* dst = d.data() + (i * 6 + j) * C;
           if (y < 0 || y >= Ho || xx < 0 || xx >= Wo) {
             std::memset(dst, 0, sizeof(float) * C);
@@ -104,22 +114,22 @@ void winograd_f43_input(const float* x, int64_t N, int64_t H, int64_t W, int64_t
 
 void winograd_f43_output(const float* M, int64_t P, int64_t P_stride, int64_t tile0, int64_t N, int64_t Ho,
                          int64_t Wo, int64_t Cout, const float* bias, float* y, int num_threads) {
-  const int64_t th = (Ho + 3) / 4, tw = (Wo + 3) / 4;
   (void)N;
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> s(24 * Cout), o(16 * Cout);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < P; ++p) {
-      const int64_t tile = tile0 + p, n = tile / (th * tw), ty = (tile / tw) % th, tx = tile % tw;
+      const Tile t0 = tile_at(tile0 + p, Ho, Wo);
+      const int64_t n = t0.n;
       for (int j = 0; j < 6; ++j)  // s[r][j] = sum_k AT[r][k] M[k*6+j]
         at4(M + ((j)*P_stride + p) * Cout, 6 * P_stride * Cout, s.data() + j * Cout, 6 * Cout, Cout);
       for (int r = 0; r < 4; ++r) at4(s.data() + r * 6 * Cout, Cout, o.data() + r * 4 * Cout, Cout, Cout);
       for (int r = 0; r < 4; ++r) {
-        const int64_t yy = 4 * ty + r;
+        const int64_t yy = t0.y0 + r;
         if (yy >= Ho) break;
         for (int c = 0; c < 4; ++c) {
-          const int64_t xx = 4 * tx + c;
+          const int64_t xx = t0.x0 + c;
           if (xx >= Wo) break;
           float* dst = y + ((n * Ho + yy) * Wo + xx) * Cout;
           const float* src = o.data() + (r * 4 + c) * Cout;

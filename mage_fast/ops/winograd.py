@@ -34,6 +34,12 @@ def conv3x3_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return F.conv2d(x, weight, bias, padding=1)
 
 
+def _computable(conv: nn.Conv2d) -> bool:
+    """Whether F(4x4, 3x3) computes ``conv``: 3x3, stride 1, zero padding 1, no dilation or groups."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
 def _weight_key(w: torch.Tensor) -> tuple:
     """What identifies the weight's values: its storage and in-place version (an inference tensor,
     made under ``torch.inference_mode``, has no version counter: its storage alone)."""
@@ -52,8 +58,7 @@ class WinogradConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        if not (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-                and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"):
+        if not _computable(conv):
             raise ValueError(f"WinogradConv2d takes a 3x3 convolution with stride 1, padding 1, no groups; got {conv}")
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
@@ -75,9 +80,7 @@ def winograd_convs(module: nn.Module, min_channels: int = 32) -> int:
     by a :class:`WinogradConv2d`. Returns how many were replaced."""
     n = 0
     for name, child in list(module.named_children()):
-        if (type(child) is nn.Conv2d and child.kernel_size == (3, 3) and child.stride == (1, 1)
-                and child.padding == (1, 1) and child.dilation == (1, 1) and child.groups == 1
-                and child.padding_mode == "zeros" and min(child.in_channels, child.out_channels) >= min_channels):
+        if type(child) is nn.Conv2d and _computable(child) and min(child.in_channels, child.out_channels) >= min_channels:
             setattr(module, name, WinogradConv2d(child))
             n += 1
         else:
