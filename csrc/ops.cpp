@@ -152,6 +152,25 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& U, const 
   return y;
 }
 
+at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+                               double eps, bool silu) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat,
+              "mage_fast::group_norm_silu: expects float32 x (N, C, H, W), got ", x.scalar_type(), " ", x.sizes());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(groups > 0 && C % groups == 0, "mage_fast::group_norm_silu: ", C, " channels do not split into ",
+              groups, " groups");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == C && weight.scalar_type() == at::kFloat && bias.dim() == 1 &&
+                  bias.size(0) == C && bias.scalar_type() == at::kFloat,
+              "mage_fast::group_norm_silu: weight and bias must be float32 (", C, ",), got ", weight.sizes(), " and ",
+              bias.sizes());
+  TORCH_CHECK(eps >= 0.0, "mage_fast::group_norm_silu: eps must be >= 0, got ", eps);
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast), wc = weight.contiguous(), bc = bias.contiguous();
+  at::Tensor y = at::empty({N, C, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  cpu::group_norm_nhwc(xc.data_ptr<float>(), N, H * W, C, groups, wc.data_ptr<float>(), bc.data_ptr<float>(),
+                       static_cast<float>(eps), silu, y.data_ptr<float>(), at::get_num_threads());
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mage_fast, m) {
@@ -162,6 +181,7 @@ TORCH_LIBRARY(mage_fast, m) {
   m.def("scatter_tokens(Tensor x, Tensor index, Tensor all_mask, Tensor pos_embed) -> Tensor");
   m.def("winograd_weight(Tensor w) -> Tensor");
   m.def("winograd_conv3x3(Tensor x, Tensor U, Tensor? bias, bool upsample) -> Tensor");
+  m.def("group_norm_silu(Tensor x, int groups, Tensor weight, Tensor bias, float eps, bool silu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mage_fast, CPU, m) {
@@ -171,6 +191,7 @@ TORCH_LIBRARY_IMPL(mage_fast, CPU, m) {
   m.impl("scatter_tokens", &scatter_tokens_cpu);
   m.impl("winograd_weight", &winograd_weight_cpu);
   m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
+  m.impl("group_norm_silu", &group_norm_silu_cpu);
 }
 
 }  // namespace mage_fast

@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 
 ABI_VERSION = 1  # must equal MAGE_FAST_ABI_VERSION in csrc/module.cpp
-OPS = ("codebook_nn", "decode_step", "gather_tokens", "scatter_tokens", "winograd_weight", "winograd_conv3x3")
+OPS = ("codebook_nn", "decode_step", "gather_tokens", "scatter_tokens", "winograd_weight", "winograd_conv3x3",
+       "group_norm_silu")
 
 status: str = "not loaded yet"
 _module: Optional[ModuleType] = None

@@ -56,5 +56,13 @@ void winograd_f43_input(const float* x, int64_t N, int64_t H, int64_t W, int64_t
 void winograd_f43_output(const float* M, int64_t P, int64_t P_stride, int64_t tile0, int64_t N, int64_t Ho,
                          int64_t Wo, int64_t Cout, const float* bias, float* y, int num_threads);
 
+// GroupNorm (csrc/cpu/group_norm.cpp): x, y: (N, HW, C) channels-last fp32, G groups of C / G channels;
+// y = (x - mean) / sqrt(var + eps) * gamma + beta per image and group (biased variance, statistics in
+// double), then y * sigmoid(y) when silu. y may not alias x.
+void group_norm_nhwc(const float* x, int64_t N, int64_t HW, int64_t C, int64_t G, const float* gamma,
+                     const float* beta, float eps, bool silu, float* y, int num_threads);
+// The vectorisable exp the SiLU above uses, exposed for its test.
+float exp_approx(float x);
+
 }  // namespace cpu
 }  // namespace mage_fast

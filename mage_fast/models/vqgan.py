@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.codebook import codebook_nn
+from ..ops.group_norm import norm_silu
 from .checks import check_images, check_token_ids
 
 OFFICIAL_VQGAN_CONFIG = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256,
@@ -41,8 +42,8 @@ class ResnetBlock(nn.Module):
                              if in_channels != out_channels else None)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv2(norm_silu(self.norm2, h))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(h)
         return skip + h
 
@@ -90,7 +91,7 @@ class Encoder(nn.Module):
             if i != len(self.down) - 1:
                 h = F.avg_pool2d(h, 2, 2)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -122,7 +123,7 @@ class Decoder(nn.Module):
                     h = conv(h, upsample=True)
                 else:
                     h = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class VectorQuantizer(nn.Module):
