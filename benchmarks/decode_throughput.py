@@ -5,7 +5,7 @@ All paths run the same model and weights (random unless --ckpt) at the same batc
 - official: the official ``gen_image`` loop (``mage_fast.official_gen_image``) with every op on its
   plain-torch reference (``force_backend("torch")``): fp32 q.k attention with autocast off, all
   2025 logits, ``Categorical`` sampling, NumPy Gumbel noise, a full sort and host syncs per step.
-- one path per decoding mode (``--mode``; default exact, cached, cached_focus, fast, plus
+- one path per decoding mode (``--mode``; default exact, cached, cached_focus, fast_close, fast, plus
   cached_bf16 and fast_bf16 where bf16 is native; ``all`` for every mode in
   ``mage_fast.decoding.MODES``):
   ``mage_fast.generate(rng="torch", mode=...)``; ``exact`` is today's bit-exact path. bf16 autocast
@@ -41,7 +41,7 @@ from mage_fast.sampling import _decode_images  # noqa: E402
 
 # The default run (README quickstart, `make bench`): today's exact path, the mode inside the quality
 # noise floor and the two presets (docs/DECODING.md). `--mode all` times every named mode.
-DEFAULT_MODES = ("exact", "cached", "cached_focus", "fast")
+DEFAULT_MODES = ("exact", "cached", "cached_focus", "fast_close", "fast")
 BF16_DEFAULT_MODES = ("cached_bf16", "fast_bf16")  # added by default where bf16 is native (GPU; CPU with AMX or AVX512-BF16)
 
 

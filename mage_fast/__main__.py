@@ -741,7 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", default="exact",
                    help="decoding mode: exact (default, the official pass), drop_train, drop_all, cached, cached_focus, "
                         "int8, cached_int8 (int8: fast on GPUs and on CPUs with AMX or AVX512-VNNI), fast (the fast preset: "
-                        "cached_focus with the training-matched encoder drop), fast_all (it, dropping every masked token), "
+                        "cached_focus with the training-matched encoder drop, refreshed every 10 steps), fast_close "
+                        "(the same refreshed every 4: closer to exact, slower), fast_all (it, dropping every masked token), "
                         "bf16, cached_bf16, cached_focus_bf16, fast_bf16, fast_all_bf16 (bfloat16: fast on GPUs and on CPUs with AMX or "
                         "AVX512-BF16), or a spec such as drop=all,refresh=4,focus=2,quant=int8 or "
                         "refresh=2,quant=bf16,pixels=fp32 (pixels: the tokenizer decode's precision; "

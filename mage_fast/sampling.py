@@ -256,7 +256,8 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
             ``"drop_train"`` / ``"drop_all"`` (masked tokens dropped in the encoder), ``"cached"``
             (per-layer key/value reuse between full passes), ``"cached_focus"`` (cached, the decoder
             recomputing only the masked rows the sampler would fix first), ``"int8"``, the fast preset
-            ``"fast"`` (cached_focus + the training-matched drop), or a spec such as
+            ``"fast"`` (cached_focus + the training-matched drop, full refresh every 10 steps),
+            ``"fast_close"`` (the same refreshed every 4), or a spec such as
             ``"drop=all,refresh=4,focus=2,quant=int8"`` (keys drop, refresh, focus, focus_by, quant, and pixels:
             the tokenizer decode's precision, e.g. ``"refresh=2,quant=bf16,pixels=fp32"``). See
             docs/DECODING.md for speed and quality.
