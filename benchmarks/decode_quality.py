@@ -409,8 +409,8 @@ def main(argv=None):
         row = dict(mode=name, spec=mode_name(resolve_mode(name)), frechet=fd(feat, ref), frechet_vs_exact=fd(feat, ex_feat),
                    token_diff=float((ids != ex_ids).float().mean()), kl_per_step=kl,
                    kl_mean=float(np.mean(list(kl.values()))) if kl else 0.0, kl_fixed_per_step=kl_fixed,
-                   kl_fixed_mean=float(np.mean(list(kl_fixed.values()))) if kl_fixed else 0.0, images_per_s=speed,
-                   vitb_speedup=speedup.get(name))
+                   kl_fixed_mean=float(np.mean(list(kl_fixed.values()))) if kl_fixed else 0.0, images_per_s=speed)
+        row["vitb_speedup"] = _speed_of(row, speedup)
         rows.append(row)
         print(f"  {name:<34} Frechet {row['frechet']:7.2f} (vs exact samples {row['frechet_vs_exact']:6.2f}) | "
               f"tokens != exact {100 * row['token_diff']:5.1f} % | mean KL/step {row['kl_mean']:.4f}, "
@@ -439,7 +439,9 @@ def main(argv=None):
 
 
 def _speedups(throughput_json) -> dict:
-    """Mode name / spec -> median images/s speed-up against the official path (largest batch)."""
+    """Mode name / spec -> median images/s speed-up against the official path (largest batch); each
+    mode's description (what it computes, recorded by decode_throughput.py) maps to it too, so a row
+    finds its speed after a preset was renamed or redefined (see :func:`_speed_of`)."""
     if not throughput_json:
         return {}
     with open(throughput_json) as f:
@@ -447,9 +449,26 @@ def _speedups(throughput_json) -> dict:
     res = tj["results"][max(tj["results"], key=int)]
     cpu = res.get("process_cpu_s")
     if cpu and "official" in cpu:  # process CPU time: less distorted by other jobs than wall time
-        return {k: float(np.median([o / t for o, t in zip(cpu["official"], ts)])) for k, ts in cpu.items()
-                if k not in ("official", "vqgan_decode")}
-    return {k: v["median"] for k, v in res["speedup_images_per_s_vs_official"].items()}
+        out = {k: float(np.median([o / t for o, t in zip(cpu["official"], ts)])) for k, ts in cpu.items()
+               if k not in ("official", "vqgan_decode")}
+    else:
+        out = {k: v["median"] for k, v in res["speedup_images_per_s_vs_official"].items()}
+    for name, description in tj.get("modes", {}).items():
+        if name in out:
+            out.setdefault(("described", description), out[name])
+    return out
+
+
+def _speed_of(row: dict, speedup: dict):
+    """A quality row's ViT-B speed-up: by what its spec computes where the throughput run recorded
+    that (names of presets change meaning between stops: no match, no speed), else by name or spec."""
+    described = any(isinstance(k, tuple) for k in speedup)
+    if described and row.get("spec") and row["spec"] not in ("exact", "seed 1"):
+        try:
+            return speedup.get(("described", resolve_mode(row["spec"]).describe()))
+        except ValueError:
+            pass
+    return speedup.get(row["mode"], speedup.get(row.get("spec")))
 
 
 def _plot_rows(rows, path, vitb: bool) -> str:
@@ -465,8 +484,7 @@ def replot(path: str, throughput_json) -> None:
         out = json.load(f)
     speedup = _speedups(throughput_json)
     for r in out["rows"]:
-        key = r["mode"] if r["mode"] in speedup else r.get("spec")
-        r["vitb_speedup"] = speedup.get(key, speedup.get(r["mode"]))
+        r["vitb_speedup"] = _speed_of(r, speedup)
     out["throughput_json"] = throughput_json
     write_json(out, path, "")
     print(f"  rewrote {path} and {_plot_rows(out['rows'], path, bool(speedup))}")

@@ -118,3 +118,26 @@ def test_reference_images_take_the_models_geometry():
     for bad in (24, 31):
         with pytest.raises(SystemExit, match="padded evenly"):
             decode_quality.load_test_images(2, 0, bad)
+
+
+def test_quality_rows_find_their_speed_by_what_the_mode_computes(tmp_path):
+    """A throughput run names modes as they were then ("fast" was refresh=4 until stop 28); a quality
+    row of spec drop=train,refresh=4,focus=2 takes that speed, and a row of the current fast preset
+    (refresh=10) does not, although both are called "fast" somewhere."""
+    import decode_quality
+    from mage_fast.decoding import DecodeMode
+    old_fast = DecodeMode(drop="train", refresh_every=4, focus=2)
+    tj = {"results": {"4": {"process_cpu_s": {"official": [100.0, 90.0], "fast": [25.0, 30.0]}}},
+          "modes": {"fast": old_fast.describe()}}
+    path = tmp_path / "tp.json"
+    path.write_text(json.dumps(tj))
+    speed = decode_quality._speedups(str(path))
+    assert speed["fast"] == pytest.approx(3.5)  # median of 100/25 and 90/30
+    row_old = {"mode": "drop=train,refresh=4,focus=2", "spec": "drop=train,refresh=4,quant=none,focus=2"}
+    row_new = {"mode": "fast", "spec": "drop=train,refresh=10,quant=none,focus=2"}
+    assert decode_quality._speed_of(row_old, speed) == pytest.approx(3.5)
+    assert decode_quality._speed_of(row_new, speed) is None  # the name matches, what it computes does not
+    tj["modes"]["drop=train,refresh=10,focus=2"] = DecodeMode(drop="train", refresh_every=10, focus=2).describe()
+    tj["results"]["4"]["process_cpu_s"]["drop=train,refresh=10,focus=2"] = [20.0, 18.0]
+    path.write_text(json.dumps(tj))
+    assert decode_quality._speed_of(row_new, decode_quality._speedups(str(path))) == pytest.approx(5.0)
