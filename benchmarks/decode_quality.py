@@ -463,8 +463,8 @@ def _speed_of(row: dict, speedup: dict):
     """A quality row's ViT-B speed-up: by what its spec computes where the throughput run recorded
     that (names of presets change meaning between stops: no match, no speed), else by name or spec."""
     described = any(isinstance(k, tuple) for k in speedup)
-    if described and row.get("spec") and row["spec"] not in ("exact", "seed 1"):
-        try:
+    if described and row.get("spec"):
+        try:  # a spec that names no mode ("seed 1", the exact mode's second seed set) falls through
             return speedup.get(("described", resolve_mode(row["spec"]).describe()))
         except ValueError:
             pass

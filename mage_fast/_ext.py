@@ -77,6 +77,12 @@ def load() -> Optional[ModuleType]:
     return mod
 
 
+def has_op(name: str) -> bool:
+    """Whether ``torch.ops.mage_fast.<name>`` can be called: one of :data:`OPS`, all of which
+    :func:`load` checks are registered before it hands out the extension."""
+    return name in OPS and load() is not None
+
+
 def with_cuda() -> bool:
     mod = load()
     return bool(mod is not None and getattr(mod, "with_cuda", False))

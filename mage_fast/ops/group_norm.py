@@ -22,7 +22,7 @@ import torch.nn.functional as F
 def available() -> bool:
     """Whether the compiled op is loaded (``mage_fast._C``)."""
     from .. import _ext
-    return _ext.load() is not None and hasattr(torch.ops.mage_fast, "group_norm_silu")
+    return _ext.has_op("group_norm_silu")
 
 
 def group_norm_silu_ref(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 def available() -> bool:
     """Whether the compiled op is loaded (``mage_fast._C``)."""
     from .. import _ext
-    return _ext.load() is not None and hasattr(torch.ops.mage_fast, "winograd_conv3x3")
+    return _ext.has_op("winograd_conv3x3")
 
 
 def conv3x3_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], upsample: bool) -> torch.Tensor:
