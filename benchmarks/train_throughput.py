@@ -1,22 +1,36 @@
-"""Training throughput: images/s and peak memory per step, fast path vs the official-equivalent
-reference path, with and without each fast op backend, in one run.
+"""Training throughput: the official-equivalent step against mage_fast's, alternating in one run.
 
-    python benchmarks/train_throughput.py                 # CPU: a small config (32px, 8x8 tokens)
-    python benchmarks/train_throughput.py --model vit_base --img_size 256 --batch_size 64   # GPU
+    python benchmarks/train_throughput.py                                   # ViT-B, 256 px, batch 4 (CPU)
+    python benchmarks/train_throughput.py --model shipped --batch_size 32   # the shipped model's size
+    python benchmarks/train_throughput.py --model vit_base --batch_size 64  # a GPU
 
-Variants (each in a fresh subprocess, so peak memory is its own):
-  reference      every op on its plain-torch reference (MAGE_FAST_BACKEND=torch), MAGE.forward
-  fast           default backend dispatch, the training objective (MAGEObjective)
-  fast-no-<op>   fast with one op forced back to its reference (only ops whose fast backend
-                 differs from the reference on this machine)
-  fast-ids       fast, from token ids (a token cache: no tokenizer in the step)
-A step is forward + backward + AdamW. Peak memory: CUDA max allocated on a GPU, else the peak
-resident set size of the subprocess. Median and inter-quartile range over the timed steps.
+Paths (each with its own copy of the same initial weights and its own AdamW):
+  reference      the official forward: tokenizer, masked encoder, decoder with the full MLM head
+                 (logits for every position and vocabulary column), forward_loss; every op on its
+                 plain-torch reference; torch's default AdamW. fp32.
+  fast           mage_fast's step from images: the tokenizer's channels-last fp32 copy (Winograd
+                 convolutions, fused GroupNorm + SiLU on the CPU), the default op dispatch (the CPU
+                 training attention), the fused MLM head + loss (code logits at masked rows only),
+                 torch's fused AdamW. fp32.
+  fast-ids       the same from token ids (a token cache: no tokenizer in the step).
+  fast-bf16      fast under bf16 autocast (the tokenizer stays fp32, so the ids are the same);
+  fast-bf16-ids  by default only where the device multiplies bf16 in hardware (AMX,
+                 AVX512-BF16, a GPU).
+Each round runs one step of every path in turn (the machine's speed drifts: only same-run ratios
+count). A step is split into tokenizer, encoder, decoder, head + loss (forward and backward each;
+the backward split by gradient hooks at the section boundaries) and optimizer. Before timing, the
+fp32 paths are run once on the same images and masks: their losses and gradients are compared and
+the largest differences reported. Peak memory: the peak resident set (CPU) or CUDA max allocated
+of a fresh subprocess running warm-up + one step of that path alone. The output names each path's
+speed against the reference as ``<path> <ratio>x``; JSON to benchmarks/results/.
 """
+from __future__ import annotations
+
 import argparse
+import contextlib
+import copy
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -24,130 +38,280 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+PATHS = ("reference", "fast", "fast-ids", "fast-bf16", "fast-bf16-ids")
+SECTIONS = ("tokenizer", "encoder", "decoder", "head_loss", "encoder_bwd", "decoder_bwd", "head_loss_bwd",
+            "optimizer")
+SHIPPED = os.path.join(REPO, "mage_fast", "assets", "mage_fmnist256.pt")
 
 
-def _one(args) -> dict:
-    import numpy as np
+def build(args):
+    """(model, device): the benchmark's MAGE with random weights (ViT presets, the official
+    tokenizer's sizes) or the shipped model (its own weights)."""
     import torch
-
     import mage_fast
-    from mage_fast.ops.dispatch import Op
-    from mage_fast.training import adamw, param_groups
-    from mage_fast.training.objective import MAGEObjective
-    sys.path.insert(0, os.path.join(REPO, "train"))
-    from pretrain import PRESETS, TINY_VQGAN, OFFICIAL_VQGAN
     from functools import partial
+    sys.path.insert(0, os.path.join(REPO, "train"))
+    from pretrain import OFFICIAL_VQGAN, PRESETS, TINY_VQGAN
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    vq = dict(TINY_VQGAN if args.model == "tiny" else OFFICIAL_VQGAN)
-    if args.ch_mult:
-        vq["ch_mult"] = [int(c) for c in args.ch_mult.split(",")]
-    model = mage_fast.MAGE(**PRESETS[args.model], img_size=args.img_size, vqgan_config=vq, vqgan_ckpt_path=None,
-                           norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).to(dev)
+    if args.model == "shipped":
+        model = mage_fast.MAGE.from_pretrained(SHIPPED)
+    else:
+        vq = dict(TINY_VQGAN if args.model == "tiny" else OFFICIAL_VQGAN)
+        if args.ch_mult:
+            vq["ch_mult"] = [int(c) for c in args.ch_mult.split(",")]
+        model = mage_fast.MAGE(**PRESETS[args.model], img_size=args.img_size, vqgan_config=vq, vqgan_ckpt_path=None,
+                               norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    model = model.to(dev).train()
     model.check_input_range = False
-    obj = MAGEObjective(model)
-    opt = adamw(param_groups(obj, 0.05), 1e-4)
-    x = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=dev)
-    ids = model.tokenize(x) if args.variant == "fast-ids" else None
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16)
+    for p in model.vqgan.parameters():
+        p.requires_grad_(False)
+    return model, dev
 
-    def step():
-        with amp:
-            if args.variant == "reference":
-                loss = model(x)[0]
+
+class Path:
+    """One path's model copy, optimizer and step, with per-section timings."""
+
+    def __init__(self, name: str, model, dev):
+        import torch
+        from mage_fast.training import adamw, param_groups
+        from mage_fast.training.objective import MAGEObjective
+        self.name, self.dev = name, dev
+        self.model = copy.deepcopy(model)
+        self.obj = MAGEObjective(self.model)
+        groups = param_groups(self.model, 0.05)
+        self.opt = (torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4, betas=(0.9, 0.95))
+                    if name == "reference" else adamw(groups, 1e-4))
+        self.bf16 = "bf16" in name
+        self.from_ids = name.endswith("-ids")
+
+    def _ctx(self):
+        import torch
+        from mage_fast.ops.dispatch import force_backend
+        stack = contextlib.ExitStack()
+        if self.name == "reference":
+            stack.enter_context(force_backend("torch"))
+        stack.enter_context(torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.bf16))
+        return stack
+
+    def loss(self, imgs, ids, marks=None):
+        """Forward to the loss; ``marks`` (a list) gets (section, time) at each boundary and the
+        backward hooks' times."""
+        import torch
+        m = self.model
+        mark = (lambda s: marks.append((s, _now(self.dev)))) if marks is not None else (lambda s: None)
+        mark("start")
+        with self._ctx():
+            if self.from_ids:
+                gt = ids
+            elif self.name == "reference":
+                with torch.no_grad(), torch.autocast(self.dev.type, enabled=False):
+                    gt = m.tokenize(imgs)
             else:
-                loss = obj(ids if ids is not None else x)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+                gt = self.obj.tokens(imgs)
+            mark("tokenizer")
+            h, drop, allm = m.encode_masked(gt)
+            mark("encoder")
+            x = m.decoder_hidden(h, drop, allm)
+            mark("decoder")
+            if self.name == "reference":  # the official MlmLayer over every position and column, then the loss
+                logits = m.mlm_layer(x, m.token_emb.word_embeddings.weight.detach())
+                loss = m.forward_loss(gt, logits, allm.float())
+            else:
+                loss = m.mlm_layer.loss(x[:, 1:], m.token_emb.word_embeddings.weight.detach(), gt, allm[:, 1:],
+                                        m.codebook_size, m.label_smoothing)
+            mark("head_loss")
+        if marks is not None and torch.is_grad_enabled():
+            x.register_hook(lambda g: mark("head_loss_bwd"))
+            h.register_hook(lambda g: mark("decoder_bwd"))
+        return loss
 
-    for _ in range(args.warmup):
-        step()
+    def step(self, imgs, ids) -> dict:
+        marks = []
+        loss = self.loss(imgs, ids, marks)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        marks.append(("encoder_bwd", _now(self.dev)))
+        self.opt.step()
+        marks.append(("optimizer", _now(self.dev)))
+        t = dict(marks)
+        order = ["start", "tokenizer", "encoder", "decoder", "head_loss", "head_loss_bwd", "decoder_bwd",
+                 "encoder_bwd", "optimizer"]
+        out = {s: t[s] - t[p] for p, s in zip(order, order[1:])}
+        out["total"] = t["optimizer"] - t["start"]
+        return out
+
+
+def _now(dev) -> float:
+    import torch
     if dev.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+def check_same(model, dev, imgs, ids) -> dict:
+    """Loss and gradients of the fp32 paths against the reference, same images and masks."""
+    import torch
+    paths = [Path(n, model, dev) for n in ("reference", "fast", "fast-ids")]
+    out, ref_grads, ref_loss = {}, None, None
+    for p in paths:
+        torch.manual_seed(1234)  # the same masks on every path
+        loss = p.loss(imgs, ids)
+        p.model.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = {n: q.grad.double() for n, q in p.model.named_parameters() if q.grad is not None}
+        if ref_grads is None:
+            ref_grads, ref_loss = grads, float(loss.detach())
+            continue
+        rel = max(float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-30)) for n, g in ref_grads.items())
+        out[p.name] = {"loss": float(loss.detach()), "reference_loss": ref_loss,
+                       "loss_rel_diff": abs(float(loss) - ref_loss) / abs(ref_loss),
+                       "grad_max_rel_diff": rel, "same_params_with_grad": sorted(grads) == sorted(ref_grads)}
+    return out
+
+
+def peak_memory(args, name: str) -> float | None:
+    """MB: the peak of a fresh process running warm-up + one step of ``name`` alone."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--img_size", str(args.img_size),
+           "--ch_mult", args.ch_mult, "--batch_size", str(args.batch_size), "--threads", str(args.threads),
+           "--warmup", str(args.warmup), "--memory_of", name]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if p.returncode:
+        print(f"  peak memory of {name}: failed ({p.stderr.strip().splitlines()[-1:]})")
+        return None
+    return json.loads(p.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def inputs(model, dev, batch_size: int):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(batch_size, 3, model.img_size, model.img_size, generator=g).to(dev)
+    with torch.no_grad():
+        ids = model.tokenize(imgs)
+    return imgs, ids
+
+
+def memory_only(args) -> None:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, dev = build(args)
+    imgs, ids = inputs(model, dev, args.batch_size)
+    p = Path(args.memory_of, model, dev)
+    del model
+    if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    med = float(np.median(times))
+    for _ in range(args.warmup + 1):
+        p.step(imgs, ids)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    chosen = {}
-    for name, op in Op.registry.items():
-        try:
-            forced = op._forced_name()
-            chosen[name] = forced or op.backends[0].name
-        except Exception:
-            chosen[name] = "?"
-    return {"variant": args.variant, "median_s": med, "iqr_s": float(np.percentile(times, 75) - np.percentile(times, 25)),
-            "images_per_s": args.batch_size / med, "tokens_per_s": args.batch_size * model.seq_len / med,
-            "peak_mem_mb": peak / 2 ** 20, "backends": chosen}
+    print(json.dumps({"peak_mb": peak / 2 ** 20}))
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", choices=["tiny", "vit_base", "vit_large"])
-    ap.add_argument("--img_size", type=int, default=32)
-    ap.add_argument("--ch_mult", default="1,2,2", help="tokenizer multipliers ('' for the preset's)")
-    ap.add_argument("--batch_size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--bf16", action="store_true", help="autocast to bf16 (GPU)")
-    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "train_throughput.json"))
-    ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.variant:
-        print(json.dumps(_one(args)))
-        return
+    ap.add_argument("--model", default="vit_base", choices=["tiny", "vit_base", "vit_large", "shipped"],
+                    help="sizes (default: %(default)s); 'shipped' is mage_fmnist256 with its own weights")
+    ap.add_argument("--img_size", type=int, default=256, help="image size of the ViT presets (default: %(default)s)")
+    ap.add_argument("--ch_mult", default="", help="tokenizer multipliers, e.g. 1,2,2 (default: the official's)")
+    ap.add_argument("--batch_size", type=int, default=4, help="images per step (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds, one step of every path each "
+                                                          "(default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps of every path first (default: %(default)s)")
+    ap.add_argument("--paths", nargs="+", default=None, choices=PATHS,
+                    help="paths to time (default: the fp32 ones, and the bf16 ones where bf16 is native)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--no_memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train_throughput_<tag>.json)")
+    ap.add_argument("--memory_of", default=None, choices=PATHS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    for flag in ("batch_size", "rounds", "img_size"):
+        if getattr(args, flag) <= 0:
+            ap.error(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    if args.warmup < 0 or args.threads < 0:
+        ap.error("--warmup and --threads must be >= 0")
+    if args.model != "shipped" and args.img_size % 16:
+        ap.error(f"--img_size must be a multiple of 16, got {args.img_size}")
+    if args.model == "shipped" and not os.path.isfile(SHIPPED):
+        ap.error(f"--model shipped needs {SHIPPED}")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_of:
+        return memory_only(args)
+    import numpy as np
     import torch
-    import mage_fast
-    from mage_fast.ops.dispatch import Op
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
-    env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "mage_fast": mage_fast.__version__,
-           "python": platform.python_version(), "commit": commit}
-    print("# " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    print(f"# {args.model}, {args.img_size}px, batch {args.batch_size}, {args.steps} timed steps after {args.warmup}")
-    fast_ops = [n for n, op in Op.registry.items() if op.backends[0].name != "torch"]
-    variants = [("reference", {"MAGE_FAST_BACKEND": "torch"}), ("fast", {})]
-    variants += [(f"fast-no-{n}", {f"MAGE_FAST_BACKEND_{n.upper()}": "torch"}) for n in fast_ops]
-    variants += [("fast-ids", {})]
-    base = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--img_size", str(args.img_size),
-            "--ch_mult", args.ch_mult, "--batch_size", str(args.batch_size), "--steps", str(args.steps),
-            "--warmup", str(args.warmup)] + (["--bf16"] if args.bf16 else [])
+    from common import environment, print_header, write_json
+    from mage_fast.decoding.quant import bf16_native
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, dev = build(args)
+    paths = args.paths or [p for p in PATHS if "bf16" not in p or bf16_native(dev)]
+    env = environment(dev)
+    print_header(f"training step: {args.model}, {model.img_size} px, {model.seq_len} tokens, batch {args.batch_size}, "
+                 f"{args.rounds} alternating rounds after {args.warmup} warm-up steps", env)
+    imgs, ids = inputs(model, dev, args.batch_size)
+
+    check = check_same(model, dev, imgs, ids)
+    for n, c in check.items():
+        print(f"  {n} vs reference (fp32, same masks): loss {c['loss_rel_diff']:.1e} relative, gradients "
+              f"{c['grad_max_rel_diff']:.1e} (largest relative difference of any tensor)")
+
+    runners = [Path(n, model, dev) for n in paths]
+    del model
+    for _ in range(args.warmup):
+        for r in runners:
+            r.step(imgs, ids)
+    times = {r.name: [] for r in runners}
+    for i in range(args.rounds):
+        for r in runners:
+            times[r.name].append(r.step(imgs, ids))
+        print(f"  round {i + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]['total']:.2f} s" for n, t in times.items()),
+              flush=True)
+
     results = []
-    for name, extra in variants:
-        envv = dict(os.environ, **extra)
-        for k in [k for k in envv if k.startswith("MAGE_FAST_BACKEND") and k not in extra]:
-            envv.pop(k)
-        p = subprocess.run(base + ["--variant", name], env=envv, capture_output=True, text=True)
-        if p.returncode:
-            print(f"{name}: failed\n{p.stderr[-2000:]}")
-            continue
-        r = json.loads(p.stdout.strip().splitlines()[-1])
-        results.append(r)
-        print(f"{name:28s} {r['images_per_s']:9.1f} img/s  {r['median_s'] * 1e3:8.1f} ms/step "
-              f"(IQR {r['iqr_s'] * 1e3:.1f})  peak {r['peak_mem_mb']:8.0f} MB")
-    ref = next((r for r in results if r["variant"] == "reference"), None)
-    if ref:
-        for r in results:
-            r["speedup_vs_reference"] = r["images_per_s"] / ref["images_per_s"]
-        print("speed-up vs reference: " + ", ".join(f"{r['variant']} {r['speedup_vs_reference']:.2f}x" for r in results))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"env": env, "args": vars(args), "results": results}, f, indent=1)
-    print(f"wrote {args.out}")
+    ref = None
+    for name, ts in times.items():
+        tot = np.array([t["total"] for t in ts])
+        row = {"path": name, "median_s": float(np.median(tot)), "min_s": float(tot.min()), "max_s": float(tot.max()),
+               "iqr_s": float(np.percentile(tot, 75) - np.percentile(tot, 25)), "all_s": tot.tolist(),
+               "images_per_s": args.batch_size / float(np.median(tot)),
+               "sections_median_s": {s: float(np.median([t[s] for t in ts])) for s in SECTIONS}}
+        if name == "reference":
+            ref = row
+        results.append(row)
+    if not args.no_memory:
+        for row in results:
+            row["peak_mem_mb"] = peak_memory(args, row["path"])
+    print(f"\n  {'path':14s} {'img/s':>7s} {'s/step':>7s} [min, max]      " + " ".join(f"{s:>13s}" for s in SECTIONS)
+          + "   peak MB")
+    for row in results:
+        sec = " ".join(f"{row['sections_median_s'][s]:13.3f}" for s in SECTIONS)
+        mem = row.get("peak_mem_mb")
+        print(f"  {row['path']:14s} {row['images_per_s']:7.2f} {row['median_s']:7.2f} [{row['min_s']:.2f}, "
+              f"{row['max_s']:.2f}] {sec}   {mem if mem is None else round(mem)}")
+    if ref is not None:
+        for row in results:
+            row["speedup_vs_reference"] = ref["median_s"] / row["median_s"]
+            # the ratio's spread: each path's fastest and slowest step against the reference median
+            row["speedup_range"] = [ref["median_s"] / row["max_s"], ref["median_s"] / row["min_s"]]
+        print("speed-up vs reference: " + ", ".join(f"{r['path']} {r['speedup_vs_reference']:.2f}x"
+                                                      for r in results))
+    tag = args.model if args.model == "shipped" else f"{args.model}_{model_px(args)}px"
+    out = write_json({"env": env, "args": vars(args), "check_fp32_vs_reference": check, "results": results},
+                     args.out, f"train_throughput_{tag}_{dev.type}.json")
+    print(f"wrote {out}")
+
+
+def model_px(args) -> int:
+    return args.img_size
 
 
 if __name__ == "__main__":
-    main()
+    from mage_fast.script_exit import run_script  # noqa: E402
+    run_script(main)

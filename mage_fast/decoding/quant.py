@@ -185,12 +185,12 @@ _TOK_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def fast_tokenizer(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A cached copy of ``model.vqgan`` for the pixel decode of the non-exact modes: channels-last
-    convolutions in ``dtype`` (bf16: 3.2x fp32 on a CPU with AMX). In fp32 on a CPU with the
-    compiled ops, the decoder's 3x3 convolutions of 32 channels or more run by Winograd's F(4x4, 3x3)
-    (:mod:`mage_fast.ops.winograd`; its upsampling convolutions read the low-resolution input in
-    place): about 2x the direct convolution on an AVX2 CPU, pixels within ~1e-5 of the direct
-    decode's (plain channels-last: 1.2x at ~1e-10), and each GroupNorm + SiLU is one compiled op
+    """A cached copy of ``model.vqgan`` for the pixel decode of the non-exact modes and the
+    training step's encode: channels-last convolutions in ``dtype`` (bf16: 3.2x fp32 on a CPU with
+    AMX). In fp32 on a CPU with the compiled ops, the encoder's and decoder's 3x3 convolutions of 32
+    channels or more run by Winograd's F(4x4, 3x3) (:mod:`mage_fast.ops.winograd`; the decoder's
+    upsampling convolutions read the low-resolution input in place), outputs within ~1e-5 of the
+    direct convolution's, and each GroupNorm + SiLU is one compiled op
     (:mod:`mage_fast.ops.group_norm`). Rebuilt when a tokenizer parameter changes in place."""
     vq = model.vqgan
     winograd = dtype == torch.float32 and next(vq.parameters()).device.type == "cpu" and winograd_available()
@@ -199,9 +199,10 @@ def fast_tokenizer(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         fast = copy.deepcopy(vq).eval().to(dtype=dtype, memory_format=torch.channels_last)
         for p in fast.parameters():
             p.requires_grad_(False)
-        if winograd and hasattr(fast, "decoder"):
-            winograd_convs(fast.decoder)
-            fuse_group_norm_silu(fast.decoder)
+        for part in ("encoder", "decoder"):
+            if winograd and hasattr(fast, part):
+                winograd_convs(getattr(fast, part))
+                fuse_group_norm_silu(getattr(fast, part))
         return fast
     return _cached(_TOK_CACHE, model, (dtype, winograd, fingerprint(vq)), build)
 

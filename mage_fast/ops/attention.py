@@ -4,6 +4,14 @@ Two plain-torch paths: ``attention_official`` reproduces the official MAGE arith
 fp32 with autocast off, max subtracted, softmax, dropout, product with v); ``attention_sdpa``
 calls ``torch.nn.functional.scaled_dot_product_attention``, which picks flash / memory-efficient
 / math kernels itself and accumulates the softmax in fp32 for half inputs.
+
+``attention_cpu_train`` is the training backend on the CPU: torch's CPU flash kernel forward (it
+returns the row log-sum-exp), and a backward written as five batched matrix products around one
+fp32 elementwise pass, the form FlashAttention's backward takes, on whole (chunks of) score
+matrices. The products run in the inputs' dtype through oneDNN (AMX / AVX512-BF16 for bf16), where
+torch's own CPU flash backward loops over small blocks. fp32 inputs give the exact gradient up to
+fp32 rounding; bf16 inputs round the recomputed scores and the products' outputs to bf16 (as every
+bf16 matrix product of an autocast step does) and keep the softmax and its derivative in fp32.
 """
 from __future__ import annotations
 
@@ -36,8 +44,61 @@ def attention_sdpa(q, k, v, dropout_p: float = 0.0, causal: bool = False, scale:
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
 
 
+# Score-matrix elements one backward chunk holds at most (fp32: 4 bytes each); bounds the transient
+# memory of long sequences and large batches, far above what one chunk needs to keep oneDNN busy.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class _CPUTrainAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        B, H, N, d = q.shape
+        flat = [t.reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v, out, dout.to(q.dtype))]
+        lse = lse.reshape(B * H, N, 1)
+        dq, dk, dv = (torch.empty_like(t) for t in flat[:3])
+        step = max(1, _CHUNK_ELEMENTS // (N * k.shape[2]))
+        for i in range(0, B * H, step):
+            qi, ki, vi, oi, gi = (t[i:i + step] for t in flat)
+            # p = softmax(scale q k^T), rebuilt from the forward's log-sum-exp, in fp32
+            p = torch.bmm(qi, ki.transpose(1, 2)).float().mul_(ctx.scale).sub_(lse[i:i + step]).exp_()
+            torch.bmm(p.to(vi.dtype).transpose(1, 2), gi, out=dv[i:i + step])
+            delta = (gi.float() * oi.float()).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(dP * P)
+            ds = torch.bmm(gi, vi.transpose(1, 2)).float().sub_(delta).mul_(p).mul_(ctx.scale).to(qi.dtype)
+            torch.bmm(ds, ki, out=dq[i:i + step])
+            torch.bmm(ds.transpose(1, 2), qi, out=dk[i:i + step])
+        return dq.view_as(q), dk.view_as(k), dv.view_as(v), None
+
+
+def attention_cpu_train(q, k, v, dropout_p: float = 0.0, causal: bool = False, scale: Optional[float] = None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _CPUTrainAttention.apply(q, k, v, scale)
+
+
+def _cpu_train_supports(q, k, v, dropout_p: float = 0.0, causal: bool = False, scale=None) -> Optional[str]:
+    if q.device.type != "cpu":
+        return "not on the CPU"
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return "no gradient needed (its forward is sdpa's)"
+    if dropout_p > 0 or causal:
+        return "dropout and causal masks are not supported"
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float32, torch.bfloat16):
+        return "needs q, k, v all fp32 or all bf16"
+    if q.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape != v.shape or k.shape[3] != q.shape[3]:
+        return "needs (B, H, N, d) q and k, v of one shape"
+    return None
+
+
 attention_op = Op("attention", attention_official)
 attention_op.register("sdpa", attention_sdpa, lambda *a, **k: None)
+attention_op.register("cpu_train", attention_cpu_train, _cpu_train_supports)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,

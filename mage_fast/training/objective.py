@@ -7,12 +7,15 @@ loss on the encoder's pooled output over two augmented views.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..decoding.quant import fast_tokenizer
+from ..models.checks import check_images
 from ..models.mage import MAGE
 
 
@@ -72,11 +75,43 @@ class MAGEObjective(nn.Module):
         self.head = ContrastiveHead(model.token_emb.word_embeddings.embedding_dim) if contrastive_weight > 0 else None
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> ids with the frozen tokenizer; ids pass through."""
-        if x.is_floating_point():
-            w = self.model.token_emb.word_embeddings.weight
-            return self.model.tokenize(x.to(w.dtype))
-        return x.long()
+        """Images -> ids with the frozen tokenizer; ids pass through.
+
+        The ids come from :meth:`fp32_tokenizer`, the tokenizer's fp32 weights in a channels-last copy
+        (on the CPU with Winograd convolutions and fused GroupNorm + SiLU), also when a bf16 engine
+        has cast the model's own copy: bf16 convolutions would pick other codes. Under ZeRO-3 the
+        engine's own (partitioned) tokenizer runs, in the engine's precision."""
+        if not x.is_floating_point():
+            return x.long()
+        if any(hasattr(p, "ds_status") for p in self.model.vqgan.parameters()):
+            # ZeRO-3 partitions the tokenizer too and gathers it in hooks around its own forward: a copy
+            # would hold empty shards. It runs in the engine's precision there.
+            return self.model.tokenize(x.to(self.model.token_emb.word_embeddings.weight.dtype))
+        check_images(x, self.model.img_size, check_range=False)  # the tokenizer checks the range
+        with torch.no_grad():
+            _, _, (_, _, idx) = self.fp32_tokenizer().encode(x.float())
+        return idx.view(x.shape[0], -1).long()
+
+    def fp32_tokenizer(self) -> nn.Module:
+        """The frozen tokenizer in fp32 for :meth:`tokens`: :func:`~mage_fast.decoding.quant.fast_tokenizer`
+        of the model, or, when an engine has cast the model to bf16/fp16, a copy built once from the
+        fp32 weights :func:`~mage_fast.training.engine.keep_frozen_fp32` kept."""
+        vq = self.model.vqgan
+        if next(vq.parameters()).dtype == torch.float32:
+            return fast_tokenizer(self.model, torch.float32)
+        made = self.__dict__.get("_fp32_tokenizer")
+        if made is None:
+            frozen = self.__dict__.get("_frozen_fp32") or self.model.__dict__.get("_frozen_fp32")
+            if frozen is None:
+                raise RuntimeError("the tokenizer was cast to a low precision and its fp32 weights were not kept "
+                                   "(call mage_fast.training.engine.keep_frozen_fp32 before the cast)")
+            prefix = "model.vqgan." if "_frozen_fp32" in self.__dict__ else "vqgan."
+            holder = nn.Module()  # fast_tokenizer reads holder.vqgan and caches per holder
+            holder.vqgan = copy.deepcopy(vq).float()
+            holder.vqgan.load_state_dict({k[len(prefix):]: v for k, v in frozen.items() if k.startswith(prefix)})
+            made = self.__dict__["_fp32_tokenizer"] = fast_tokenizer(holder, torch.float32)
+            self.__dict__["_fp32_holder"] = holder
+        return made
 
     def mlm(self, ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
         """Official masked-token loss for ids (B, L) (class-conditional with ``labels``); returns

@@ -25,7 +25,7 @@ PORT=${PORT:-29613}            # the DeepSpeed launcher's port (two jobs on one 
 SRC=${SRC:-/usr/share/datasets/fashion-mnist}
 DATA=$RUNS/data/fmnist32
 TOK=$RUNS/tok
-MAGE=$RUNS/mage
+MAGE=${MAGE_DIR:-$RUNS/mage}   # the MAGE stage's run folder (checkpoints, metrics.csv, the export)
 CACHE=$RUNS/cache
 MIN_PSNR=${MIN_PSNR:-26}        # the tokenizer gate (test split, central 28x28 pixels)
 # The finished exports of the two training stages live in the repository (machines are new from one
@@ -58,6 +58,8 @@ M_BLR=${M_BLR:-8e-3}
 M_DROPOUT=${M_DROPOUT:-0}       # the official 0.1 regularises a model that sees ImageNet 1600 times; this
                                 # one sees Fashion-MNIST twice and is under-fit: 0 learns faster, and skips
                                 # the random masks that are a quarter of a CPU step (docs/TRAINING.md)
+M_INIT=${M_INIT:-}              # continue from this MAGE export (--init_from: weights only, a fresh optimizer
+                                # and lr schedule); empty: from scratch
 M_SAVE=${M_SAVE:-50}            # a checkpoint every M_SAVE steps (a few minutes; all kept, the curve reads them)
 # bf16 (DeepSpeed: bf16 weights and activations, fp32 master weights) where the CPU multiplies bf16 in
 # hardware (AMX: 3.5-4x fp32 matrix products, 1.4x a whole step here; AVX512-BF16 on AMD Zen 5: 4x
@@ -184,7 +186,7 @@ stage_mage() {
       "dropout $M_DROPOUT, $M_STEPS steps (resumes from $MAGE/checkpoints/latest if there)"
   "$DEEPSPEED" --master_port "$PORT" train/pretrain.py --model tiny --embed_dim "$M_DIM" --depth "$M_DEPTH" \
     --num_heads "$M_HEADS" --decoder_embed_dim "$M_DDIM" --decoder_depth "$M_DDEPTH" \
-    --decoder_num_heads "$M_DHEADS" --img_size 32 --tokenizer "$TOK/tokenizer.pt" \
+    --decoder_num_heads "$M_DHEADS" --img_size 32 --tokenizer "$TOK/tokenizer.pt" ${M_INIT:+--init_from "$M_INIT"} \
     --token_cache "$CACHE/train_v$VIEWS.pt" --class_cond --class_dropout_prob 0.2 \
     --contrastive_weight 1.0 --temperature 0.2 --dropout "$M_DROPOUT" --batch_size "$M_BATCH" --max_steps "$M_STEPS" \
     --warmup_steps "$M_WARMUP" --blr "$M_BLR" --min_lr 1e-5 --log_every 20 --save_every "$M_SAVE" \
