@@ -10,7 +10,8 @@ Paths (each with its own copy of the same initial weights and its own AdamW):
                  plain-torch reference; torch's default AdamW. fp32.
   fast           mage_fast's step from images: the tokenizer's channels-last fp32 copy (Winograd
                  convolutions, fused GroupNorm + SiLU on the CPU), the default op dispatch (the CPU
-                 training attention), the fused MLM head + loss (code logits at masked rows only),
+                 training attention, the hashed dropout), the fused MLM head + loss (code logits at
+                 masked rows only),
                  torch's fused AdamW. fp32.
   fast-ids       the same from token ids (a token cache: no tokenizer in the step).
   fast-bf16      fast under bf16 autocast (the tokenizer stays fp32, so the ids are the same);
@@ -19,8 +20,9 @@ Paths (each with its own copy of the same initial weights and its own AdamW):
 Each round runs one step of every path in turn (the machine's speed drifts: only same-run ratios
 count). A step is split into tokenizer, encoder, decoder, head + loss (forward and backward each;
 the backward split by gradient hooks at the section boundaries) and optimizer. Before timing, the
-fp32 paths are run once on the same images and masks: their losses and gradients are compared and
-the largest differences reported. Peak memory: the peak resident set (CPU) or CUDA max allocated
+fp32 paths are run once on the same images and masks with dropout off: their losses and gradients
+are compared and the largest differences reported. (With dropout on, the reference draws torch's
+dropout numbers and the fast paths the hashed ones of mage_fast.ops.dropout.) Peak memory: the peak resident set (CPU) or CUDA max allocated
 of a fresh subprocess running warm-up + one step of that path alone. The output names each path's
 speed against the reference as ``<path> <ratio>x``; JSON to benchmarks/results/.
 """
@@ -153,9 +155,14 @@ def _now(dev) -> float:
 
 
 def check_same(model, dev, imgs, ids) -> dict:
-    """Loss and gradients of the fp32 paths against the reference, same images and masks."""
+    """Loss and gradients of the fp32 paths against the reference, same images and masks, dropout
+    off (the reference draws torch's dropout numbers, the fast paths hashed ones)."""
     import torch
     paths = [Path(n, model, dev) for n in ("reference", "fast", "fast-ids")]
+    for p in paths:
+        for m in p.model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
     out, ref_grads, ref_loss = {}, None, None
     for p in paths:
         torch.manual_seed(1234)  # the same masks on every path
@@ -168,7 +175,7 @@ def check_same(model, dev, imgs, ids) -> dict:
             continue
         rel = max(float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-30)) for n, g in ref_grads.items())
         out[p.name] = {"loss": float(loss.detach()), "reference_loss": ref_loss,
-                       "loss_rel_diff": abs(float(loss) - ref_loss) / abs(ref_loss),
+                       "loss_rel_diff": abs(float(loss.detach()) - ref_loss) / abs(ref_loss),
                        "grad_max_rel_diff": rel, "same_params_with_grad": sorted(grads) == sorted(ref_grads)}
     return out
 

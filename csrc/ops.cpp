@@ -171,6 +171,23 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t groups, const at::Te
   return y;
 }
 
+at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "mage_fast::dropout: expects a float32 or bfloat16 tensor, got ", x.scalar_type());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "mage_fast::dropout: p must be in [0, 1), got ", p);
+  TORCH_CHECK(offset >= 0, "mage_fast::dropout: offset must be >= 0, got ", offset);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const uint64_t s = static_cast<uint64_t>(seed);
+  if (x.scalar_type() == at::kFloat) {
+    cpu::dropout_f32(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel(), p, s, offset, at::get_num_threads());
+  } else {
+    cpu::dropout_bf16(reinterpret_cast<const uint16_t*>(xc.data_ptr()), reinterpret_cast<uint16_t*>(y.data_ptr()),
+                      xc.numel(), p, s, offset, at::get_num_threads());
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mage_fast, m) {
@@ -182,6 +199,7 @@ TORCH_LIBRARY(mage_fast, m) {
   m.def("winograd_weight(Tensor w) -> Tensor");
   m.def("winograd_conv3x3(Tensor x, Tensor U, Tensor? bias, bool upsample) -> Tensor");
   m.def("group_norm_silu(Tensor x, int groups, Tensor weight, Tensor bias, float eps, bool silu) -> Tensor");
+  m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mage_fast, CPU, m) {
@@ -192,6 +210,7 @@ TORCH_LIBRARY_IMPL(mage_fast, CPU, m) {
   m.impl("winograd_weight", &winograd_weight_cpu);
   m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
   m.impl("group_norm_silu", &group_norm_silu_cpu);
+  m.impl("dropout", &dropout_cpu);
 }
 
 }  // namespace mage_fast

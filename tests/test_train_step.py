@@ -68,10 +68,11 @@ def test_dispatch_takes_cpu_train_only_where_it_applies():
     assert dict(attention_op.explain(q, k, v))["cpu_train"] == "selected"
     with torch.no_grad():
         assert "no gradient" in dict(attention_op.explain(q, k, v))["cpu_train"]
-    assert "dropout" in dict(attention_op.explain(q, k, v, dropout_p=0.1))["cpu_train"]
     assert "causal" in dict(attention_op.explain(q, k, v, causal=True))["cpu_train"]
+    assert dict(attention_op.explain(q, k, v, causal=True))["sdpa"] == "selected"
     assert "fp32 or all bf16" in dict(attention_op.explain(q.double(), k.double(), v.double()))["cpu_train"]
-    assert dict(attention_op.explain(q, k, v, dropout_p=0.1))["sdpa"] == "selected"
+    if mage_fast._ext.has_op("dropout"):  # dropout through the hashed dropout
+        assert dict(attention_op.explain(q, k, v, dropout_p=0.1))["cpu_train"] == "selected"
 
 
 def _tiny(**kw):
@@ -159,3 +160,76 @@ def test_benchmark_refuses_bad_flags_in_one_line(argv, word):
     p = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "train_throughput.py"), *argv],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and word in p.stderr and "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------- hashed dropout
+from mage_fast.ops.dropout import Dropout, dropout_hashed_ref, dropout_op, new_seed  # noqa: E402
+
+needs_dropout_op = pytest.mark.skipif(not mage_fast._ext.has_op("dropout"),
+                                      reason=f"compiled ops unavailable: {mage_fast._ext.status}")
+
+
+@needs_dropout_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed, offset", [(5, 0), (2 ** 40 + 3, 123), (77, 2 ** 32 - 5000)])
+def test_hashed_dropout_op_equals_its_torch_oracle(dtype, seed, offset):
+    x = torch.randn(3, 1000, 7).to(dtype)
+    got = torch.ops.mage_fast.dropout(x, 0.1, seed, offset)
+    assert torch.equal(got, dropout_hashed_ref(x, 0.1, seed, offset))
+    assert abs(float((got == 0).float().mean()) - 0.1) < 0.01  # 21 000 draws: 0.1 +- 5 sigma
+    kept = got != 0
+    assert torch.allclose(got[kept].float(), (x[kept].float() / 0.9).to(dtype).float())
+
+
+@needs_dropout_op
+def test_hashed_dropout_offsets_continue_one_stream_and_seeds_differ():
+    x = torch.ones(2, 5000)
+    whole = torch.ops.mage_fast.dropout(x, 0.3, 9, 0)
+    assert torch.equal(torch.ops.mage_fast.dropout(x[1], 0.3, 9, 5000), whole[1])
+    assert not torch.equal(torch.ops.mage_fast.dropout(x, 0.3, 10, 0), whole)
+    y = torch.tensor([float("nan"), float("inf"), 1.0] * 400)
+    out = torch.ops.mage_fast.dropout(y, 0.5, 1, 0)
+    assert torch.isnan(out[0::3]).all()  # NaN * anything, as torch's dropout multiplies
+    with pytest.raises(RuntimeError, match="p must be in"):
+        torch.ops.mage_fast.dropout(x, 1.0, 1, 0)
+
+
+@needs_dropout_op
+def test_dropout_module_backward_uses_the_forward_decisions_and_torch_seeds():
+    m = Dropout(0.25).train()
+    x = torch.randn(64, 33, requires_grad=True)
+    torch.manual_seed(3)
+    y = m(x)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad != 0, y != 0) and torch.allclose(x.grad[y != 0], torch.full_like(x.grad[y != 0], 4 / 3))
+    torch.manual_seed(3)
+    assert torch.equal(m(x), y)  # the seed comes from torch's generator: manual_seed / saved RNG state replay it
+    assert torch.equal(m.eval()(x), x)
+    assert dict(dropout_op.explain(x, 0.25))["hashed"] == "selected"
+    assert "CPU" in dict(dropout_op.explain(x.to("meta"), 0.25))["hashed"]
+    with mage_fast.ops.force_backend("torch"):
+        torch.manual_seed(3)
+        assert not torch.equal(m.train()(x), y)  # the reference is torch's own dropout
+    assert m.state_dict() == {}
+
+
+@needs_dropout_op
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
+def test_cpu_train_attention_with_dropout_is_the_gradient_of_the_dropped_weights(dtype, tol):
+    torch.manual_seed(0)
+    B, H, N, d = 2, 3, 37, 16
+    q, k, v, g = (torch.randn(B, H, N, d) for _ in range(4))
+    x = [t.clone().to(dtype).requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(7)
+    o = attention_cpu_train(*x, dropout_p=0.2)
+    o.backward(g.to(dtype))
+    torch.manual_seed(7)
+    seed = new_seed()
+    r = [t.to(dtype).double().requires_grad_() for t in (q, k, v)]
+    p = torch.softmax(r[0] @ r[1].transpose(-1, -2) * d ** -0.5, -1)
+    keep = dropout_hashed_ref(torch.ones(B * H, N, N, dtype=torch.float64), 0.2, seed).view(B, H, N, N)
+    ro = (p * keep) @ r[2]
+    ro.backward(g.to(dtype).double())
+    assert _rel(o.detach(), ro.detach()) < tol
+    for a, b in zip(x, r):
+        assert _rel(a.grad, b.grad) < tol

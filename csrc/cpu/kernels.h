@@ -64,5 +64,13 @@ void group_norm_nhwc(const float* x, int64_t N, int64_t HW, int64_t C, int64_t G
 // The vectorisable exp the SiLU above uses, exposed for its test.
 float exp_approx(float x);
 
+// Dropout by counter-based hashes (csrc/cpu/dropout.cpp): y[i] = x[i] / (1 - p) when
+// mix32(mix32(key(seed) + hi32(offset + i)) + lo32(offset + i)) >= dropout_threshold(p), else 0. x may be y.
+uint32_t dropout_threshold(double p);
+bool dropout_keep(uint64_t seed, uint64_t index, uint32_t threshold);
+void dropout_f32(const float* x, float* y, int64_t n, double p, uint64_t seed, uint64_t offset, int num_threads);
+void dropout_bf16(const uint16_t* x, uint16_t* y, int64_t n, double p, uint64_t seed, uint64_t offset,
+                  int num_threads);
+
 }  // namespace cpu
 }  // namespace mage_fast

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.dropout import Dropout
 from ..ops.layer_norm import layer_norm
 from ..ops.token_embed import token_embed
 
@@ -19,7 +20,7 @@ class BertEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
         self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.register_buffer("position_ids", torch.arange(max_position_embeddings).expand((1, -1)))
         nn.init.normal_(self.word_embeddings.weight, std=0.02)
         nn.init.normal_(self.position_embeddings.weight, std=0.02)

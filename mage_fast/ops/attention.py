@@ -9,7 +9,8 @@ calls ``torch.nn.functional.scaled_dot_product_attention``, which picks flash / 
 returns the row log-sum-exp), and a backward written as five batched matrix products around one
 fp32 elementwise pass, the form FlashAttention's backward takes, on whole (chunks of) score
 matrices. The products run in the inputs' dtype through oneDNN (AMX / AVX512-BF16 for bf16), where
-torch's own CPU flash backward loops over small blocks. fp32 inputs give the exact gradient up to
+torch's own CPU flash backward loops over small blocks. With dropout, the weights are dropped by
+the hashed dropout (:mod:`mage_fast.ops.dropout`), recomputed in the backward, never stored. fp32 inputs give the exact gradient up to
 fp32 rounding; bf16 inputs round the recomputed scores and the products' outputs to bf16 (as every
 bf16 matrix product of an autocast step does) and keep the softmax and its derivative in fp32.
 """
@@ -20,7 +21,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _ext
 from .dispatch import Op
+from .dropout import new_seed
 
 
 def attention_official(q, k, v, dropout_p: float = 0.0, causal: bool = False, scale: Optional[float] = None):
@@ -50,36 +53,70 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 class _CPUTrainAttention(torch.autograd.Function):
+    """Non-causal attention whose backward is batched matrix products (see the module docstring).
+    With ``dropout_p`` > 0 the softmax weights are dropped by the hashed dropout of
+    :mod:`mage_fast.ops.dropout` (element index = position in the (B*H, N, K) weights, one seed per
+    call); the forward then computes the weights itself, with fp32 scores as the official code."""
+
     @staticmethod
-    def forward(ctx, q, k, v, scale: float):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    def forward(ctx, q, k, v, scale: float, dropout_p: float, seed: int):
+        B, H, N, d = q.shape
+        K = k.shape[2]
+        if dropout_p == 0:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        else:
+            qf, kf, vf = (t.reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v))
+            out = torch.empty(B * H, N, d, dtype=v.dtype)
+            lse = torch.empty(B * H, N, 1, dtype=torch.float32)
+            for i, j in _chunks(B * H, N * K):
+                s = torch.bmm(qf[i:j].float(), kf[i:j].float().transpose(1, 2)).mul_(scale)
+                torch.logsumexp(s, dim=-1, keepdim=True, out=lse[i:j])
+                p = torch.ops.mage_fast.dropout(s.sub_(lse[i:j]).exp_(), dropout_p, seed, i * N * K)
+                torch.bmm(p.to(vf.dtype), vf[i:j], out=out[i:j])
+            out = out.view(B, H, N, d)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
+        scale, p_drop, seed = ctx.scale, ctx.dropout_p, ctx.seed
         B, H, N, d = q.shape
+        K = k.shape[2]
         flat = [t.reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v, out, dout.to(q.dtype))]
         lse = lse.reshape(B * H, N, 1)
         dq, dk, dv = (torch.empty_like(t) for t in flat[:3])
-        step = max(1, _CHUNK_ELEMENTS // (N * k.shape[2]))
-        for i in range(0, B * H, step):
-            qi, ki, vi, oi, gi = (t[i:i + step] for t in flat)
+        for i, j in _chunks(B * H, N * K):
+            qi, ki, vi, oi, gi = (t[i:j] for t in flat)
             # p = softmax(scale q k^T), rebuilt from the forward's log-sum-exp, in fp32
-            p = torch.bmm(qi, ki.transpose(1, 2)).float().mul_(ctx.scale).sub_(lse[i:i + step]).exp_()
-            torch.bmm(p.to(vi.dtype).transpose(1, 2), gi, out=dv[i:i + step])
+            if p_drop == 0:
+                p = torch.bmm(qi, ki.transpose(1, 2)).float()
+            else:  # as the forward computed it
+                p = torch.bmm(qi.float(), ki.float().transpose(1, 2))
+            p = p.mul_(scale).sub_(lse[i:j]).exp_()
+            dp = torch.bmm(gi, vi.transpose(1, 2)).float()
+            pd = p
+            if p_drop > 0:  # the kept weights, and the gradient through the same decisions
+                pd = torch.ops.mage_fast.dropout(p, p_drop, seed, i * N * K)
+                dp = torch.ops.mage_fast.dropout(dp, p_drop, seed, i * N * K)
+            torch.bmm(pd.to(vi.dtype).transpose(1, 2), gi, out=dv[i:j])
             delta = (gi.float() * oi.float()).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(dP * P)
-            ds = torch.bmm(gi, vi.transpose(1, 2)).float().sub_(delta).mul_(p).mul_(ctx.scale).to(qi.dtype)
-            torch.bmm(ds, ki, out=dq[i:i + step])
-            torch.bmm(ds.transpose(1, 2), qi, out=dk[i:i + step])
-        return dq.view_as(q), dk.view_as(k), dv.view_as(v), None
+            ds = dp.sub_(delta).mul_(p).mul_(scale).to(qi.dtype)
+            torch.bmm(ds, ki, out=dq[i:j])
+            torch.bmm(ds.transpose(1, 2), qi, out=dk[i:j])
+        return dq.view_as(q), dk.view_as(k), dv.view_as(v), None, None, None
+
+
+def _chunks(n: int, per_item: int):
+    step = max(1, _CHUNK_ELEMENTS // per_item)
+    return ((i, min(n, i + step)) for i in range(0, n, step))
 
 
 def attention_cpu_train(q, k, v, dropout_p: float = 0.0, causal: bool = False, scale: Optional[float] = None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _CPUTrainAttention.apply(q, k, v, scale)
+    seed = new_seed() if dropout_p > 0 else 0
+    return _CPUTrainAttention.apply(q, k, v, scale, float(dropout_p), seed)
 
 
 def _cpu_train_supports(q, k, v, dropout_p: float = 0.0, causal: bool = False, scale=None) -> Optional[str]:
@@ -87,12 +124,14 @@ def _cpu_train_supports(q, k, v, dropout_p: float = 0.0, causal: bool = False, s
         return "not on the CPU"
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return "no gradient needed (its forward is sdpa's)"
-    if dropout_p > 0 or causal:
-        return "dropout and causal masks are not supported"
+    if causal:
+        return "causal masks are not supported"
     if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float32, torch.bfloat16):
         return "needs q, k, v all fp32 or all bf16"
     if q.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape != v.shape or k.shape[3] != q.shape[3]:
         return "needs (B, H, N, d) q and k, v of one shape"
+    if dropout_p > 0 and not _ext.has_op("dropout"):
+        return f"dropout needs the compiled ops ({_ext.status})"
     return None
 
 

@@ -88,7 +88,7 @@ class MAGEObjective(nn.Module):
             # would hold empty shards. It runs in the engine's precision there.
             return self.model.tokenize(x.to(self.model.token_emb.word_embeddings.weight.dtype))
         check_images(x, self.model.img_size, check_range=False)  # the tokenizer checks the range
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             _, _, (_, _, idx) = self.fp32_tokenizer().encode(x.float())
         return idx.view(x.shape[0], -1).long()
 
