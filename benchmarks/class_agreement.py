@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mage_fast.script_exit import ArgumentParser
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default=None, help="a class-conditional Fashion-MNIST MAGE (default: the shipped default)")
     ap.add_argument("--per-class", type=int, default=100, help="samples per class (default: %(default)s)")
     ap.add_argument("--num-iter", type=int, default=None, help="decoding steps (default: the model card's)")
@@ -58,9 +59,14 @@ def main(argv=None):
     import mage_fast
     from common import environment, print_header, write_json
     from mage_fast.__main__ import CLIError, load_model, model_card
-    from mage_fast.eval.agreement import FMNIST_CLASSES, agreement_summary, sample_agreement, train_classifier
+    from mage_fast.eval import agreement
+    from mage_fast.eval.agreement import FMNIST_CLASSES, agreement_summary, sample_agreement
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        mage_fast.decoding.resolve_mode(args.mode)
+    except ValueError as e:
+        raise SystemExit(f"error: --mode {args.mode}: {e}")
     try:
         model, ckpt = load_model(args.ckpt, None)
     except CLIError as e:
@@ -74,16 +80,12 @@ def main(argv=None):
     num_iter = args.num_iter or rec.get("num_iter", 20)
     temperature = args.temperature if args.temperature is not None else rec.get("temperature", 1.0)
     guidance = args.guidance if args.guidance is not None else rec.get("guidance", 0.0)
-    try:
-        mage_fast.decoding.resolve_mode(args.mode)
-    except ValueError as e:
-        raise SystemExit(f"error: --mode {args.mode}: {e}")
 
     dev = next(model.parameters()).device
     env = environment(dev)
     print_header(f"class agreement: {os.path.basename(ckpt)}, {args.per_class} samples per class, T={num_iter}, "
                  f"temperature {temperature}, guidance {guidance}, mode {args.mode}, seed {args.seed}", env)
-    classifier, scores = train_classifier()
+    classifier, scores = agreement.train_classifier()
     n = args.per_class * len(classes)
     labels = torch.arange(n) % len(classes)
     images = []

@@ -14,6 +14,9 @@ on the shipped model (default) with its model-card sampling settings, class-bala
   ``--feature-size``) of ``--num-samples`` samples against as many test-split images; the exact
   mode is run with two seeds, and the distance between them and their two distances to the test
   split give the noise floor;
+- class agreement (Fashion-MNIST models): the share of each class's samples that a CNN trained on
+  the real training split (mage_fast.eval.agreement) calls that class, averaged over the classes,
+  beside exact decoding's two seeds;
 - images/s of each mode on this model (network passes plus tokenizer decode) and, with
   ``--throughput-json``, the ViT-B speed-up from ``decode_throughput.py`` for the plot.
 
@@ -37,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mage_fast  # noqa: E402
 from common import environment, print_header, write_json  # noqa: E402
 from mage_fast.decoding import MODES, mode_name, resolve_mode  # noqa: E402
+from mage_fast.eval.agreement import FMNIST_CLASSES, agreement_of, predict, to_classifier_input, train_classifier  # noqa: E402
 from mage_fast.eval.frechet import _efficientnet, frechet_distance, gaussian_stats  # noqa: E402
 
 FMNIST_TEST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
@@ -141,7 +145,7 @@ def run_mode(model, mode, n: int, bs: int, seed: int, T: int, temp: float, num_c
 
 
 def exact_run(cache_dir, key: dict, compute):
-    """``compute()`` -> (features, ids, images/s) of one exact run, read from ``cache_dir`` when an
+    """``compute()`` -> (features, ids, images/s, classifier calls or None) of one exact run, read from ``cache_dir`` when an
     earlier run of the same work (same checkpoint file, settings, seed and feature size) stored it
     there; written atomically after computing. ``cache_dir`` None: always computed."""
     if not cache_dir:
@@ -153,12 +157,12 @@ def exact_run(cache_dir, key: dict, compute):
         hit = torch.load(path, map_location="cpu", weights_only=True)
         if hit.get("key") == key:
             print(f"  exact seed {key['seed']}: from {path}")
-            return hit["features"], hit["ids"], hit["images_per_s"]
-    feat, ids, speed = compute()
+            return hit["features"], hit["ids"], hit["images_per_s"], hit.get("calls")
+    feat, ids, speed, calls = compute()
     os.makedirs(cache_dir, exist_ok=True)
-    torch.save({"key": key, "features": feat, "ids": ids, "images_per_s": speed}, path + ".tmp")
+    torch.save({"key": key, "features": feat, "ids": ids, "images_per_s": speed, "calls": calls}, path + ".tmp")
     os.replace(path + ".tmp", path)
-    return feat, ids, speed
+    return feat, ids, speed, calls
 
 
 def plot(rows, path, x_key, x_label):
@@ -352,16 +356,29 @@ def main(argv=None):
     ref = features(net, load_test_images(args.num_samples, ref_seed, model.img_size), args.feature_size)
     n, bs = args.num_samples, args.batch_size
     st = os.stat(ckpt)
+    labels = torch.arange(n) % num_classes
+    classifier = clf_scores = None
+    if [c.replace(" ", "_") for c in model_card(ckpt).get("classes", [])] == list(FMNIST_CLASSES):
+        classifier, clf_scores = train_classifier()
+        print(f"  class agreement: a CNN trained on the real training split, {100 * clf_scores['test_accuracy']:.1f} % "
+              f"on the real test split")
+
+    def calls(imgs):
+        return predict(classifier, to_classifier_input(imgs)) if classifier is not None else None
+
+    def agreement(pred):
+        return agreement_of(pred, labels, num_classes) if pred is not None else None
 
     def exact(seed):
         def compute():
             imgs, ids, _, speed = run_mode(model, "exact", n, bs, seed, T, temp, num_classes, 0)
-            return features(net, imgs, args.feature_size), ids, speed
+            return features(net, imgs, args.feature_size), ids, speed, calls(imgs)
         key = dict(ckpt=os.path.abspath(ckpt), size=st.st_size, mtime_ns=st.st_mtime_ns, num_iter=T, temperature=temp,
                    num_samples=n, classes=num_classes, seed=seed, feature_size=args.feature_size,
-                   torch=str(torch.__version__), mage_fast=str(mage_fast.__version__))
+                   torch=str(torch.__version__), mage_fast=str(mage_fast.__version__), calls=classifier is not None)
         return exact_run(args.exact_cache, key, compute)
-    ex_feat, ex_ids, ex_speed = exact(seeds[0])
+    ex_feat, ex_ids, ex_speed, ex_calls = exact(seeds[0])
+    ex_agree = agreement(ex_calls)
     if prior_floor is not None:  # seed 1 from the earlier run; seed 0 must reproduce it
         floor = dict(prior_floor, floor_from=os.path.abspath(args.floor_from))
         again = fd(ex_feat, ref)
@@ -370,16 +387,22 @@ def main(argv=None):
                              f"against {floor['exact_seed0_vs_test']:.3f} there; not the same work, so not its floor")
         floor["exact_seed0_vs_test_here"] = again
     else:
-        ex1_feat, ex1_ids, _ = exact(seeds[1])
+        ex1_feat, ex1_ids, _, ex1_calls = exact(seeds[1])
         floor = {"exact_seed0_vs_test": fd(ex_feat, ref), "exact_seed1_vs_test": fd(ex1_feat, ref),
                  "exact_seed0_vs_seed1": fd(ex_feat, ex1_feat),
                  "token_diff_seed0_vs_seed1": float((ex_ids != ex1_ids).float().mean())}
+        if ex1_calls is not None:
+            floor["class_agreement_seed1"] = agreement(ex1_calls)["mean"]
+    if ex_agree is not None:
+        floor["class_agreement_seed0"] = ex_agree["mean"]
+        print(f"  class agreement of exact decoding: seed 0 {ex_agree['mean']:.3f}"
+              + (f", seed 1 {floor['class_agreement_seed1']:.3f}" if "class_agreement_seed1" in floor else ""))
     print(f"  noise floor: exact seed 0 {floor['exact_seed0_vs_test']:.2f}, seed 1 {floor['exact_seed1_vs_test']:.2f}, "
           f"seed 0 vs 1 {floor['exact_seed0_vs_seed1']:.2f}; tokens differing between seeds "
           f"{100 * floor['token_diff_seed0_vs_seed1']:.1f} %")
     extra_rows = []
     for s in args.floor_seeds:  # a wider floor: more exact seed sets
-        f_s, ids_s, _ = exact(s)
+        f_s, ids_s, _, _ = exact(s)
         extra_rows.append(dict(mode=f"exact_seed{s}", spec=f"seed {s}", frechet=fd(f_s, ref),
                                frechet_vs_exact=fd(ex_feat, f_s), token_diff=float((ex_ids != ids_s).float().mean()),
                                kl_per_step={}, images_per_s=None, vitb_speedup=None))
@@ -399,7 +422,8 @@ def main(argv=None):
     speedup = _speedups(args.throughput_json)
     rows = [dict(mode="exact", spec=mode_name(resolve_mode("exact")), frechet=floor["exact_seed0_vs_test"],
                  frechet_vs_exact=0.0, token_diff=0.0, kl_per_step={}, images_per_s=ex_speed,
-                 vitb_speedup=speedup.get("exact")),
+                 vitb_speedup=speedup.get("exact"), class_agreement=floor.get("class_agreement_seed0"),
+                 class_agreement_per_class=ex_agree["per_class"] if ex_agree else None),
             dict(mode="exact_seed1", spec="seed 1", frechet=floor["exact_seed1_vs_test"],
                  frechet_vs_exact=floor["exact_seed0_vs_seed1"], token_diff=floor["token_diff_seed0_vs_seed1"],
                  kl_per_step={}, images_per_s=None, vitb_speedup=None)] + extra_rows
@@ -411,11 +435,15 @@ def main(argv=None):
                    kl_mean=float(np.mean(list(kl.values()))) if kl else 0.0, kl_fixed_per_step=kl_fixed,
                    kl_fixed_mean=float(np.mean(list(kl_fixed.values()))) if kl_fixed else 0.0, images_per_s=speed)
         row["vitb_speedup"] = _speed_of(row, speedup)
+        agree = agreement(calls(imgs))
+        if agree is not None:
+            row["class_agreement"], row["class_agreement_per_class"] = agree["mean"], agree["per_class"]
         rows.append(row)
         print(f"  {name:<34} Frechet {row['frechet']:7.2f} (vs exact samples {row['frechet_vs_exact']:6.2f}) | "
               f"tokens != exact {100 * row['token_diff']:5.1f} % | mean KL/step {row['kl_mean']:.4f}, "
               f"at fixed tokens {row['kl_fixed_mean']:.4f} | "
-              f"{speed or 0:7.1f} images/s here" + (f" | ViT-B {row['vitb_speedup']:.2f}x official" if row["vitb_speedup"] else ""))
+              f"{speed or 0:7.1f} images/s here" + (f" | ViT-B {row['vitb_speedup']:.2f}x official" if row["vitb_speedup"] else "")
+              + (f" | class agreement {row['class_agreement']:.3f}" if "class_agreement" in row else ""))
     for order, t in step_points:
         imgs, ids, _, speed = run_mode(model, "exact", n, bs, seeds[0], int(t), temp, num_classes, 0, order=order)
         feat = features(net, imgs, args.feature_size)
@@ -433,7 +461,8 @@ def main(argv=None):
            "feature_extractor": f"EfficientNet-Lite0 pooled, bilinear resize to {args.feature_size} px",
            "reference": f"{n} seeded-random Fashion-MNIST test images" + (
                f", padded to {model.img_size} px" if model.img_size != 28 else ""), "noise_floor": floor, "rows": rows,
-           "throughput_json": args.throughput_json, "environment": env}
+           "throughput_json": args.throughput_json, "environment": env,
+           "classifier": clf_scores}
     path = write_json(out, args.out, f"decode_quality_{os.path.splitext(os.path.basename(ckpt))[0]}.json")
     print(f"  wrote {path} and {_plot_rows(rows, path, bool(speedup))}")
 

@@ -6,6 +6,7 @@ and the CLI report it), so a caller can tell bad input from a crash. Integer exi
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -19,3 +20,11 @@ def run_script(main: Callable[[], object]) -> None:
             sys.exit(2)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse.ArgumentParser`` whose usage errors are one line, ``<prog>: error: <message>``
+    (``--help`` shows the usage), with exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")

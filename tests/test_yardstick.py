@@ -34,7 +34,12 @@ def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path, monkeypatch):
     point, with a JSON whose numbers are finite and whose rows name what ran."""
     import math
 
+    import functools
+
     import decode_quality
+    # a classifier trained on 3 000 real training images for one epoch stands in for the full one
+    monkeypatch.setattr(decode_quality, "train_classifier", functools.partial(
+        decode_quality.train_classifier, limit=3000, epochs=1, cache_dir=str(tmp_path / "clf"), progress=False))
     out = tmp_path / "q.json"
     cache = tmp_path / "exact_cache"
     decode_quality.main(["--num-samples", "20", "--batch-size", "10", "--kl-samples", "10", "--feature-size", "32",
@@ -50,6 +55,12 @@ def test_decode_quality_end_to_end_at_a_tiny_size(tmp_path, monkeypatch):
     assert rows["bf16"]["kl_fixed_mean"] == pytest.approx(sum(fixed.values()) / len(fixed))
     assert rows["halton@T=4"]["token_diff"] is None and rows["halton@T=4"]["spec"].startswith("exact pass, order=halton")
     assert os.path.isfile(str(out).replace(".json", ".png"))
+    # class agreement: exact's two seeds in the floor, every sampled row scored, the classifier named
+    assert res["classifier"]["train_images"] == 3000 and res["classifier"]["test_accuracy"] > 0.5
+    for k in ("class_agreement_seed0", "class_agreement_seed1"):
+        assert 0 <= res["noise_floor"][k] <= 1
+    assert rows["exact"]["class_agreement"] == res["noise_floor"]["class_agreement_seed0"]
+    assert 0 <= rows["bf16"]["class_agreement"] <= 1 and len(rows["bf16"]["class_agreement_per_class"]) == 10
     # --exact-cache: a second run on the same work reads the exact runs (one file per seed) instead
     # of generating them, with the same floor
     assert len(os.listdir(cache)) == 2

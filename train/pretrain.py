@@ -178,7 +178,8 @@ def main(argv=None):
                                 grad_accum=args.accum_iter, log_every=args.log_every, save_every=args.save_every,
                                 keep_last=args.keep_last, output_dir=args.output_dir, resume=args.resume,
                                 simulate_crash_at_step=args.simulate_crash_at_step,
-                                tokens_per_sample=model.seq_len, progress=not args.no_progress, desc="mage"),
+                                tokens_per_sample=model.seq_len, progress=not args.no_progress, desc="mage",
+                                autocast_bf16=args.precision == "bf16-autocast"),
                      engine, opt, loader, step_fn)
     loop.maybe_resume()
     tag = loop.run()

@@ -197,7 +197,8 @@ def main(argv=None):
                                 grad_accum=args.accum_iter, log_every=args.log_every, save_every=args.save_every,
                                 keep_last=args.keep_last, output_dir=args.output_dir, resume=args.resume,
                                 simulate_crash_at_step=args.simulate_crash_at_step,
-                                progress=not args.no_progress, desc="tokenizer"),
+                                progress=not args.no_progress, desc="tokenizer",
+                                autocast_bf16=args.precision == "bf16-autocast"),
                      engine, opt, loader, step_fn, on_boundary=on_boundary, get_extra=get_extra, set_extra=set_extra,
                      after_micro_step=disc_step)
     loop.maybe_resume()

@@ -142,7 +142,11 @@ def sample_agreement(classifier: nn.Module, images: torch.Tensor, labels: torch.
                      num_classes: int = 10) -> dict:
     """Agreement of generated ``images`` (B, 3, S, S) drawn for ``labels`` (B,): per class and mean,
     and the confusion counts (rows: asked-for class, columns: the classifier's call)."""
-    pred = predict(classifier, to_classifier_input(images))
+    return agreement_of(predict(classifier, to_classifier_input(images)), labels, num_classes)
+
+
+def agreement_of(pred: torch.Tensor, labels: torch.Tensor, num_classes: int = 10) -> dict:
+    """:func:`sample_agreement` from the classifier's calls ``pred`` (B,) for ``labels`` (B,)."""
     per = per_class_accuracy(pred, labels, num_classes)
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     conf.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)

@@ -37,7 +37,10 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--min_lr", type=float, default=0.0)
     g.add_argument("--weight_decay", type=float, default=0.05)
     g.add_argument("--clip_grad", type=float, default=3.0)
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16-autocast", "fp16"],
+                   help="fp32; bf16 / fp16: DeepSpeed's (weights and activations in 16 bits, fp32 master weights); "
+                        "bf16-autocast: fp32 weights and optimizer, the forward under torch.autocast(bf16) "
+                        "(default: %(default)s)")
     g.add_argument("--deepspeed_config", default="zero1", help="a file, or zero0/zero1/zero2/zero3 in train/configs")
     g.add_argument("--seed", type=int, default=0)
     g = ap.add_argument_group("run")

@@ -63,8 +63,8 @@ def ds_config(path: Optional[str], micro_batch: int, grad_accum: int, world_size
             path = named
         with open(path) as f:
             cfg = json.load(f)
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if precision not in ("fp32", "bf16", "bf16-autocast", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16, bf16-autocast or fp16, got {precision!r}")
     cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
                train_batch_size=micro_batch * grad_accum * world_size, gradient_clipping=clip,
                steps_per_print=10 ** 9, wall_clock_breakdown=False, zero_allow_untested_optimizer=True)

@@ -36,6 +36,7 @@ class LoopConfig:
     tokens_per_sample: int = 0
     progress: bool = True
     desc: str = "train"
+    autocast_bf16: bool = False  # the forward under torch.autocast(bf16); weights and optimizer stay fp32
 
 
 @dataclass
@@ -102,6 +103,9 @@ class TrainLoop:
             g["lr"] = lr
         return lr
 
+    def _device_type(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
     def run(self) -> Optional[str]:
         """Train to ``total_steps``; returns the last checkpoint tag (None without an output dir)."""
         cfg, st = self.cfg, self.state
@@ -117,7 +121,8 @@ class TrainLoop:
         lr = self.set_lr(st.step)
         while st.step < cfg.total_steps:
             for batch in self.loader.batches(st.epoch, st.batch):
-                loss, stats = self.step_fn(batch, st.step)
+                with torch.autocast(self._device_type(), dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+                    loss, stats = self.step_fn(batch, st.step)
                 self.engine.backward(loss)
                 self.engine.step()
                 if self.after_micro_step is not None:
