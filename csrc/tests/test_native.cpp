@@ -288,6 +288,31 @@ static void test_group_norm() {
   }
 }
 
+static void test_dropout() {
+  // each element against dropout_keep; an offset continues the stream; a run that crosses a 2^32
+  // index boundary; bf16 scaling; the keep rate
+  const int64_t n = 5000;
+  std::vector<float> x(n), y(n), z(n - 1000);
+  for (int64_t i = 0; i < n; ++i) x[i] = 1.0f + 0.001f * static_cast<float>(i);
+  const uint64_t seed = 0x123456789ull, offset = 0xFFFFFC00ull;  // crosses 2^32 after 1024 elements
+  const uint32_t t = cpu::dropout_threshold(0.25);
+  cpu::dropout_f32(x.data(), y.data(), n, 0.25, seed, offset, 2);
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool keep = cpu::dropout_keep(seed, offset + i, t);
+    kept += keep;
+    CHECK(y[i] == (keep ? x[i] * (1.0f / 0.75f) : 0.0f), "dropout_f32 element %lld", (long long)i);
+  }
+  CHECK(kept > 0.72 * n && kept < 0.78 * n, "keep rate %lld of %lld at p = 0.25", (long long)kept, (long long)n);
+  cpu::dropout_f32(x.data() + 1000, z.data(), n - 1000, 0.25, seed, offset + 1000, 1);
+  for (int64_t i = 0; i < n - 1000; ++i) CHECK(z[i] == y[i + 1000], "offset continues the stream at %lld", (long long)i);
+  std::vector<uint16_t> xb(n, 0x3F80), yb(n);  // bf16 1.0
+  cpu::dropout_bf16(xb.data(), yb.data(), n, 0.5, seed, 0, 2);
+  for (int64_t i = 0; i < n; ++i)
+    CHECK(yb[i] == (cpu::dropout_keep(seed, i, cpu::dropout_threshold(0.5)) ? 0x4000 : 0), "bf16 element %lld",
+          (long long)i);
+}
+
 int main() {
   test_hash();
   test_select();
@@ -297,6 +322,7 @@ int main() {
   test_decode_step_invariants();
   test_winograd();
   test_group_norm();
+  test_dropout();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;
