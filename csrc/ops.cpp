@@ -188,6 +188,47 @@ at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offs
   return y;
 }
 
+bool is_bf16(const at::Tensor& t, const char* what, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "mage_fast::", op, ": ", what,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+  return t.scalar_type() == at::kBFloat16;
+}
+
+// Outputs are written in place (the Python side keeps them as reusable buffers: fresh tensors of this
+// size cost more in first-touch page faults than the pass itself).
+void attn_probs_cpu(const at::Tensor& s, const at::Tensor& lse, double scale, double dropout_p, int64_t seed,
+                    int64_t offset, const at::Tensor& p, const at::Tensor& pd) {
+  TORCH_CHECK(s.dim() >= 1 && s.is_contiguous(), "mage_fast::attn_probs: s must be contiguous rows");
+  const int64_t K = s.size(-1), M = K ? s.numel() / K : 0;
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == M,
+              "mage_fast::attn_probs: lse must be float32 with one value per row (", M, "), got ", lse.sizes());
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0 && offset >= 0, "mage_fast::attn_probs: bad dropout_p or offset");
+  TORCH_CHECK(pd.is_contiguous() && pd.numel() == s.numel(), "mage_fast::attn_probs: pd must be contiguous, ",
+              s.numel(), " elements");
+  const bool with_p = p.numel() > 0;
+  TORCH_CHECK(!with_p || (p.scalar_type() == at::kFloat && p.is_contiguous() && p.numel() == s.numel()),
+              "mage_fast::attn_probs: p must be empty or contiguous float32 with ", s.numel(), " elements");
+  const bool s16 = is_bf16(s, "s", "attn_probs"), pd16 = is_bf16(pd, "pd", "attn_probs");
+  cpu::attn_probs(s.data_ptr(), s16, lse.data_ptr<float>(), M, K, static_cast<float>(scale), dropout_p,
+                  static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), with_p ? p.data_ptr<float>() : nullptr,
+                  pd.data_ptr(), pd16, at::get_num_threads());
+}
+
+void attn_dscores_cpu(const at::Tensor& dp, const at::Tensor& p, const at::Tensor& delta, double scale,
+                      double dropout_p, int64_t seed, int64_t offset, const at::Tensor& ds) {
+  TORCH_CHECK(dp.dim() >= 1 && dp.is_contiguous() && p.is_contiguous() && p.scalar_type() == at::kFloat &&
+                  p.numel() == dp.numel() && ds.is_contiguous() && ds.numel() == dp.numel(),
+              "mage_fast::attn_dscores: dp, p (float32) and ds must be contiguous with one number of elements");
+  const int64_t K = dp.size(-1), M = K ? dp.numel() / K : 0;
+  TORCH_CHECK(delta.scalar_type() == at::kFloat && delta.is_contiguous() && delta.numel() == M,
+              "mage_fast::attn_dscores: delta must be float32 with one value per row (", M, "), got ", delta.sizes());
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0 && offset >= 0, "mage_fast::attn_dscores: bad dropout_p or offset");
+  const bool dp16 = is_bf16(dp, "dp", "attn_dscores"), ds16 = is_bf16(ds, "ds", "attn_dscores");
+  cpu::attn_dscores(dp.data_ptr(), dp16, p.data_ptr<float>(), delta.data_ptr<float>(), M, K, static_cast<float>(scale),
+                    dropout_p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), ds.data_ptr(), ds16,
+                    at::get_num_threads());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mage_fast, m) {
@@ -200,6 +241,10 @@ TORCH_LIBRARY(mage_fast, m) {
   m.def("winograd_conv3x3(Tensor x, Tensor U, Tensor? bias, bool upsample) -> Tensor");
   m.def("group_norm_silu(Tensor x, int groups, Tensor weight, Tensor bias, float eps, bool silu) -> Tensor");
   m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
+  m.def("attn_probs(Tensor s, Tensor lse, float scale, float dropout_p, int seed, int offset, Tensor(a!) p, "
+        "Tensor(b!) pd) -> ()");
+  m.def("attn_dscores(Tensor dp, Tensor p, Tensor delta, float scale, float dropout_p, int seed, int offset, "
+        "Tensor(a!) ds) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mage_fast, CPU, m) {
@@ -211,6 +256,8 @@ TORCH_LIBRARY_IMPL(mage_fast, CPU, m) {
   m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
   m.impl("group_norm_silu", &group_norm_silu_cpu);
   m.impl("dropout", &dropout_cpu);
+  m.impl("attn_probs", &attn_probs_cpu);
+  m.impl("attn_dscores", &attn_dscores_cpu);
 }
 
 }  // namespace mage_fast

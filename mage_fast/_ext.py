@@ -20,7 +20,7 @@ import torch
 
 ABI_VERSION = 1  # must equal MAGE_FAST_ABI_VERSION in csrc/module.cpp
 OPS = ("codebook_nn", "decode_step", "gather_tokens", "scatter_tokens", "winograd_weight", "winograd_conv3x3",
-       "group_norm_silu", "dropout")
+       "group_norm_silu", "dropout", "attn_probs", "attn_dscores")
 
 status: str = "not loaded yet"
 _module: Optional[ModuleType] = None

@@ -233,3 +233,26 @@ def test_cpu_train_attention_with_dropout_is_the_gradient_of_the_dropped_weights
     assert _rel(o.detach(), ro.detach()) < tol
     for a, b in zip(x, r):
         assert _rel(a.grad, b.grad) < tol
+
+
+@needs_dropout_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p_drop", [0.0, 0.3])
+def test_attention_elementwise_ops_equal_their_torch_form(monkeypatch, dtype, p_drop):
+    """attn_probs / attn_dscores (compiled, one pass each) against the torch passes they replace,
+    on rows that start mid-stream (offset) and scores down to where exp underflows."""
+    torch.manual_seed(0)
+    s = (torch.randn(3, 7, 33) * 30).to(dtype)
+    lse = torch.logsumexp(s.float() * 0.2, -1, keepdim=True)
+    dp, delta = torch.randn(3, 7, 33).to(dtype), torch.randn(3, 7, 1)
+    got_p, got_pd = att._probs(s, lse, 0.2, p_drop, 11, 500, True, dtype)
+    got_ds = att._dscores(dp, got_p, delta, 0.2, p_drop, 11, 500, dtype).clone()
+    got_p, got_pd = got_p.clone(), got_pd.clone()
+    real = mage_fast._ext.has_op
+    monkeypatch.setattr(mage_fast._ext, "has_op", lambda name: name not in ("attn_probs", "attn_dscores") and real(name))
+    want_p, want_pd = att._probs(s, lse, 0.2, p_drop, 11, 500, True, dtype)
+    want_ds = att._dscores(dp, want_p, delta, 0.2, p_drop, 11, 500, dtype)
+    assert torch.allclose(got_p, want_p, rtol=2e-6, atol=1e-30)
+    tol = dict(rtol=8e-3, atol=1e-30) if dtype == torch.bfloat16 else dict(rtol=2e-6, atol=1e-30)
+    assert torch.allclose(got_pd.float(), want_pd.float(), **tol) and torch.equal(got_pd == 0, want_pd == 0)
+    assert torch.allclose(got_ds.float(), want_ds.float(), **(tol if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)))

@@ -72,5 +72,16 @@ void dropout_f32(const float* x, float* y, int64_t n, double p, uint64_t seed, u
 void dropout_bf16(const uint16_t* x, uint16_t* y, int64_t n, double p, uint64_t seed, uint64_t offset,
                   int num_threads);
 
+// The CPU training attention's elementwise passes (csrc/cpu/attention.cpp). Rows of K contiguous
+// elements, M rows; s, pd, dp, ds fp32 or bf16 (uint16 storage) as flagged; dropout decisions those of
+// dropout_keep at element index offset + row * K + column.
+// attn_probs: p = exp(scale * s - lse[row]) into p (fp32; may be null), pd = p / (1 - p_drop) where kept, else 0.
+void attn_probs(const void* s, bool s_bf16, const float* lse, int64_t M, int64_t K, float scale, double p_drop,
+                uint64_t seed, uint64_t offset, float* p, void* pd, bool pd_bf16, int num_threads);
+// attn_dscores: ds = p * (dropout(dp) - delta[row]) * scale.
+void attn_dscores(const void* dp, bool dp_bf16, const float* p, const float* delta, int64_t M, int64_t K, float scale,
+                  double p_drop, uint64_t seed, uint64_t offset, void* ds, bool ds_bf16, int num_threads);
+float exp_neg_approx(float x);  // the exp those use (tests)
+
 }  // namespace cpu
 }  // namespace mage_fast

@@ -313,6 +313,32 @@ static void test_dropout() {
           (long long)i);
 }
 
+static void test_attention_passes() {
+  double worst = 0;
+  for (int i = 0; i < 87000; ++i) {  // the exp the passes use, over (-87, 0]
+    const float x = -0.001f * static_cast<float>(i);
+    const double want = std::exp(static_cast<double>(x));
+    worst = std::max(worst, std::abs(cpu::exp_neg_approx(x) - want) / want);
+  }
+  CHECK(worst <= 3e-7, "exp_neg_approx: max relative error %g", worst);
+  CHECK(cpu::exp_neg_approx(-100.0f) == 0.0f && std::isnan(cpu::exp_neg_approx(NAN)), "exp_neg_approx edges");
+  // one row with dropout: pd = p / (1 - q) where kept, ds = p (dropout(dp) - delta) scale
+  const int64_t K = 40;
+  std::vector<float> s(K), p(K), pd(K), dp(K), ds(K);
+  for (int64_t k = 0; k < K; ++k) s[k] = 0.1f * static_cast<float>(k % 7) - 0.3f, dp[k] = 0.05f * static_cast<float>(k);
+  const float lse = 1.5f, delta = 0.7f, scale = 0.5f;
+  cpu::attn_probs(s.data(), false, &lse, 1, K, scale, 0.25, 99, 1000, p.data(), pd.data(), false, 1);
+  cpu::attn_dscores(dp.data(), false, p.data(), &delta, 1, K, scale, 0.25, 99, 1000, ds.data(), false, 1);
+  for (int64_t k = 0; k < K; ++k) {
+    const double e = std::exp(static_cast<double>(s[k]) * scale - lse);
+    const bool keep = cpu::dropout_keep(99, 1000 + k, cpu::dropout_threshold(0.25));
+    CHECK(std::abs(p[k] - e) <= 1e-6 * e, "attn_probs p[%lld]", (long long)k);
+    CHECK(pd[k] == (keep ? p[k] * (1.0f / 0.75f) : 0.0f), "attn_probs pd[%lld]", (long long)k);
+    const float want = p[k] * ((keep ? dp[k] * (1.0f / 0.75f) : 0.0f) - delta) * scale;
+    CHECK(std::abs(ds[k] - want) <= 1e-6f, "attn_dscores ds[%lld]", (long long)k);
+  }
+}
+
 int main() {
   test_hash();
   test_select();
@@ -323,6 +349,7 @@ int main() {
   test_winograd();
   test_group_norm();
   test_dropout();
+  test_attention_passes();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

@@ -16,6 +16,8 @@ bf16 matrix product of an autocast step does) and keep the softmax and its deriv
 """
 from __future__ import annotations
 
+import math
+import threading
 from typing import Optional
 
 import torch
@@ -47,16 +49,19 @@ def attention_sdpa(q, k, v, dropout_p: float = 0.0, causal: bool = False, scale:
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
 
 
-# Score-matrix elements one backward chunk holds at most (fp32: 4 bytes each); bounds the transient
-# memory of long sequences and large batches, far above what one chunk needs to keep oneDNN busy.
-_CHUNK_ELEMENTS = 1 << 24
+# Score-matrix elements one chunk holds at most (fp32: 4 bytes each); bounds the reused buffers
+# (five of them, at most 4 bytes x this each) for long sequences and large batches, far above what
+# one chunk needs to keep oneDNN busy.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 class _CPUTrainAttention(torch.autograd.Function):
     """Non-causal attention whose backward is batched matrix products (see the module docstring).
     With ``dropout_p`` > 0 the softmax weights are dropped by the hashed dropout of
     :mod:`mage_fast.ops.dropout` (element index = position in the (B*H, N, K) weights, one seed per
-    call); the forward then computes the weights itself, with fp32 scores as the official code."""
+    call); the forward then computes the weights itself, with fp32 scores as the official code.
+    The elementwise passes run in the compiled ``attn_probs`` / ``attn_dscores`` where they are
+    built, else in torch (the same arithmetic)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, dropout_p: float, seed: int):
@@ -69,10 +74,11 @@ class _CPUTrainAttention(torch.autograd.Function):
             out = torch.empty(B * H, N, d, dtype=v.dtype)
             lse = torch.empty(B * H, N, 1, dtype=torch.float32)
             for i, j in _chunks(B * H, N * K):
-                s = torch.bmm(qf[i:j].float(), kf[i:j].float().transpose(1, 2)).mul_(scale)
+                s = torch.bmm(qf[i:j].float(), kf[i:j].float().transpose(1, 2),
+                              out=_buffer("s", (j - i, N, K), torch.float32)).mul_(scale)
                 torch.logsumexp(s, dim=-1, keepdim=True, out=lse[i:j])
-                p = torch.ops.mage_fast.dropout(s.sub_(lse[i:j]).exp_(), dropout_p, seed, i * N * K)
-                torch.bmm(p.to(vf.dtype), vf[i:j], out=out[i:j])
+                _, pd = _probs(s, lse[i:j], 1.0, dropout_p, seed, i * N * K, False, vf.dtype)
+                torch.bmm(pd, vf[i:j], out=out[i:j])
             out = out.view(B, H, N, d)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
@@ -89,23 +95,60 @@ class _CPUTrainAttention(torch.autograd.Function):
         dq, dk, dv = (torch.empty_like(t) for t in flat[:3])
         for i, j in _chunks(B * H, N * K):
             qi, ki, vi, oi, gi = (t[i:j] for t in flat)
-            # p = softmax(scale q k^T), rebuilt from the forward's log-sum-exp, in fp32
-            if p_drop == 0:
-                p = torch.bmm(qi, ki.transpose(1, 2)).float()
-            else:  # as the forward computed it
-                p = torch.bmm(qi.float(), ki.float().transpose(1, 2))
-            p = p.mul_(scale).sub_(lse[i:j]).exp_()
-            dp = torch.bmm(gi, vi.transpose(1, 2)).float()
-            pd = p
-            if p_drop > 0:  # the kept weights, and the gradient through the same decisions
-                pd = torch.ops.mage_fast.dropout(p, p_drop, seed, i * N * K)
-                dp = torch.ops.mage_fast.dropout(dp, p_drop, seed, i * N * K)
-            torch.bmm(pd.to(vi.dtype).transpose(1, 2), gi, out=dv[i:j])
+            # the scores as the forward had them: in the inputs' dtype (fp32 with dropout, as its forward)
+            shape = (j - i, N, K)
+            if p_drop > 0:
+                s = torch.bmm(qi.float(), ki.float().transpose(1, 2), out=_buffer("s", shape, torch.float32))
+            else:
+                s = torch.bmm(qi, ki.transpose(1, 2), out=_buffer("s", shape, qi.dtype))
+            p, pd = _probs(s, lse[i:j], scale, p_drop, seed, i * N * K, True, vi.dtype)
+            torch.bmm(pd.transpose(1, 2), gi, out=dv[i:j])
             delta = (gi.float() * oi.float()).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(dP * P)
-            ds = dp.sub_(delta).mul_(p).mul_(scale).to(qi.dtype)
+            dp = torch.bmm(gi, vi.transpose(1, 2), out=_buffer("dp", shape, vi.dtype))
+            ds = _dscores(dp, p, delta, scale, p_drop, seed, i * N * K, qi.dtype)
             torch.bmm(ds, ki, out=dq[i:j])
             torch.bmm(ds.transpose(1, 2), qi, out=dk[i:j])
         return dq.view_as(q), dk.view_as(k), dv.view_as(v), None, None, None
+
+
+_WORKSPACE = threading.local()
+
+
+def _buffer(name: str, shape, dtype) -> torch.Tensor:
+    """A reusable buffer of this thread (the backward's score-sized temporaries: fresh ones of tens of
+    MB cost more in first-touch page faults than the passes that fill them). At most one per name,
+    grown as needed: a few chunks' worth (:data:`_CHUNK_ELEMENTS`) stays allocated."""
+    n = math.prod(shape)
+    bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
+    t = bufs.get(name)
+    if t is None or t.dtype != dtype or t.numel() < n:
+        t = bufs[name] = torch.empty(n, dtype=dtype)
+    return t[:n].view(shape)
+
+
+def _probs(s, lse, scale, p_drop, seed, offset, with_p, dtype):
+    """(p = exp(scale s - lse) in fp32 or None, the dropped weights in ``dtype``)."""
+    if _ext.has_op("attn_probs"):
+        pd = _buffer("pd", s.shape, dtype)
+        p = _buffer("p", s.shape, torch.float32) if with_p else torch.empty(0)
+        torch.ops.mage_fast.attn_probs(s.contiguous(), lse.contiguous(), scale, p_drop, seed, offset, p, pd)
+        return (p if with_p else None), pd
+    p = s.float().mul_(scale).sub_(lse).exp_()
+    pd = torch.ops.mage_fast.dropout(p, p_drop, seed, offset) if p_drop > 0 else p
+    return p, pd.to(dtype)
+
+
+def _dscores(dp, p, delta, scale, p_drop, seed, offset, dtype):
+    """scale * p * (dropout(dp) - delta), in ``dtype``."""
+    if _ext.has_op("attn_dscores"):
+        ds = _buffer("ds", dp.shape, dtype)
+        torch.ops.mage_fast.attn_dscores(dp.contiguous(), p, delta.reshape(-1).contiguous(), scale, p_drop, seed,
+                                         offset, ds)
+        return ds
+    dp = dp.float()
+    if p_drop > 0:
+        dp = torch.ops.mage_fast.dropout(dp, p_drop, seed, offset)
+    return dp.sub_(delta).mul_(p).mul_(scale).to(dtype)
 
 
 def _chunks(n: int, per_item: int):
