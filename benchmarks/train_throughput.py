@@ -23,7 +23,7 @@ the backward split by gradient hooks at the section boundaries) and optimizer. B
 fp32 paths are run once on the same images and masks with dropout off: their losses and gradients
 are compared and the largest differences reported. (With dropout on, the reference draws torch's
 dropout numbers and the fast paths the hashed ones of mage_fast.ops.dropout.) Peak memory: the peak resident set (CPU) or CUDA max allocated
-of a fresh subprocess running warm-up + one step of that path alone. The output names each path's
+of a fresh subprocess running warm-up + one step of that path alone (VmHWM on Linux). The output names each path's
 speed against the reference as ``<path> <ratio>x``; JSON to benchmarks/results/.
 """
 from __future__ import annotations
@@ -213,9 +213,21 @@ def memory_only(args) -> None:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup + 1):
         p.step(imgs, ids)
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _peak_rss()
     print(json.dumps({"peak_mb": peak / 2 ** 20}))
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set in bytes: VmHWM (Linux; ru_maxrss would also count the
+    parent's peak, which a forked child inherits), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def parse_args(argv=None):
@@ -293,6 +305,9 @@ def main(argv=None):
         if name == "reference":
             ref = row
         results.append(row)
+    del runners, r  # the paths' models and optimizer states (tens of GB at ViT-L), before the memory runs
+    import gc
+    gc.collect()
     if not args.no_memory:
         for row in results:
             row["peak_mem_mb"] = peak_memory(args, row["path"])
