@@ -29,6 +29,10 @@ def _example_args(device: torch.device) -> dict:
                       dict(dropout_p=0.0, causal=False, scale=None)),
         "attention (causal, VIM)": ((*(torch.randn(2, 12, 256, 64, device=device, dtype=half) for _ in range(3)),),
                                     dict(dropout_p=0.0, causal=True, scale=None)),
+        "attention (training, dropout 0.1)": ((*(torch.randn(2, 12, L, 64, device=device, dtype=half,
+                                                             requires_grad=True) for _ in range(3)),),
+                                              dict(dropout_p=0.1, causal=False, scale=None)),
+        "dropout": ((torch.randn(2, L, 3072, device=device, dtype=half), 0.1), {}),
         "masked_ce": ((torch.randn(2, 256, 1024, **f32), torch.zeros(2, 256, dtype=torch.long, device=device),
                        torch.ones(2, 256, **f32), 0.1), {}),
     }
