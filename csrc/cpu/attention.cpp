@@ -5,7 +5,7 @@
 //   attn_probs:   p = exp(scale * s - lse) (fp32, optional), pd = dropout(p) in the output dtype
 //   attn_dscores: ds = p * (dropout(dp) - delta) * scale
 //
-// Dropout decisions are those of csrc/cpu/dropout.cpp at element index offset + row * K + column,
+// Dropout decisions are those of csrc/cpu/dropout.cpp (cpu/dropout_hash.h) at element index offset + row * K + column,
 // so the weights of the forward, the backward's rebuilt weights and the gradient agree. Scores,
 // products and outputs are fp32 or bf16 (uint16 storage); rows are contiguous, K wide.
 #include <algorithm>
@@ -14,32 +14,17 @@
 #include <cstring>
 
 #include "common/rng.h"
+#include "cpu/dropout_hash.h"
 #include "cpu/kernels.h"
 
 namespace mage_fast {
 namespace cpu {
 namespace {
 
-constexpr uint32_t kStreamDropout = 0x2545F491u;  // as dropout.cpp
-
-inline uint32_t dropout_key(uint64_t seed) {
-  return mix32(static_cast<uint32_t>(seed) ^ kStreamDropout) + mix32(static_cast<uint32_t>(seed >> 32));
-}
-
 inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {
-  const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+inline float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(uint16_t* p, int64_t i, float v) {  // round to nearest even; NaN kept as NaN (a select)
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  p[i] = static_cast<uint16_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? ((bits >> 16) | 0x40u) : rounded);
-}
+inline void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
 // exp(x) for x <= 88 (the arguments here are <= 0 up to rounding), written so that loops over it
 // vectorise (no branch, no float-to-int conversion, no std::max): x = n ln2 + r with n = round(x / ln2)

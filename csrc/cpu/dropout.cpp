@@ -4,39 +4,21 @@
 // least round(p * 2^32); otherwise it becomes 0. Nothing is stored between the forward and the
 // backward: the backward calls the same function on the gradient with the same seed and offsets.
 // torch's CPU dropout draws one mt19937 number per element and keeps a mask; here a draw is a few
-// integer multiplies that the compiler vectorises, and the hash is the one of csrc/common/rng.h.
+// integer multiplies that the compiler vectorises, and the hash is the one of csrc/common/rng.h (key and
+// stream in cpu/dropout_hash.h, shared with the training attention's passes).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
 #include "common/rng.h"
+#include "cpu/dropout_hash.h"
 #include "cpu/kernels.h"
 
 namespace mage_fast {
 namespace cpu {
 namespace {
 
-constexpr uint32_t kStreamDropout = 0x2545F491u;
 constexpr int64_t kBlock = 4096;  // elements per work item
-
-inline uint32_t dropout_key(uint64_t seed) {
-  return mix32(static_cast<uint32_t>(seed) ^ kStreamDropout) + mix32(static_cast<uint32_t>(seed >> 32));
-}
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even (NaN stays NaN: the mantissa keeps a bit)
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const uint32_t nan = (bits >> 16) | 0x40u;
-  return static_cast<uint16_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);  // a select, no branch
-}
 
 }  // namespace
 
