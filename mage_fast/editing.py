@@ -12,15 +12,19 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .models.checks import check_number
+from .models.checks import InputError, InputTypeError, check_model, check_number
 from .sampling import generate
 
 
 def box_to_pixel_mask(box: Sequence[int], size: int, device=None) -> torch.Tensor:
     """(x0, y0, x1, y1) in pixels, end-exclusive -> (size, size) bool mask."""
+    if isinstance(box, (str, bytes)) or not hasattr(box, "__len__") or len(box) != 4:
+        raise InputError(f"box must be (x0, y0, x1, y1) in pixels, got {box!r}")
+    for v in box:  # pixels are whole: 0.5 is refused, not rounded
+        check_number(v, "box coordinates", integer=True)
     x0, y0, x1, y1 = (int(v) for v in box)
     if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
-        raise ValueError(f"box must satisfy 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size}, got {tuple(box)}")
+        raise InputError(f"box must satisfy 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size}, got {tuple(box)}")
     m = torch.zeros(size, size, dtype=torch.bool, device=device)
     m[y0:y1, x0:x1] = True
     return m
@@ -30,7 +34,7 @@ def token_region(pixel_mask: torch.Tensor, grid: int, grow: int = 1) -> torch.Te
     """(H, W) bool pixel mask -> (grid, grid) bool token mask: every token whose cell holds a
     masked pixel, dilated by ``grow`` tokens on each side (a square neighbourhood)."""
     if pixel_mask.dim() != 2 or pixel_mask.shape[0] % grid or pixel_mask.shape[1] % grid:
-        raise ValueError(f"pixel mask must be (H, W) with H and W multiples of the token grid {grid}, "
+        raise InputError(f"pixel mask must be (H, W) with H and W multiples of the token grid {grid}, "
                          f"got {tuple(pixel_mask.shape)}")
     cells = F.adaptive_max_pool2d(pixel_mask.float()[None, None], grid)  # any pixel in the cell
     if grow > 0:
@@ -75,20 +79,30 @@ def inpaint(model, image: torch.Tensor, region: torch.Tensor, *, num_samples: in
         ``token_mask`` (grid, grid) regenerated tokens, ``start_step`` the schedule step decoding
         started at, ``composite_mask`` (S, S) the blend weights.
     """
+    check_model(model)
     check_number(num_samples, "num_samples", lo=1, integer=True)
     check_number(grow, "grow", lo=0, integer=True)
+    if class_id is not None:
+        check_number(class_id, "class_id", lo=0, integer=True)
+    for name, t in (("image", image), ("region", region)):
+        if not isinstance(t, torch.Tensor):
+            hint = " (convert with torch.from_numpy(a).permute(2, 0, 1).float() / 255)" \
+                if name == "image" and type(t).__module__ == "numpy" else ""
+            raise InputTypeError(f"inpaint: {name} must be a torch.Tensor, got {type(t).__name__}{hint}")
+    if image.dim() not in (3, 4):
+        raise InputError(f"inpaint: image must be (3, S, S) or (1, 3, S, S), got shape {tuple(image.shape)}")
     img = image if image.dim() == 4 else image.unsqueeze(0)
     if img.shape[0] != 1:
-        raise ValueError(f"inpaint takes one image, got a batch of {img.shape[0]}")
+        raise InputError(f"inpaint takes one image, got a batch of {img.shape[0]}")
     dev = next(model.parameters()).device
     img = img.to(dev)
     S, grid = model.img_size, model.token_grid
     if tuple(region.shape) != (S, S):
-        raise ValueError(f"region must be a ({S}, {S}) mask, got {tuple(region.shape)}")
+        raise InputError(f"region must be a ({S}, {S}) mask, got {tuple(region.shape)}")
     codes = model.tokenize(img)  # (1, L)
     tmask = token_region(region.to(dev).bool(), grid, grow)
     if not bool(tmask.any()):
-        raise ValueError("the region covers no token: nothing to regenerate")
+        raise InputError("the region covers no token: nothing to regenerate")
     init = torch.where(tmask.view(1, -1), model.mask_token_label, codes).expand(num_samples, -1)
     decoded, ids, trace = generate(model, num_samples, num_iter=num_iter, temperature=temperature, seed=seed,
                                    rng="torch", schedule=schedule, temperature_annealing=temperature_annealing,
@@ -104,6 +118,9 @@ def inpaint(model, image: torch.Tensor, region: torch.Tensor, *, num_samples: in
 
 def outpaint(model, image: torch.Tensor, keep_box: Sequence[int], **kwargs) -> dict:
     """Regenerate everything outside ``keep_box`` (x0, y0, x1, y1): :func:`inpaint` of the rest."""
+    check_model(model)
+    if not isinstance(image, torch.Tensor):
+        raise InputTypeError(f"outpaint: image must be a torch.Tensor, got {type(image).__name__}")
     keep = box_to_pixel_mask(keep_box, model.img_size, device=image.device)
     kwargs.setdefault("grow", 0)  # growing would eat into the kept box
     return inpaint(model, image, ~keep, **kwargs)

@@ -11,7 +11,7 @@ import torch
 
 from .decoding.modes import DecodeMode, mode_name, resolve_mode, run_counts
 from .decoding.quant import SlowModeWarning, slow_mode_message
-from .models.checks import check_number
+from .models.checks import InputError, InputTypeError, check_model, check_number
 from .ops.decode_step import decode_step, halton_ranks, halton_step, image_keys
 
 RNG_MODES = ("official", "torch")
@@ -42,7 +42,7 @@ GUIDANCE_SCHEDULES = {
 
 def _lookup(table: dict, name: str, what: str):
     if name not in table:
-        raise ValueError(f"unknown {what} {name!r}; choose from {sorted(table)}")
+        raise InputError(f"unknown {what} {name!r}; choose from {sorted(table)}")
     return table[name]
 
 
@@ -65,9 +65,9 @@ def schedule_from(num_iter: int, seq_len: int, num_unknown: int, schedule: str =
     clamps. Returns (t0, [mask_len_t0, ..., mask_len_{T-1}]).
     """
     if num_iter < 1:
-        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+        raise InputError(f"num_iter must be >= 1, got {num_iter}")
     if not 1 <= num_unknown <= seq_len:
-        raise ValueError(f"num_unknown must be in [1, {seq_len}], got {num_unknown}")
+        raise InputError(f"num_unknown must be in [1, {seq_len}], got {num_unknown}")
     gamma = _lookup(SCHEDULES, schedule, "mask schedule")
 
     def target(t):
@@ -271,9 +271,13 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
     Example:
         >>> imgs = generate(model, 8, num_iter=20, temperature=6.0, rng="torch")  # doctest: +SKIP
     """
+    check_model(model)
     if rng not in RNG_MODES:
-        raise ValueError(f"rng must be one of {RNG_MODES}, got {rng!r}")
+        raise InputError(f"rng must be one of {RNG_MODES}, got {rng!r}")
     check_number(batch_size, "batch_size", lo=1, integer=True)
+    # never rounded: seed=1.5 is refused, not taken for seed 1 (NumPy's seeds are 32-bit)
+    check_number(seed, "seed", lo=0, hi=2 ** 32 - 1 if rng == "official" else None, integer=True)
+    seed = int(seed)
     check_number(num_iter, "num_iter", lo=1, integer=True)
     check_number(temperature, "temperature", lo=0)
     check_number(guidance_scale, "guidance_scale", lo=0)
@@ -285,7 +289,7 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
     guide = _lookup(GUIDANCE_SCHEDULES, guidance_schedule, "guidance schedule")
     _lookup(SCHEDULES, schedule, "mask schedule")
     if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        raise InputError(f"order must be one of {ORDERS}, got {order!r}")
     dev = next(model.parameters()).device
     L, mask_id = model.seq_len, model.mask_token_label
     if init_ids is None:
@@ -293,37 +297,45 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         start, mask_lens = schedule_from(num_iter, L, L, schedule)
     else:
         if init_ids.shape != (batch_size, L):
-            raise ValueError(f"init_ids must have shape ({batch_size}, {L}), got {tuple(init_ids.shape)}")
+            raise InputError(f"init_ids must have shape ({batch_size}, {L}), got {tuple(init_ids.shape)}")
         ids = init_ids.to(dev).long()
         counts = (ids == mask_id).sum(1)
         n = int(counts[0])
         if not bool((counts == n).all()):
-            raise ValueError(f"every row of init_ids must have the same number of masked tokens, got {counts.tolist()}")
+            raise InputError(f"every row of init_ids must have the same number of masked tokens, got {counts.tolist()}")
         if n == 0:
-            raise ValueError("init_ids has no masked token to generate")
+            raise InputError("init_ids has no masked token to generate")
         check_known = torch.where(ids == mask_id, 0, ids)
         if int(check_known.min()) < 0 or int(check_known.max()) >= model.codebook_size:
-            raise ValueError(f"known tokens in init_ids must be code ids in [0, {model.codebook_size})")
+            raise InputError(f"known tokens in init_ids must be code ids in [0, {model.codebook_size})")
         start, mask_lens = schedule_from(num_iter, L, n, schedule)
     class_tokens = None
     if class_ids is not None:
-        class_ids = torch.as_tensor(class_ids, device=dev).long().view(-1)
+        try:
+            class_ids = torch.as_tensor(class_ids)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InputTypeError(f"class_ids must be integer class labels (a tensor, list or int), got "
+                                 f"{type(class_ids).__name__}") from e
+        # labels are integers: tensor([1.7]) is refused, never truncated to class 1
+        if class_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise InputTypeError(f"class_ids must be integer class labels, got dtype {class_ids.dtype}")
+        class_ids = class_ids.to(dev).long().view(-1)
         if class_ids.numel() == 1:
             class_ids = class_ids.expand(batch_size)
         if class_ids.shape != (batch_size,):
-            raise ValueError(f"class_ids must be one label or {batch_size} labels, got {tuple(class_ids.shape)}")
+            raise InputError(f"class_ids must be one label or {batch_size} labels, got {tuple(class_ids.shape)}")
         class_tokens = model.class_token_ids(class_ids)
     elif guidance_scale != 0.0:
-        raise ValueError("guidance_scale needs class_ids (classifier-free guidance is for conditional sampling)")
+        raise InputError("guidance_scale needs class_ids (classifier-free guidance is for conditional sampling)")
     official_options = (schedule == "cosine" and temperature_annealing == "linear" and class_ids is None
                         and init_ids is None)
     official_options = official_options and order == "confidence"
     if rng == "official" and not official_options:
-        raise ValueError("rng='official' reproduces the official unconditional sampler only; use rng='torch' for "
+        raise InputError("rng='official' reproduces the official unconditional sampler only; use rng='torch' for "
                          "other schedules, annealing, orders, class conditioning or partial starts")
 
     if cuda_graph and (rng != "torch" or return_trace):
-        raise ValueError("cuda_graph=True needs rng='torch' (the official sampler syncs with the host every step) "
+        raise InputError("cuda_graph=True needs rng='torch' (the official sampler syncs with the host every step) "
                          "and no return_trace (the loop runs as one graph)")
     steps = range(start, num_iter)
     if progress and not cuda_graph:

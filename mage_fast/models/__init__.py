@@ -1,11 +1,12 @@
 from .checkpoint import (CheckpointError, build_tokenizer, describe_state_dict, load_checkpoint, load_vim,
                          read_state_dict)
+from .checks import InputError
 from .mage import (MAGE, MODEL_FACTORIES, mage_vit_base_patch16, mage_vit_large_patch16, mage_vit_tiny)
 from .vqgan import OFFICIAL_VQGAN_CONFIG, VQModel
 
 __all__ = ["MAGE", "MODEL_FACTORIES", "mage_vit_base_patch16", "mage_vit_large_patch16", "mage_vit_tiny",
            "VQModel", "OFFICIAL_VQGAN_CONFIG", "load_checkpoint", "read_state_dict", "describe_state_dict",
-           "CheckpointError", "build_tokenizer", "load_vim"]
+           "CheckpointError", "InputError", "build_tokenizer", "load_vim"]
 from .vim import VIM, vim_base, vim_tiny
 from .vit_vqgan import ViTVQGAN, count_parameters, vit_vqgan_base, vit_vqgan_small, vit_vqgan_tiny
 

@@ -12,14 +12,19 @@ class InputError(ValueError):
     prints it as one line and exits with status 2."""
 
 
+class InputTypeError(InputError, TypeError):
+    """An argument of the wrong type (a NumPy array for a tensor, a path for a model, a float tensor
+    for labels): an :class:`InputError`, and a ``TypeError`` as before."""
+
+
 def check_images(imgs: torch.Tensor, size: int | tuple[int, int] | None, *, check_range: bool = True,
                  channels: int = 3) -> None:
     if not isinstance(imgs, torch.Tensor):
-        raise TypeError(f"expected images as a torch.Tensor (B, {channels}, H, W), got {type(imgs).__name__}")
+        raise InputTypeError(f"expected images as a torch.Tensor (B, {channels}, H, W), got {type(imgs).__name__}")
     if imgs.dim() != 4 or imgs.shape[1] != channels:
         raise InputError(f"expected images of shape (B, {channels}, H, W), got {tuple(imgs.shape)}")
     if not imgs.is_floating_point():
-        raise TypeError(f"expected float images in [0, 1], got dtype {imgs.dtype} "
+        raise InputTypeError(f"expected float images in [0, 1], got dtype {imgs.dtype} "
                         f"(convert uint8 with imgs.float() / 255)")
     if size is not None:
         hw = (size, size) if isinstance(size, int) else tuple(size)
@@ -34,8 +39,10 @@ def check_images(imgs: torch.Tensor, size: int | tuple[int, int] | None, *, chec
 
 
 def check_token_ids(ids: torch.Tensor, num: int, what: str = "token ids") -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise InputTypeError(f"{what} must be an integer torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"{what} must be an integer tensor, got {ids.dtype}")
+        raise InputTypeError(f"{what} must be an integer tensor, got {ids.dtype}")
     if ids.numel():
         lo, hi = torch.aminmax(ids)
         if int(lo) < 0 or int(hi) >= num:
@@ -47,8 +54,10 @@ def check_number(value, what: str, *, lo: float | None = None, hi: float | None 
     """A setting must be a finite number in [lo, hi] (``(lo, hi]`` with ``lo_open``); the error says
     the valid range."""
     import math
-    ok_type = isinstance(value, int) and not isinstance(value, bool) if integer else \
-        isinstance(value, (int, float)) and not isinstance(value, bool)
+    import numbers
+    # integers: Python's and NumPy's (numbers.Integral), never a float that happens to be whole
+    ok_type = isinstance(value, numbers.Integral) and not isinstance(value, bool) if integer else \
+        isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not ok_type or (not integer and not math.isfinite(value)) or \
             (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
         lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
@@ -56,6 +65,29 @@ def check_number(value, what: str, *, lo: float | None = None, hi: float | None 
         rng = " and ".join(x for x in (lo_s, hi_s) if x)
         kind = "an integer" if integer else "a finite number"
         raise InputError(f"{what} must be {kind}{' ' + rng if rng else ''}, got {value!r}")
+
+
+# What generate / inpaint use of a MAGE model; a module without them is not one.
+MAGE_ATTRIBUTES = ("seq_len", "mask_token_label", "codebook_size", "tokenize", "img_size", "token_grid")
+
+
+def check_model(model, what: str = "model") -> None:
+    """``model`` must be a :class:`mage_fast.MAGE` (or a module with its interface): a checkpoint
+    path, a state dict, the tokenizer or another object each get one line naming ``what``."""
+    import os
+    load = "load one with mage_fast.MAGE.from_pretrained(path)"
+    if isinstance(model, (str, bytes, os.PathLike)):
+        raise InputTypeError(f"{what} must be a mage_fast.MAGE model, got the path {os.fsdecode(model)!r}; {load}")
+    if isinstance(model, torch.nn.Module) and all(hasattr(model, a) for a in MAGE_ATTRIBUTES):
+        return
+    name = type(model).__name__
+    if isinstance(model, dict):
+        hint = f"a dict (a checkpoint or state dict?); {load}"
+    elif hasattr(model, "quantize") and hasattr(model, "decode"):
+        hint = f"{name}, a tokenizer (a MAGE model holds its tokenizer as model.vqgan); {load}"
+    else:
+        hint = f"{name}; {load}"
+    raise InputTypeError(f"{what} must be a mage_fast.MAGE model, got {hint}")
 
 
 def check_file(path, what: str, error=InputError) -> None:
