@@ -215,6 +215,8 @@ def cmd_generate(args) -> int:
         raise CLIError("--ref-stats / --inception-weights go with --fid-ref REF_DIR (the reference images)")
     if args.fid_json and not args.fid_ref:
         raise CLIError("--fid-json goes with --fid-ref REF_DIR")
+    if args.ref_stats:
+        check_output_dir_for_file(args.ref_stats, "--ref-stats")  # the cache is (re)written there
     from mage_fast.runs import check_output_dir
     check_output_dir(args.out)
     ref_set = None
@@ -652,6 +654,8 @@ def cmd_fid(args) -> int:
               f"numbers computed on the same counts; use 5 000 or more for a result.", file=sys.stderr)
     if args.json:
         check_output_dir_for_file(args.json)
+    if args.ref_stats:
+        check_output_dir_for_file(args.ref_stats, "--ref-stats")  # the cache is (re)written there
     out = {}
     out.update(offline_frechet(gen[0], ref[0], device=_device(args.device), ref_cache=args.ref_stats))
     print(f"offline Frechet distance (EfficientNet-Lite0 features; NOT comparable to published FID): "

@@ -83,16 +83,33 @@ def read_manifest(folder: str) -> Optional[dict]:
     return m
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else by setting
+    and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yields a temporary name beside ``path``; renamed to ``path`` when the block succeeds, removed
-    when it fails, so ``path`` is never half a file."""
+    when it fails, so ``path`` is never half a file. The file gets the mode ``open()`` would give it
+    (0666 less the umask), not the temporary file's private 0600."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=os.path.splitext(path)[1], dir=d)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -217,6 +218,31 @@ def content_key(files) -> str:
     return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
 
 
+def read_stats_cache(cache: str, say: bool = True) -> Optional[dict]:
+    """The statistics a cache file holds, or None (then they are computed and the file rewritten):
+    missing, or unreadable (cut short by a kill, not a statistics cache), which is said in one line
+    naming the file."""
+    if not cache or not os.path.isfile(cache):
+        return None
+    try:
+        st = torch.load(cache, map_location="cpu", weights_only=True)
+        if not isinstance(st, dict) or not {"mu", "sigma", "n"} <= set(st):
+            raise ValueError("not a statistics cache")
+    except Exception as e:  # a cache: any unreadable file is recomputed, never a crash
+        if say:
+            print(f"WARNING: --ref-stats {cache} is not a readable statistics cache ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())[:80]}); recomputing and rewriting it", file=sys.stderr)
+        return None
+    return st
+
+
+def write_stats_cache(st: dict, cache: str) -> None:
+    """``st`` to ``cache`` atomically: a kill leaves the old file or the new one, never half of one."""
+    from ..runs import atomic_path
+    with atomic_path(cache) as tmp:
+        torch.save(st, tmp)
+
+
 def sharded_stats(files: list[str], features, cache: Optional[str] = None, batch_size: int = 50,
                   progress: bool = True) -> dict:
     """Gaussian statistics of image files, the work split over the ranks of the process group
@@ -229,10 +255,10 @@ def sharded_stats(files: list[str], features, cache: Optional[str] = None, batch
     from .. import parallel
     rank, world, _ = parallel.dist_info() if parallel.active() else (0, 1, 0)
     key = content_key(files)
-    if cache and os.path.isfile(cache):
-        st = torch.load(cache, map_location="cpu", weights_only=True)
-        if st.get("content_sha256") == key and st.get("features", "efficientnet_lite0") == features.name:
-            return st
+    st = read_stats_cache(cache, say=rank == 0)
+    if st is not None and st.get("content_sha256") == key and \
+            st.get("features", "efficientnet_lite0") == features.name:
+        return st
     mine = files[rank::world]
     acc = None
     it = range(0, len(mine), batch_size)
@@ -251,7 +277,7 @@ def sharded_stats(files: list[str], features, cache: Optional[str] = None, batch
     mu, sigma = acc.mean_cov()
     st = {"mu": mu, "sigma": sigma, "n": acc.n, "content_sha256": key, "features": features.name}
     if cache and rank == 0:
-        torch.save(st, cache)
+        write_stats_cache(st, cache)
     return st
 
 
@@ -266,8 +292,8 @@ def folder_stats(folder, cache: Optional[str] = None, device="cpu", progress: bo
         raise ValueError(f"a Frechet distance needs at least 2 images per set, got {len(files)}")
     names = [os.path.abspath(f) for f in files]
     key = content_key(files) if cache else None
-    if cache and os.path.isfile(cache):
-        st = torch.load(cache, map_location="cpu", weights_only=True)
+    st = read_stats_cache(cache)
+    if st is not None:
         if st.get("content_sha256") == key and st.get("features", "efficientnet_lite0") == "efficientnet_lite0":
             return st
         if progress:
@@ -276,7 +302,7 @@ def folder_stats(folder, cache: Optional[str] = None, device="cpu", progress: bo
     st = {"mu": mu, "sigma": sigma, "n": len(files), "files": names, "content_sha256": key,
           "features": "efficientnet_lite0"}
     if cache:
-        torch.save(st, cache)
+        write_stats_cache(st, cache)
     return st
 
 
