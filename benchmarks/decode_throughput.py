@@ -107,13 +107,57 @@ def _ratios(runs: dict, reps: int) -> dict:
     return out
 
 
+def check_args(args) -> torch.device:
+    """Every setting checked before any work, each refused with one line naming its flag
+    (:class:`InputError`, which ``run_script`` prints as ``error: ...`` with exit status 2)."""
+    from mage_fast.models.checks import InputError, check_number
+    for value, flag in ((args.num_iter, "--num-iter"), (args.gen_repeats, "--gen-repeats"),
+                        (args.threads, "--threads")):
+        if value is not None:
+            check_number(value, flag, lo=1, integer=True)
+    for b in args.batch_sizes or ():
+        check_number(b, "--batch-sizes", lo=1, integer=True)
+    check_number(args.temperature, "--temperature", lo=0)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"--device {args.device} was asked for, but torch sees no CUDA device")
+        if device.type not in ("cpu", "cuda"):
+            raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    for flag, names in (("--mode", args.mode or ()), ("--only", [args.only] if args.only else ())):
+        for n in names:
+            if n == "all" and flag == "--mode" or n in ("official", "vqgan_decode") and flag == "--only":
+                continue
+            try:
+                resolve_mode(n)
+            except ValueError as e:
+                also = " (or official, vqgan_decode)" if flag == "--only" else ""
+                raise InputError(f"{flag} {n}: {e}{also}") from None
+    if args.ckpt is not None and not os.path.isfile(args.ckpt):
+        raise InputError(f"--ckpt {args.ckpt} is not a file; expected a checkpoint")
+    if args.from_log is not None and not os.path.isfile(args.from_log):
+        raise InputError(f"--from-log {args.from_log} is not a file; expected a run's log")
+    if args.out is not None:
+        from mage_fast.runs import check_output_dir
+        if os.path.isdir(args.out):
+            raise InputError(f"--out {args.out} is a directory; expected a JSON file name")
+        check_output_dir(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}: its folder")
+    return device
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_base", choices=sorted(MODEL_FACTORIES))
-    p.add_argument("--ckpt", default=None)
+    from mage_fast.script_exit import ArgumentParser
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_base", choices=sorted(MODEL_FACTORIES), help="(default: vit_base)")
+    p.add_argument("--ckpt", default=None, help="checkpoint for the weights (default: random weights)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 4 on CPU, 64 on CUDA")
-    p.add_argument("--num-iter", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=6.0)
+    p.add_argument("--num-iter", type=int, default=20, help="decoding steps (default: 20)")
+    p.add_argument("--temperature", type=float, default=6.0, help="(default: 6.0)")
     p.add_argument("--mode", nargs="+", default=None,
                    help="decoding modes to time beside the official path: names in mage_fast.decoding.MODES, specs "
                         "such as drop=all,refresh=2,quant=int8, or 'all' (every named mode; about 3 min per mode "
@@ -124,11 +168,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the 2-step warm-up runs (the int8 copies are still made before timing)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_throughput_<device>.json)")
     p.add_argument("--from-log", default=None, help="write the JSON from the per-run lines of a run's log instead")
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = check_args(args)
     if args.mode is None:
         args.mode = default_modes(device)
     if "all" in args.mode:
@@ -231,4 +275,5 @@ def from_log(args, log_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mage_fast.script_exit import run_script
+    run_script(main)
