@@ -34,9 +34,32 @@ def run_script(main: Callable[[], object]) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows every option's default, as the CLI's does (flags without help text too),
+    except where the help already says it; the description keeps its layout."""
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and action.default is not argparse.SUPPRESS:
+            import copy
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)" if action.default is not None else "(default: none)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default is argparse.SUPPRESS or not action.option_strings:
+            return h
+        return h + (" (default: none)" if action.default is None else " (default: %(default)s)")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """An ``argparse.ArgumentParser`` whose usage errors are one line, ``<prog>: error: <message>``
-    (``--help`` shows the usage), with exit status 2."""
+    (``--help`` shows the usage), with exit status 2. Its ``--help`` shows every default
+    (:class:`HelpFormatter`) unless another ``formatter_class`` is given."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -14,7 +14,6 @@ biases, lr = blr x total batch / 256, per-iteration warm-up then half-cycle cosi
 writes ``{'model': state_dict, 'config': MAGE kwargs}``, which ``mage_fast.MAGE`` and the official
 code load strictly (the official code ignores ``config``).
 """
-import argparse
 import json
 import os
 import sys
@@ -29,7 +28,9 @@ from mage_fast.data import EpochLoader, LoaderSpec  # noqa: E402
 from mage_fast.models.checkpoint import load_checkpoint, load_state_dict_strict, read_state_dict  # noqa: E402
 from mage_fast.models.mage import DROPOUT, MAGE  # noqa: E402
 from mage_fast.training import engine as eng  # noqa: E402
-from mage_fast.models.checkpoint import tokenizer_checksum  # noqa: E402
+from mage_fast.models.checkpoint import (CheckpointError, load_torch_file, tokenizer_checksum,  # noqa: E402
+                                         tokenizer_export)
+from mage_fast.script_exit import ArgumentParser  # noqa: E402
 from mage_fast.training.common import (add_common_args, add_model_args, build_engine,  # noqa: E402
                                        check_common_args, run_lr, schedule_lengths, start_run)
 from mage_fast.training.common import check_token_cache as check_cache  # noqa: E402
@@ -49,7 +50,7 @@ SIZE_KEYS = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_de
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)  # one-line usage errors; --help shows every default
     add_common_args(ap)
     g = add_model_args(ap, PRESETS, "vit_base")
     g.add_argument("--tokenizer", default=None, help="VQGAN checkpoint (train_tokenizer.py export or the official "
@@ -76,6 +77,11 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     args = ap.parse_args(argv)
     check_common_args(ap, args)
+    if not 0.0 <= args.mask_ratio_min <= args.mask_ratio_max <= 1.0:
+        ap.error(f"--mask_ratio_min / --mask_ratio_max must satisfy 0 <= min <= max <= 1, got "
+                 f"{args.mask_ratio_min} and {args.mask_ratio_max}")
+    if not args.mask_ratio_std > 0:
+        ap.error(f"--mask_ratio_std must be > 0, got {args.mask_ratio_std}")
     if not 0.0 <= args.dropout < 1.0:
         ap.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.token_cache and (args.data_path or args.synthetic):
@@ -93,21 +99,37 @@ def model_config(args) -> dict:
             cfg[k] = getattr(args, k)
     vq = dict(TINY_VQGAN if args.model == "tiny" else OFFICIAL_VQGAN)
     if args.tokenizer:
-        raw = torch.load(args.tokenizer, map_location="cpu", weights_only=True)
-        if isinstance(raw, dict) and raw.get("arch", "vqgan") != "vqgan":
-            raise SystemExit(f"--tokenizer {args.tokenizer} is a {raw['arch']} tokenizer; MAGE pre-training here "
-                             f"takes a VQGAN (train_tokenizer.py --arch vqgan); train_vim.py takes either")
-        if isinstance(raw, dict) and isinstance(raw.get("config"), dict):
-            vq.update(raw["config"])
+        # any file that holds a tokenizer (an export, the official VQGAN, a MAGE checkpoint's own);
+        # CheckpointError, one line naming the file, for one that is unreadable or holds none
+        try:
+            raw = load_torch_file(args.tokenizer)
+            exp = tokenizer_export(raw)
+        except CheckpointError as e:
+            msg = str(e)  # a loaded dict is "the checkpoint" to tokenizer_export: name the file instead
+            msg = args.tokenizer + msg[len("the checkpoint"):] if msg.startswith("the checkpoint") else msg
+            raise CheckpointError(f"--tokenizer {msg}") from None
+        if any(k.startswith("vqgan.") for k in read_state_dict(raw)) and os.environ.get("RANK", "0") == "0":
+            print(f"note: --tokenizer {args.tokenizer} is a MAGE checkpoint; training with its tokenizer (to continue "
+                  f"training the model itself, pass it as --init_from)", file=sys.stderr)
+        if exp["arch"] != "vqgan":
+            raise SystemExit(f"error: --tokenizer {args.tokenizer} is a {exp['arch']} tokenizer; MAGE pre-training "
+                             f"here takes a VQGAN (train_tokenizer.py --arch vqgan); train_vim.py takes either")
+        vq.update(exp["config"])
     if args.vqgan_config:
         try:
-            vq.update(json.loads(args.vqgan_config))
+            given = json.loads(args.vqgan_config)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"--vqgan_config is not valid JSON: {e}")
-    vq["ch_mult"] = [int(c) for c in vq["ch_mult"]]
+            raise SystemExit(f"error: --vqgan_config is not valid JSON: {e}")
+        if not isinstance(given, dict):
+            raise SystemExit(f"error: --vqgan_config must be a JSON object, got {args.vqgan_config!r}")
+        vq.update(given)
+    try:
+        vq["ch_mult"] = [int(c) for c in vq["ch_mult"]]
+    except (TypeError, ValueError):
+        raise SystemExit(f"error: the tokenizer's ch_mult must be a list of integers, got {vq['ch_mult']!r}") from None
     down = 2 ** (len(vq["ch_mult"]) - 1)
     if args.img_size % down:
-        raise SystemExit(f"--img_size {args.img_size} is not a multiple of the tokenizer's downsampling {down}")
+        raise SystemExit(f"error: --img_size {args.img_size} is not a multiple of the tokenizer's downsampling {down}")
     cfg.update(img_size=args.img_size, mlp_ratio=args.mlp_ratio, vqgan_config=vq,
                mask_ratio_min=args.mask_ratio_min, mask_ratio_max=args.mask_ratio_max,
                mask_ratio_mu=args.mask_ratio_mu, mask_ratio_std=args.mask_ratio_std)
@@ -129,9 +151,9 @@ def check_token_cache(path: str, model: MAGE) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    deepspeed, rank, world, dev = start_run(args)
+    cfg = model_config(args)  # reads --tokenizer: refused before anything is written
+    deepspeed, rank, world, dev = start_run(args)  # checks the data, config, output and resume inputs first
 
-    cfg = model_config(args)
     model = build_model(cfg, args)
     if args.token_cache:
         check_token_cache(args.token_cache, model)
@@ -197,8 +219,9 @@ def export(engine, loop, tag, cfg, path, rank) -> None:
     sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     fresh = MAGE(**cfg, norm_layer=partial(nn.LayerNorm, eps=1e-6), vqgan_ckpt_path=None)
     load_state_dict_strict(fresh, read_state_dict({"model": sd}))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"model": sd, "config": cfg}, path)
+    from mage_fast.runs import atomic_path
+    with atomic_path(path) as tmp:  # never half an export
+        torch.save({"model": sd, "config": cfg}, tmp)
     print(f"exported {len(sd)} tensors to {path}", flush=True)
 
 

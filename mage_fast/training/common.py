@@ -96,13 +96,89 @@ def check_token_cache(path: str, seq_len: int, n_embed: int, checksum: float) ->
     return meta
 
 
+def check_image_folder(root: str, flag: str = "--data_path") -> None:
+    """An ImageFolder root with at least one image, found without listing the whole tree (the
+    loader lists it later); one line naming ``flag`` otherwise."""
+    from ..data.datasets import IMG_EXTENSIONS
+    from ..models.checks import InputError
+    if not os.path.isdir(root):
+        raise InputError(f"{flag} {root} is not a directory; expected an ImageFolder root (root/<class>/<img>)")
+    classes = sorted(d.path for d in os.scandir(root) if d.is_dir())
+    if not classes:
+        raise InputError(f"{flag} {root} has no class sub-folders; expected the ImageFolder layout root/<class>/<img>")
+    for c in classes:
+        for _dirpath, _, files in os.walk(c):
+            if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
+                return
+    raise InputError(f"{flag} {root} holds no images (extensions {', '.join(IMG_EXTENSIONS)}) in its class "
+                     f"sub-folders")
+
+
+def check_resume(args) -> None:
+    """The checkpoint ``--resume`` would load: ``latest`` names a step folder that is there, whose
+    files are whole torch archives (a copy or save cut short has no zip central directory)."""
+    import zipfile
+
+    from ..models.checks import InputError
+    from .engine import latest_tag
+    ckpt_dir = os.path.join(args.output_dir, "checkpoints") if args.resume == "auto" else args.resume
+    if not os.path.isdir(ckpt_dir):
+        return  # auto, and no run there yet: a fresh start
+    try:
+        tag = latest_tag(ckpt_dir)
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--resume: {os.path.join(ckpt_dir, 'latest')} is unreadable ({e})") from e
+    if tag is None:
+        if args.resume != "auto":
+            raise InputError(f"--resume {ckpt_dir}: no checkpoint there (no 'latest' file naming one)")
+        return
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if not os.path.isdir(tag_dir):
+        raise InputError(f"--resume: {os.path.join(ckpt_dir, 'latest')} names checkpoint {tag!r}, but {tag_dir} "
+                         f"is missing")
+    files = sorted(f for f in os.listdir(tag_dir) if f.endswith(".pt"))
+    if not files:
+        raise InputError(f"--resume: checkpoint {tag_dir} holds no .pt files")
+    for f in files:
+        path = os.path.join(tag_dir, f)
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise InputError(f"--resume: {path} is not a readable checkpoint file (cut short or corrupt: {e}); "
+                             f"remove {tag_dir} and write the previous step's name into "
+                             f"{os.path.join(ckpt_dir, 'latest')}, or start afresh") from e
+
+
+def check_run_inputs(args) -> None:
+    """What a trainer reads and where it writes, checked before anything is written (args.json,
+    checkpoints): ``--output_dir`` a folder that can be written, ``--data_path`` an ImageFolder
+    with images, ``--deepspeed_config`` a readable JSON object, ``--resume`` a whole checkpoint.
+    Each refusal is an :class:`InputError` naming the flag (one ``error:`` line under ``run_script``)."""
+    from ..models.checks import InputError
+    from ..runs import check_output_dir
+    from . import engine as eng
+    if args.output_dir:
+        check_output_dir(args.output_dir, "--output_dir")
+    if args.data_path and not args.synthetic and not getattr(args, "token_cache", None):
+        check_image_folder(args.data_path)
+    try:
+        eng.ds_config(args.deepspeed_config, args.batch_size, args.accum_iter, 1, args.clip_grad, args.precision)
+    except FileNotFoundError as e:
+        raise InputError(f"--deepspeed_config: {e}") from None
+    if args.resume:
+        check_resume(args)
+
+
 def start_run(args):
-    """The common start of a training script: torch threads, distributed setup, seed, args.json.
-    Returns (deepspeed module, rank, world size, device)."""
+    """The common start of a training script: torch threads, the inputs checked
+    (:func:`check_run_inputs`), distributed setup, seed, args.json. Returns (deepspeed module,
+    rank, world size, device)."""
     import torch
     import torch.distributed as dist
 
     from . import engine as eng
+    check_run_inputs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     deepspeed = eng.setup_distributed()
@@ -113,9 +189,11 @@ def start_run(args):
 
 
 def write_run_args(args, rank: int) -> None:
+    """``args.json`` (what export_checkpoint.py and resumed runs read), written atomically."""
     if rank == 0 and args.output_dir:
+        from ..runs import atomic_path
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        with atomic_path(os.path.join(args.output_dir, "args.json")) as tmp, open(tmp, "w") as f:
             json.dump({"argv": sys.argv, **vars(args)}, f, indent=1, default=str)
 
 

@@ -2,7 +2,6 @@
 config assembly, checkpoints with per-rank random state, and fp32 export."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -61,8 +60,12 @@ def ds_config(path: Optional[str], micro_batch: int, grad_accum: int, world_size
                 raise FileNotFoundError(f"DeepSpeed config {path!r} not found (shipped: "
                                         f"{sorted(os.listdir(CONFIG_DIR))})")
             path = named
-        with open(path) as f:
-            cfg = json.load(f)
+        from ..models.checks import InputError, read_json_object
+        cfg = read_json_object(path, "--deepspeed_config")  # one line for a file that is not a JSON object
+        zero = cfg.get("zero_optimization", {})
+        if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+            raise InputError(f"--deepspeed_config {path}: zero_optimization must be an object whose stage is 0, 1, 2 "
+                             f"or 3, got {zero!r}")
     if precision not in ("fp32", "bf16", "bf16-autocast", "fp16"):
         raise ValueError(f"precision must be fp32, bf16, bf16-autocast or fp16, got {precision!r}")
     cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
