@@ -23,7 +23,6 @@ Speed-ups are medians of per-round ratios against the official path of the same 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -152,7 +151,7 @@ def check_args(args) -> torch.device:
 
 def main(argv=None):
     from mage_fast.script_exit import ArgumentParser
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)  # one-line usage errors; --help shows every default
     p.add_argument("--model", default="vit_base", choices=sorted(MODEL_FACTORIES), help="(default: vit_base)")
     p.add_argument("--ckpt", default=None, help="checkpoint for the weights (default: random weights)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 4 on CPU, 64 on CUDA")
@@ -167,7 +166,8 @@ def main(argv=None):
     p.add_argument("--gen-repeats", type=int, default=None, help="timed rounds (default 2 CPU / 5 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="skip the 2-step warm-up runs (the int8 copies are still made before timing)")
+                   help="skip the 2-step warm-up runs (the int8 copies are still made before timing); default: "
+                        "warm up")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_throughput_<device>.json)")
     p.add_argument("--from-log", default=None, help="write the JSON from the per-run lines of a run's log instead")
