@@ -84,11 +84,14 @@ def model_card(ckpt: str) -> dict:
 
 def sampling_defaults(ckpt: str, args) -> None:
     """Fill --num-iter / --temperature left unset: from the checkpoint's model card (``<ckpt>.json``
-    beside it, key ``sampling``) when there is one, else the official README setting (20, 6.0)."""
+    beside it, key ``sampling``) when there is one, else the official README setting (20, 6.0);
+    --guidance left unset: the card's when a class is asked for (--class-id), else 0."""
     rec = model_card(ckpt).get("sampling", {})
     for key, official in OFFICIAL_SAMPLING.items():
         if getattr(args, key) is None:
             setattr(args, key, rec.get(key, official))
+    if getattr(args, "guidance", 0.0) is None:
+        args.guidance = float(rec.get("guidance", 0.0)) if args.class_id is not None else 0.0
 
 
 def resolve_class(spec: str | None, ckpt: str, model=None):
@@ -145,9 +148,10 @@ def _check_sampling_args(args, count_flag: str) -> None:
         _need(args.num_iter, "--num-iter", lo=1, hi=10_000, integer=True)
     if args.temperature is not None:
         _need(args.temperature, "--temperature", lo=0)
-    _need(args.guidance, "--guidance", lo=0)
+    if args.guidance is not None:
+        _need(args.guidance, "--guidance", lo=0)
     _need(args.seed, "--seed", lo=0, hi=SEED_MAX, integer=True)
-    if args.guidance > 0 and args.class_id is None:
+    if args.guidance is not None and args.guidance > 0 and args.class_id is None:
         raise CLIError("--guidance needs --class-id: classifier-free guidance steers towards a class")
 
 
@@ -698,7 +702,9 @@ def _decoding_args(p, with_annealing: bool = True) -> None:
                    help="class-conditional models: a label number, a class name from the model card, or 'all' "
                         "(generate: image i gets class i mod the number of classes; one grid column per class); "
                         "default: unconditional")
-    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (>= 0; needs --class-id)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, >= 0; needs --class-id (default: the model card's with "
+                        "--class-id, else 0)")
 
 
 def _run_folder_args(p, resumable: bool) -> None:

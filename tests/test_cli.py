@@ -91,6 +91,12 @@ def test_sampling_defaults_from_model_card(tmp_path):
     args = argparse.Namespace(num_iter=3, temperature=2.5)  # explicit flags win
     sampling_defaults(str(ckpt), args)
     assert (args.num_iter, args.temperature) == (3, 2.5)
+    # guidance: the card's when a class is asked for, 0 without one, an explicit flag wins
+    (tmp_path / "m.json").write_text(json.dumps({"sampling": {"num_iter": 8, "guidance": 2.5}}))
+    for class_id, flag, want in (("3", None, 2.5), (None, None, 0.0), ("all", 0.0, 0.0), ("1", 1.5, 1.5)):
+        args = argparse.Namespace(num_iter=None, temperature=None, guidance=flag, class_id=class_id)
+        sampling_defaults(str(ckpt), args)
+        assert args.guidance == want, (class_id, flag)
 
 
 def test_class_id_by_name_number_and_all(tiny_ckpt, tmp_path):
