@@ -39,7 +39,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     except where the help already says it; the description keeps its layout."""
 
     def _format_action(self, action):
-        if not action.help and action.option_strings and action.default is not argparse.SUPPRESS:
+        if not action.help and action.option_strings and action.default is not argparse.SUPPRESS \
+                and not action.required:
             import copy
             action = copy.copy(action)
             action.help = "(default: %(default)s)" if action.default is not None else "(default: none)"
@@ -47,7 +48,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if "default" in h or action.default is argparse.SUPPRESS or not action.option_strings:
+        if "default" in h or action.default is argparse.SUPPRESS or not action.option_strings or action.required:
             return h
         return h + (" (default: none)" if action.default is None else " (default: %(default)s)")
 

@@ -13,7 +13,6 @@ fixed set of augmentations (each epoch picks one view per image at random). With
 view 0 is the un-augmented image (resize only), which evaluation (linear probe) reuses.
 Writes ``{'ids': (N, V, L) int16, 'labels': (N,), 'meta': {...}}``.
 """
-import argparse
 import os
 import sys
 
@@ -46,7 +45,8 @@ class _Views(torch.utils.data.Dataset):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mage_fast.script_exit import ArgumentParser
+    ap = ArgumentParser(description=__doc__)  # one-line usage errors; --help shows every default
     ap.add_argument("--data_path", required=True)
     ap.add_argument("--tokenizer", required=True, help="train_tokenizer.py export (VQGAN or ViT-VQGAN) or a "
                                                        "MAGE / VIM checkpoint")

@@ -27,7 +27,6 @@ training statistics (BatchNorm without affine, as the official head) and a multi
 regression is fitted with L-BFGS; its L2 strength is chosen on a seeded random 10% of the training split
 and the chosen model is refitted on the whole training split. Accuracy is on the test split.
 """
-import argparse
 import json
 import os
 import sys
@@ -164,7 +163,8 @@ def _folder_tensor(path, img_size):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mage_fast.script_exit import ArgumentParser
+    ap = ArgumentParser(description=__doc__)  # one-line usage errors; --help shows every default
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("recon", help="tokenizer reconstruction error on a folder")
     r.add_argument("--tokenizer", required=True)

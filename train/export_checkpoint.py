@@ -14,7 +14,6 @@ runs (ZeRO 1-2) are consolidated from the fp32 master weights in the checkpoint'
 (DeepSpeed's zero_to_fp32), with the frozen tokenizer read from the run's ``--tokenizer`` file, as
 the run's own ``--export`` does. For ZeRO-3 runs use the run's ``--export``.
 """
-import argparse
 import json
 import os
 import sys
@@ -122,7 +121,8 @@ def export(run_dir: str, tag: str, out: str) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mage_fast.script_exit import ArgumentParser
+    ap = ArgumentParser(description=__doc__)  # one-line usage errors; --help shows every default
     ap.add_argument("--run_dir", required=True, help="the run's --output_dir")
     ap.add_argument("--tag", default="latest", help="a checkpoint name (step<N>) or 'latest'")
     ap.add_argument("--out", required=True)

@@ -8,7 +8,6 @@ Images stay 28x28 grayscale PNGs (or are padded with the black background to ``-
 tokenizer with downsampling 2 gives 16x16 tokens with no resampling of the garments); the loaders
 convert them to RGB and resize to the model size.
 """
-import argparse
 import os
 import sys
 
@@ -37,7 +36,8 @@ def pad_images(imgs: np.ndarray, size: int) -> np.ndarray:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mage_fast.script_exit import ArgumentParser
+    ap = ArgumentParser(description=__doc__)  # one-line usage errors; --help shows every default
     ap.add_argument("--src", default=DEFAULT_SRC, help="folder with the idx .gz files")
     ap.add_argument("--out", required=True, help="output root; writes train/ and test/ ImageFolders")
     ap.add_argument("--limit", type=int, default=0, help="at most this many images per split (0: all)")

@@ -18,7 +18,6 @@ loads with ``MAGE(vqgan_ckpt_path=...)`` / ``train/pretrain.py --tokenizer``; th
 ``{'state_dict': sd, 'config': ViTVQGAN kwargs, 'arch': 'vit_vqgan'}`` with
 ``mage_fast.models.checkpoint.build_tokenizer`` (which rebuilds either) and ``train/train_vim.py``.
 """
-import argparse
 import os
 import sys
 
@@ -39,7 +38,8 @@ from mage_fast.training.tokenizer import PatchDiscriminator, VQGANObjective  # n
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mage_fast.script_exit import ArgumentParser
+    ap = ArgumentParser(description=__doc__)  # one-line usage errors; --help shows every default
     add_common_args(ap)
     g = ap.add_argument_group("tokenizer")
     g.add_argument("--arch", default="vqgan", choices=["vqgan", "vit"], help="MaskGIT VQGAN or ViT-VQGAN")

@@ -17,7 +17,6 @@ labels dropped to "no class" with ``--class_dropout_prob``. AdamW (0.9, 0.95), w
 ``{'model': VIM state dict (no tokenizer), 'config': VIM kwargs, 'tokenizer': tokenizer export}``,
 which ``mage_fast.models.checkpoint.load_vim`` rebuilds (strictly) with its tokenizer.
 """
-import argparse
 import json
 import os
 import sys
@@ -45,7 +44,8 @@ SIZE_KEYS = ("embed_dim", "depth", "num_heads")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mage_fast.script_exit import ArgumentParser
+    ap = ArgumentParser(description=__doc__)  # one-line usage errors; --help shows every default
     add_common_args(ap)
     g = add_model_args(ap, PRESETS, "tiny")
     g.add_argument("--dropout", type=float, default=0.1, help="residual and attention dropout")
