@@ -1,7 +1,8 @@
 """Quality of every decoding mode against the exact mode, on the same work.
 
 For each mode (names in ``mage_fast.decoding.MODES`` or specs such as ``drop=all,refresh=2``),
-on the shipped model (default) with its model-card sampling settings, class-balanced labels:
+on the shipped model (default) with its model-card sampling settings (steps, temperature, guidance),
+class-balanced labels:
 
 - KL divergence of the mode's code logits from the exact pass on the same decoding states (the
   mode's own trajectory; the exact pass is run beside it at every step), per step, averaged over
@@ -118,7 +119,7 @@ def fd(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def run_mode(model, mode, n: int, bs: int, seed: int, T: int, temp: float, num_classes: int, kl_samples: int,
-             order: str = "confidence"):
+             order: str = "confidence", guidance: float = 0.0):
     imgs, ids, kl_log, fixed_log, secs, timed = [], [], {}, {}, 0.0, 0
     for start in range(0, n, bs):
         b = min(bs, n - start)
@@ -127,7 +128,8 @@ def run_mode(model, mode, n: int, bs: int, seed: int, T: int, temp: float, num_c
         m = KLProbe(mode, kl_log) if probe else mode
         t0 = time.perf_counter()
         out = mage_fast.generate(model, b, num_iter=T, temperature=temp, seed=seed, rng="torch", first_index=start,
-                                 class_ids=labels, mode=m, return_ids=True, order=order, return_trace=probe)
+                                 class_ids=labels, mode=m, return_ids=True, order=order, return_trace=probe,
+                                 guidance_scale=guidance)
         im, tok = out[:2]
         if probe:  # KL at the positions each step fixed
             fixed_at = out[2]["fixed_at"]
@@ -266,6 +268,8 @@ def main(argv=None):
     p.add_argument("--kl-samples", type=int, default=250, help="images whose steps get the KL probe")
     p.add_argument("--num-iter", type=int, default=None, help="default: the model card's")
     p.add_argument("--temperature", type=float, default=None, help="default: the model card's")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance, >= 0 (default: the model card's, else 0; class-conditional models)")
     p.add_argument("--feature-size", type=int, default=112, help="EfficientNet-Lite0 input size")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--throughput-json", default=None, help="decode_throughput.py JSON for the ViT-B speed axis")
@@ -290,7 +294,7 @@ def main(argv=None):
     pre, _ = p.parse_known_args(argv)
     ys = read_yardstick(pre.yardstick)
     p.set_defaults(**{k: ys[k] for k in ("ckpt", "num_samples", "batch_size", "kl_samples", "num_iter",
-                                        "temperature", "feature_size") if k in ys})
+                                        "temperature", "guidance", "feature_size") if k in ys})
     args = p.parse_args(argv)
     seeds = list(ys.get("seeds", [0, 1]))
     ref_seed = int(ys.get("reference", {}).get("seed", 0))
@@ -337,11 +341,15 @@ def main(argv=None):
     T = args.num_iter or card.get("num_iter", 20)
     temp = args.temperature if args.temperature is not None else card.get("temperature", 6.0)
     num_classes = len(model_card(ckpt).get("classes", [])) or 1
+    G = float(args.guidance if args.guidance is not None else card.get("guidance", 0.0)) if num_classes > 1 else 0.0
+    if not G >= 0:
+        raise SystemExit(f"error: --guidance must be >= 0, got {G}")
     if prior_floor is not None:
         want = dict(checkpoint=os.path.basename(ckpt), num_samples=args.num_samples, num_iter=T, temperature=temp,
-                    seeds=seeds, feature_size=args.feature_size)
+                    guidance=G, seeds=seeds, feature_size=args.feature_size)
         have = dict(checkpoint=os.path.basename(str(prior.get("checkpoint"))), num_samples=prior.get("num_samples"),
-                    num_iter=prior.get("num_iter"), temperature=prior.get("temperature"), seeds=prior.get("seeds"),
+                    num_iter=prior.get("num_iter"), temperature=prior.get("temperature"),
+                    guidance=float(prior.get("guidance", 0.0)), seeds=prior.get("seeds"),
                     feature_size=int(str(prior.get("feature_extractor", "")).rsplit("to ", 1)[-1].split()[0] or -1)
                     if "to " in str(prior.get("feature_extractor", "")) else None)
         diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
@@ -351,7 +359,7 @@ def main(argv=None):
     env = environment(torch.device("cpu"))
     env["load_average_at_start"] = os.getloadavg()
     print_header(f"decode quality: {os.path.basename(ckpt)}, {args.num_samples} samples/mode, T={T}, "
-                 f"temperature {temp}, {num_classes} classes, features at {args.feature_size} px", env)
+                 f"temperature {temp}, guidance {G}, {num_classes} classes, features at {args.feature_size} px", env)
     net = _efficientnet()
     ref = features(net, load_test_images(args.num_samples, ref_seed, model.img_size), args.feature_size)
     n, bs = args.num_samples, args.batch_size
@@ -371,11 +379,13 @@ def main(argv=None):
 
     def exact(seed):
         def compute():
-            imgs, ids, _, speed = run_mode(model, "exact", n, bs, seed, T, temp, num_classes, 0)
+            imgs, ids, _, speed = run_mode(model, "exact", n, bs, seed, T, temp, num_classes, 0, guidance=G)
             return features(net, imgs, args.feature_size), ids, speed, calls(imgs)
         key = dict(ckpt=os.path.abspath(ckpt), size=st.st_size, mtime_ns=st.st_mtime_ns, num_iter=T, temperature=temp,
                    num_samples=n, classes=num_classes, seed=seed, feature_size=args.feature_size,
                    torch=str(torch.__version__), mage_fast=str(mage_fast.__version__), calls=classifier is not None)
+        if G:  # unguided runs keep the keys they were cached under
+            key["guidance"] = G
         return exact_run(args.exact_cache, key, compute)
     ex_feat, ex_ids, ex_speed, ex_calls = exact(seeds[0])
     ex_agree = agreement(ex_calls)
@@ -428,7 +438,8 @@ def main(argv=None):
                  frechet_vs_exact=floor["exact_seed0_vs_seed1"], token_diff=floor["token_diff_seed0_vs_seed1"],
                  kl_per_step={}, images_per_s=None, vitb_speedup=None)] + extra_rows
     for name in args.modes:
-        imgs, ids, (kl, kl_fixed), speed = run_mode(model, name, n, bs, seeds[0], T, temp, num_classes, args.kl_samples)
+        imgs, ids, (kl, kl_fixed), speed = run_mode(model, name, n, bs, seeds[0], T, temp, num_classes, args.kl_samples,
+                                                          guidance=G)
         feat = features(net, imgs, args.feature_size)
         row = dict(mode=name, spec=mode_name(resolve_mode(name)), frechet=fd(feat, ref), frechet_vs_exact=fd(feat, ex_feat),
                    token_diff=float((ids != ex_ids).float().mean()), kl_per_step=kl,
@@ -445,7 +456,8 @@ def main(argv=None):
               f"{speed or 0:7.1f} images/s here" + (f" | ViT-B {row['vitb_speedup']:.2f}x official" if row["vitb_speedup"] else "")
               + (f" | class agreement {row['class_agreement']:.3f}" if "class_agreement" in row else ""))
     for order, t in step_points:
-        imgs, ids, _, speed = run_mode(model, "exact", n, bs, seeds[0], int(t), temp, num_classes, 0, order=order)
+        imgs, ids, _, speed = run_mode(model, "exact", n, bs, seeds[0], int(t), temp, num_classes, 0, order=order,
+                                        guidance=G)
         feat = features(net, imgs, args.feature_size)
         row = dict(mode=f"{order}@T={t}", spec=f"exact pass, order={order}, {t} steps (yardstick: {T})",
                    frechet=fd(feat, ref), frechet_vs_exact=fd(feat, ex_feat), token_diff=None, kl_per_step={},
@@ -457,7 +469,7 @@ def main(argv=None):
               f"{speed or 0:7.1f} images/s here")
     env["load_average_at_end"] = os.getloadavg()
     out = {"benchmark": "decode_quality", "yardstick": os.path.abspath(args.yardstick), "seeds": seeds,
-           "checkpoint": ckpt, "num_samples": n, "num_iter": T, "temperature": temp,
+           "checkpoint": ckpt, "num_samples": n, "num_iter": T, "temperature": temp, "guidance": G,
            "feature_extractor": f"EfficientNet-Lite0 pooled, bilinear resize to {args.feature_size} px",
            "reference": f"{n} seeded-random Fashion-MNIST test images" + (
                f", padded to {model.img_size} px" if model.img_size != 28 else ""), "noise_floor": floor, "rows": rows,
@@ -532,7 +544,8 @@ def merge(paths, out_path) -> None:
             raise SystemExit(f"error: --merge {path}: not a readable decode_quality JSON ({e})") from None
         if runs[-1].get("benchmark") != "decode_quality":
             raise SystemExit(f"error: --merge {path}: not a decode_quality JSON")
-    same = ("checkpoint", "num_samples", "num_iter", "temperature", "feature_extractor", "reference", "seeds")
+    same = ("checkpoint", "num_samples", "num_iter", "temperature", "guidance", "feature_extractor", "reference",
+            "seeds")
     for path, r in zip(paths[1:], runs[1:]):
         diff = [k for k in same if None not in (r.get(k), runs[0].get(k)) and r[k] != runs[0][k]]  # absent: unknown
         if diff:
@@ -546,7 +559,7 @@ def merge(paths, out_path) -> None:
                 rows.append(row)
     out = {k: next((r[k] for r in runs if r.get(k) is not None), None)
            for k in ("benchmark", "yardstick", "seeds", "checkpoint", "num_samples", "num_iter", "temperature",
-                     "feature_extractor", "reference")}
+                     "guidance", "feature_extractor", "reference")}
     out.update(noise_floor=widest["noise_floor"], rows=rows, merged_from=[os.path.basename(p) for p in paths],
                environment=runs[0].get("environment"))
     path = write_json(out, out_path, "")
