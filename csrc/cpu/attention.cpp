@@ -145,36 +145,37 @@ void dscores_impl(const DP* dp, const float* p, const float* delta, int64_t M, i
 
 float exp_neg_approx(float x) { return exp_neg(x); }
 
+namespace {
+
+// Calls f(in, out) with each pointer cast to its element type: bf16 (as uint16_t) or fp32.
+template <typename F>
+void with_dtypes(const void* in, bool in_bf16, void* out, bool out_bf16, F&& f) {
+  auto with_out = [&](auto typed_in) {
+    if (out_bf16)
+      f(typed_in, static_cast<uint16_t*>(out));
+    else
+      f(typed_in, static_cast<float*>(out));
+  };
+  if (in_bf16)
+    with_out(static_cast<const uint16_t*>(in));
+  else
+    with_out(static_cast<const float*>(in));
+}
+
+}  // namespace
+
 void attn_probs(const void* s, bool s_bf16, const float* lse, int64_t M, int64_t K, float scale, double p_drop,
                 uint64_t seed, uint64_t offset, float* p, void* pd, bool pd_bf16, int num_threads) {
-  if (s_bf16 && pd_bf16)
-    probs_impl(static_cast<const uint16_t*>(s), lse, M, K, scale, p_drop, seed, offset, p, static_cast<uint16_t*>(pd),
-               num_threads);
-  else if (s_bf16)
-    probs_impl(static_cast<const uint16_t*>(s), lse, M, K, scale, p_drop, seed, offset, p, static_cast<float*>(pd),
-               num_threads);
-  else if (pd_bf16)
-    probs_impl(static_cast<const float*>(s), lse, M, K, scale, p_drop, seed, offset, p, static_cast<uint16_t*>(pd),
-               num_threads);
-  else
-    probs_impl(static_cast<const float*>(s), lse, M, K, scale, p_drop, seed, offset, p, static_cast<float*>(pd),
-               num_threads);
+  with_dtypes(s, s_bf16, pd, pd_bf16, [&](auto in, auto out) {
+    probs_impl(in, lse, M, K, scale, p_drop, seed, offset, p, out, num_threads);
+  });
 }
 
 void attn_dscores(const void* dp, bool dp_bf16, const float* p, const float* delta, int64_t M, int64_t K, float scale,
                   double p_drop, uint64_t seed, uint64_t offset, void* ds, bool ds_bf16, int num_threads) {
-  if (dp_bf16 && ds_bf16)
-    dscores_impl(static_cast<const uint16_t*>(dp), p, delta, M, K, scale, p_drop, seed, offset,
-                 static_cast<uint16_t*>(ds), num_threads);
-  else if (dp_bf16)
-    dscores_impl(static_cast<const uint16_t*>(dp), p, delta, M, K, scale, p_drop, seed, offset, static_cast<float*>(ds),
-                 num_threads);
-  else if (ds_bf16)
-    dscores_impl(static_cast<const float*>(dp), p, delta, M, K, scale, p_drop, seed, offset, static_cast<uint16_t*>(ds),
-                 num_threads);
-  else
-    dscores_impl(static_cast<const float*>(dp), p, delta, M, K, scale, p_drop, seed, offset, static_cast<float*>(ds),
-                 num_threads);
+  with_dtypes(dp, dp_bf16, ds, ds_bf16, [&](auto in, auto out) {
+    dscores_impl(in, p, delta, M, K, scale, p_drop, seed, offset, out, num_threads);
+  });
 }
 
 }  // namespace cpu
