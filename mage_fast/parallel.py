@@ -1,15 +1,44 @@
-"""Processes of one sampling run under ``torchrun`` (``torch.distributed``; no launcher of our own).
+"""Processes of one run under ``torchrun`` or the ``deepspeed`` launcher (``torch.distributed``; no
+launcher of our own).
 
-torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (multi-node through its own rendezvous
+The launcher sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (multi-node through its own rendezvous
 options); without them the run is one process and nothing here communicates. Generation shards by
 batch: round k gives rank r the batch ``k * world + r``, so every rank runs the same number of
 rounds (one small all-reduce per round reports progress) and each image is drawn exactly as a
 one-process run draws it.
+
+Failing together: a fault on one rank ends every rank with status 2 and one ``error:`` line for the
+whole job.
+
+- Checks: every rank checks its own inputs, then :func:`fail_together` (or :func:`checks_together`)
+  gathers the outcome, before anything is written. The first failing rank raises its error (one line
+  naming it); the others leave silently with status 2.
+- Later faults: the rank that fails claims the report in the job's store (:func:`claim_report`, as
+  ``run_script`` does); a rank whose collective then breaks finds the claim (:func:`peer_failed`)
+  and leaves with status 2 without a word, and so does a rank that the launcher stops with SIGTERM
+  after a peer failed. A collective that breaks with no claim (a peer killed) is reported by the rank
+  that saw it. Where the store's host itself has gone (rank 0's process under the deepspeed
+  launcher), the others leave with status 2 without a word: rank 0 said why, or the launcher
+  reports how it ended.
+- The process group has a timeout (``MAGE_FAST_DIST_TIMEOUT`` seconds, default
+  :data:`DEFAULT_TIMEOUT_S`), so a peer that vanishes without closing its connections cannot hang
+  the others for longer.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
-from typing import Any
+import signal
+import sys
+from typing import Any, Optional
+
+TIMEOUT_ENV = "MAGE_FAST_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 900.0
+_FAILED_KEY = "mage_fast/failed_ranks"
+_leaving = False  # this process is on its way out with status 2: a launcher's SIGTERM waits for it
+_watch_pid: Optional[int] = None
+_previous_sigterm: Any = signal.SIG_DFL
 
 
 def dist_info() -> tuple[int, int, int]:
@@ -25,16 +54,155 @@ def dist_info() -> tuple[int, int, int]:
     return env_int("RANK", 0), world, env_int("LOCAL_RANK", 0)
 
 
+def timeout() -> datetime.timedelta:
+    """The process group's timeout: ``MAGE_FAST_DIST_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT_S`."""
+    v = os.environ.get(TIMEOUT_ENV)
+    try:
+        seconds = float(v) if v is not None else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        from .models.checks import InputError
+        raise InputError(f"{TIMEOUT_ENV}={v!r} in the environment: expected a number of seconds > 0")
+    return datetime.timedelta(seconds=seconds)
+
+
 def init(device_type: str) -> bool:
-    """Join the process group torchrun describes (nccl on GPUs, gloo on the CPU); False for one
-    process."""
+    """Join the process group the launcher describes (nccl on GPUs, gloo on the CPU), with
+    :func:`timeout`, and :func:`watch_peers`; False for one process."""
     rank, world, _ = dist_info()
     if world <= 1:
         return False
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout())
+    watch_peers()
     return True
+
+
+def watch_peers() -> None:
+    """Make a launcher's SIGTERM sent because a peer failed end this rank with status 2 (torchrun
+    and the deepspeed launcher stop the other ranks when one exits non-zero). A SIGTERM with no
+    failed peer keeps its usual effect."""
+    global _watch_pid, _previous_sigterm
+    if _watch_pid == os.getpid():
+        return
+    _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    _watch_pid = os.getpid()
+
+
+def _on_sigterm(signum, frame):
+    if os.getpid() == _watch_pid:  # not in a forked child (a DataLoader worker), whose store socket is a copy
+        if _leaving:
+            return  # already leaving with status 2: finish saying why
+        if peer_failed() is not False:
+            for f in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    f.flush()
+            os._exit(2)
+    signal.signal(signal.SIGTERM, _previous_sigterm if _previous_sigterm is not None else signal.SIG_DFL)
+    if callable(_previous_sigterm):
+        _previous_sigterm(signum, frame)
+    else:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _leave() -> None:
+    """This rank is on its way out with status 2: a launcher's SIGTERM no longer cuts that short (or
+    its ``error:`` line). SIG_IGN rather than a Python handler, which Python resets at exit."""
+    global _leaving
+    _leaving = True
+    if _watch_pid == os.getpid():
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _store():
+    import torch.distributed as dist
+    return dist.distributed_c10d._get_default_store()
+
+
+def peer_failed() -> Optional[bool]:
+    """Whether a rank of this job has claimed the report of a failure (:func:`claim_report`); None
+    when the job's store cannot be reached: its host has stopped (rank 0's process under the deepspeed
+    launcher, which says why itself, or the launcher reports how it ended)."""
+    if not active():
+        return False
+    try:
+        with _quiet_stderr():
+            return _store().add(_FAILED_KEY, 0) > 0
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null for a moment: a store whose host has gone makes c10d print a
+    C++ stack trace before it raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def claim_report() -> bool:
+    """Called by a rank that is about to leave with an error: True when it is the job's first, and
+    should print the one ``error:`` line; False when another rank has said why already. One process:
+    always True."""
+    _leave()
+    if not active():
+        return True
+    try:
+        with _quiet_stderr():
+            return _store().add(_FAILED_KEY, 1) == 1
+    except Exception:
+        return True
+
+
+def error_prefix() -> str:
+    """``"rank R: "`` in a run of several ranks, else ``""``: the start of an ``error:`` line."""
+    return f"rank {dist_info()[0]}: " if active() else ""
+
+
+def fail_together(error: Optional[BaseException]) -> None:
+    """The end of a phase of checks that every rank runs (before anything is written): when any
+    rank's ``error`` is not None, every rank leaves. The lowest failing rank raises its own error
+    (its caller prints the one line); every other rank raises ``SystemExit(2)`` and says nothing.
+    One process: raises ``error`` when given."""
+    if not active():
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+    said = None if error is None else (" ".join(str(error).split()) or type(error).__name__)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, said)
+    failed = [r for r, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    _leave()
+    if dist.get_rank() == failed[0]:
+        raise error
+    raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def checks_together():
+    """``with checks_together(): <checks>`` runs the checks on every rank and then
+    :func:`fail_together` (a check that ends with ``SystemExit("error: ...")`` counts as failed)."""
+    try:
+        yield
+    except (Exception, SystemExit) as e:
+        if isinstance(e, SystemExit) and not isinstance(e.code, str):
+            raise
+        fail_together(e)
+        raise
+    fail_together(None)
 
 
 def active() -> bool:

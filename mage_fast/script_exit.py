@@ -6,6 +6,11 @@ and the CLI report it), so a caller can tell bad input from a crash. Integer exi
 project's own input errors (:class:`~mage_fast.models.checks.InputError`,
 :class:`~mage_fast.models.checkpoint.CheckpointError`) raised anywhere under ``main`` end the same
 way, as one ``error: ...`` line; ``MAGE_FAST_DEBUG=1`` shows their traceback instead.
+
+Under a launcher (torchrun, deepspeed) with several ranks, the job says ``error: rank R: ...`` once:
+the first rank to fail says it (:mod:`mage_fast.parallel`), the others leave with status 2 without a
+word, and any exception on a rank (a crash, or a collective broken by a lost peer) ends that rank with
+status 2 and at most that one line.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Callable
 
 
 def run_script(main: Callable[[], object]) -> None:
+    from mage_fast import parallel
     from mage_fast.models.checkpoint import CheckpointError
     from mage_fast.models.checks import InputError
     try:
@@ -23,15 +29,43 @@ def run_script(main: Callable[[], object]) -> None:
     except (InputError, CheckpointError) as e:
         if os.environ.get("MAGE_FAST_DEBUG"):
             raise
-        msg = " ".join(str(e).split())  # one line, as the CLI prints it
-        print(f"error: {msg or type(e).__name__}", file=sys.stderr)
+        _error_line(" ".join(str(e).split()) or type(e).__name__)  # one line, as the CLI prints it
         sys.exit(2)
     except SystemExit as e:
         if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
+            if e.code.startswith("error: "):
+                _error_line(e.code[len("error: "):])
+            elif parallel.claim_report():
+                print(e.code, file=sys.stderr)
             sys.exit(2)
         raise
+    except Exception as e:
+        if not parallel.active() or os.environ.get("MAGE_FAST_DEBUG"):
+            raise  # one process: a crash keeps its traceback
+        if parallel.peer_failed() is None:  # the store's host (rank 0 under deepspeed) has gone: it says why
+            parallel.claim_report()
+        else:
+            _error_line(_rank_fault(e))
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error_line(msg: str) -> None:
+    """``error: <msg>`` once for the whole job: a rank of several names itself, and says nothing
+    when another rank has reported a failure first (:func:`mage_fast.parallel.claim_report`)."""
+    from mage_fast import parallel
+    if parallel.claim_report():
+        print(f"error: {parallel.error_prefix()}{msg}", file=sys.stderr, flush=True)
+
+
+def _rank_fault(e: BaseException) -> str:
+    """One line for an unexpected exception on one rank of several (the peers leave with it)."""
+    import torch.distributed as dist
+    first = (str(e).strip().splitlines() or [""])[0]
+    if isinstance(e, dist.DistError) or "gloo" in first.lower() or "nccl" in first.lower():
+        return (f"a collective operation failed: another rank stopped or cannot be reached ({first}); the "
+                f"launcher's log says which")
+    return f"{type(e).__name__}: {first} (MAGE_FAST_DEBUG=1 shows the traceback)"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -55,7 +89,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     """An ``argparse.ArgumentParser`` whose usage errors are one line, ``<prog>: error: <message>``
-    (``--help`` shows the usage), with exit status 2. Its ``--help`` shows every default
+    (``--help`` shows the usage), with exit status 2 (from rank 0 only under a launcher). Its ``--help`` shows every default
     (:class:`HelpFormatter`) unless another ``formatter_class`` is given."""
 
     def __init__(self, *args, **kwargs):
@@ -63,4 +97,6 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        if os.environ.get("RANK", "0") != "0":  # under a launcher every rank parses the same command: rank 0 says it
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -151,8 +151,10 @@ def check_token_cache(path: str, model: MAGE) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = model_config(args)  # reads --tokenizer: refused before anything is written
-    deepspeed, rank, world, dev = start_run(args)  # checks the data, config, output and resume inputs first
+    cfg = {}
+    # checks the data, config, output and resume inputs and reads --tokenizer (model_config) on every
+    # rank before anything is written; a failure on any rank ends them all with one line
+    deepspeed, rank, world, dev = start_run(args, check=lambda: cfg.update(model_config(args)))
 
     model = build_model(cfg, args)
     if args.token_cache:

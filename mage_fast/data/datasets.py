@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..models.checks import InputError
 from .transforms import sample_rng
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -33,6 +34,16 @@ def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     if not samples:
         raise ValueError(f"no images with extensions {IMG_EXTENSIONS} under {root}")
     return samples, classes
+
+
+class ImageReadError(InputError):
+    """A training image that cannot be decoded, named. Keeps its one-line message through a
+    DataLoader worker, whose re-raise passes the worker's whole traceback as the message."""
+
+    def __init__(self, msg: str):
+        if "\nOriginal Traceback" in msg:  # "...\nmage_fast.data.datasets.ImageReadError: <msg>"
+            msg = msg.rstrip().splitlines()[-1].split("ImageReadError: ", 1)[-1]
+        super().__init__(msg)
 
 
 def _key(key):
@@ -71,8 +82,12 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index, view = _key(key)
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            x = self.transform(img, sample_rng(self.seed, epoch, index, view))
+        try:
+            with Image.open(path) as img:
+                x = self.transform(img, sample_rng(self.seed, epoch, index, view))
+        except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated, unidentified or malformed files
+            raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e}); remove or replace "
+                                 f"it") from e
         return x, label
 
 

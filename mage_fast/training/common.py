@@ -115,8 +115,9 @@ def check_image_folder(root: str, flag: str = "--data_path") -> None:
 
 
 def check_resume(args) -> None:
-    """The checkpoint ``--resume`` would load: ``latest`` names a step folder that is there, whose
-    files are whole torch archives (a copy or save cut short has no zip central directory)."""
+    """The checkpoint ``--resume`` would load: ``latest`` names a step folder that is there, which
+    holds this rank's files (its random state, its ZeRO shard), and whose files are whole torch
+    archives (a copy or save cut short has no zip central directory)."""
     import zipfile
 
     from ..models.checks import InputError
@@ -139,6 +140,13 @@ def check_resume(args) -> None:
     files = sorted(f for f in os.listdir(tag_dir) if f.endswith(".pt"))
     if not files:
         raise InputError(f"--resume: checkpoint {tag_dir} holds no .pt files")
+    from ..parallel import dist_info
+    rank = dist_info()[0]  # under a launcher each rank checks the files it will load itself
+    for prefix, mine in (("rng_state_rank", f"rng_state_rank{rank}.pt"), ("zero_pp_rank_", f"zero_pp_rank_{rank}_")):
+        if any(f.startswith(prefix) for f in files) and not any(f.startswith(mine) for f in files):
+            raise InputError(f"--resume: checkpoint {tag_dir} has no {mine}{'*' if mine.endswith('_') else ''} for "
+                             f"rank {rank}: it was written by a run with fewer ranks, or this machine sees only part "
+                             f"of it; an exact resume needs the same number of ranks")
     for f in files:
         path = os.path.join(tag_dir, f)
         try:
@@ -170,18 +178,30 @@ def check_run_inputs(args) -> None:
         check_resume(args)
 
 
-def start_run(args):
+def start_run(args, check=None):
     """The common start of a training script: torch threads, the inputs checked
-    (:func:`check_run_inputs`), distributed setup, seed, args.json. Returns (deepspeed module,
-    rank, world size, device)."""
+    (:func:`check_run_inputs`, then ``check()`` when given), distributed setup, seed, args.json.
+    Returns (deepspeed module, rank, world size, device).
+
+    Under a launcher the process group comes first and every rank checks its own view of the inputs
+    (files a rank reads alone, such as its share of a checkpoint, differ by rank); when any rank's
+    checks fail, every rank exits with status 2 before anything is written, and only the first
+    failing rank says why (:func:`mage_fast.parallel.checks_together`)."""
     import torch
     import torch.distributed as dist
 
+    from .. import parallel
     from . import engine as eng
-    check_run_inputs(args)
+    several = parallel.dist_info()[1] > 1
+    deepspeed = eng.setup_distributed() if several else None
+    with parallel.checks_together():
+        check_run_inputs(args)
+        if check is not None:
+            check()
     if args.threads:
         torch.set_num_threads(args.threads)
-    deepspeed = eng.setup_distributed()
+    if deepspeed is None:
+        deepspeed = eng.setup_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)
     write_run_args(args, rank)

@@ -1,0 +1,102 @@
+"""A fault on one rank of several, under torchrun and under the deepspeed launcher (issue 30, part 2):
+one ``error:`` line for the whole job, from the rank that saw it and naming it; every rank exits with
+status 2 and none hangs (each launch has a deadline); a refusal writes nothing.
+
+- Checks: a resume from a checkpoint of one rank gives only rank 1 a missing file (its random
+  state), found in the checks every rank runs before anything is written.
+- Later faults: a corrupt image in one rank's share of the data, met in the first step while the
+  other rank waits in a collective (rank 1 under torchrun; rank 0 under deepspeed, whose process
+  holds the job's store).
+
+torchrun itself always ends with status 1 and its own ChildFailedError report when a worker fails; the
+workers' statuses are read from that report.
+"""
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from launch import REPO, deepspeed_launcher, env, find_script, needs_deepspeed
+from mage_fast.data.datasets import scan_image_folder
+from mage_fast.data.sampler import ResumableSampler
+
+TORCHRUN = find_script("torchrun")
+TINY = ["train/pretrain.py", "--model", "tiny", "--img_size", "32", "--vqgan_config",
+        '{"ch_mult": [1, 2, 2], "n_embed": 64}', "--max_steps", "1", "--batch_size", "2", "--no_progress"]
+DEADLINE_S = 150
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _launch(launcher, argv, cwd):
+    if launcher == "torchrun":
+        assert TORCHRUN, "torchrun not found beside the interpreter (it comes with torch)"
+        cmd = [sys.executable, TORCHRUN, "--nproc_per_node", "2", "--master_port", _port()]
+    else:
+        cmd = [*deepspeed_launcher(), "--num_gpus", "2", "--master_port", _port()]
+    e = env()
+    e.pop("MAGE_FAST_DEBUG", None)
+    argv = [os.path.join(REPO, argv[0]), *argv[1:]]
+    return subprocess.run(cmd + argv, cwd=cwd, env=e, capture_output=True, text=True, timeout=DEADLINE_S)
+
+
+def _one_error_line(proc, launcher, words):
+    both = proc.stdout + proc.stderr
+    errors = [ln for ln in both.splitlines() if "error: " in ln]
+    assert len(errors) == 1, both[-4000:]
+    for w in words:
+        assert w in errors[0], f"{w!r} not in {errors[0]!r}"
+    frames = [ln for ln in both.splitlines() if ln.strip().startswith('File "')]
+    ours = [ln for ln in frames if any(f'"{os.path.join(REPO, d)}' in ln for d in ("mage_fast", "train"))]
+    assert not ours, both[-4000:]  # no traceback from a rank (torchrun's own report has one, of its frames)
+    assert "DistBackendError" not in both and "RuntimeError" not in both, both[-4000:]
+    if launcher == "torchrun":
+        # torchrun's report: one entry per failed rank, each with the rank's exit status
+        codes = [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+) \(pid", both)]
+        assert proc.returncode == 1 and sorted(codes) == [2, 2], both[-4000:]
+    else:
+        assert proc.returncode == 2, both[-4000:]
+        assert "Traceback" not in both, both[-4000:]
+
+
+def _listing(d):
+    return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs + [""])
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("deepspeed", marks=needs_deepspeed)])
+def test_checkpoint_missing_one_ranks_file_stops_every_rank_before_writing(tmp_path, launcher):
+    step = tmp_path / "run" / "checkpoints" / "step1"
+    step.mkdir(parents=True)
+    (step.parent / "latest").write_text("step1")
+    for f in ("mp_rank_00_model_states.pt", "rng_state_rank0.pt"):  # a checkpoint of a one-rank run
+        torch.save({"step": 1}, step / f)
+    before = _listing(tmp_path)
+    proc = _launch(launcher, [*TINY, "--synthetic", "--output_dir", "run", "--resume", "auto"], tmp_path)
+    _one_error_line(proc, launcher, ["rank 1:", "--resume", "rng_state_rank1.pt", "fewer ranks"])
+    assert _listing(tmp_path) == before, "the refused run wrote something"
+
+
+@pytest.mark.parametrize("launcher,rank", [("torchrun", 1), pytest.param("deepspeed", 0, marks=needs_deepspeed)])
+def test_corrupt_image_in_one_ranks_share_ends_every_rank(tmp_path, launcher, rank):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    samples, _ = scan_image_folder(str(tmp_path / "data"))
+    bad = samples[ResumableSampler(len(samples), rank, 2, seed=0).indices()[0]][0]  # in this rank's first batch
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    proc = _launch(launcher, [*TINY, "--data_path", "data", "--data_backend", "torch", "--num_workers", "1",
+                              "--output_dir", "run"], tmp_path)
+    _one_error_line(proc, launcher, [f"rank {rank}:", os.path.relpath(bad, tmp_path), "not a readable image"])
