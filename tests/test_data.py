@@ -91,6 +91,31 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         TrainTransform(8, (0.0, 1.0))
 
 
+def test_auto_backend_picks_dali_only_with_a_cuda_device(monkeypatch):
+    import mage_fast.data.loader as loader
+    monkeypatch.setattr(loader, "dali_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    backend, why = choose_backend("auto", "folder")
+    assert backend == "torch" and "CUDA" in why
+    assert choose_backend("dali", "folder")[0] == "dali"  # asked for: DALI's CPU pipeline
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_backend("auto", "folder")[0] == "dali"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_is_named_in_one_line(tmp_path, workers):
+    from mage_fast.data.datasets import ImageReadError
+    root = _folder(tmp_path / "imgs", n_per_class=2, size=24)
+    bad = root / "a" / "0.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    loader = EpochLoader(LoaderSpec("folder", str(root), img_size=16, batch_size=4, num_workers=workers,
+                                    backend="torch"))
+    with pytest.raises(ImageReadError) as e:
+        list(loader.batches(0))
+    msg = str(e.value)
+    assert str(bad) in msg and "not a readable image" in msg and "\n" not in msg and "Traceback" not in msg
+
+
 def test_token_cache_views(tmp_path):
     ids = torch.arange(5 * 3 * 4, dtype=torch.int16).view(5, 3, 4)
     torch.save({"ids": ids, "labels": torch.arange(5), "meta": {"seq_len": 4}}, tmp_path / "c.pt")

@@ -127,6 +127,8 @@ def _bad_files(d):
         for i in range(3):
             Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / name / f"{i:05d}.png")
     (d / "adir").mkdir()
+    (d / "corrupt" / "a").mkdir(parents=True)
+    (d / "corrupt" / "a" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
 
 
 SCRIPT_CASES = [  # (id, argv with OUT for a path that must not be created, words of the error line)
@@ -169,6 +171,9 @@ SCRIPT_CASES = [  # (id, argv with OUT for a path that must not be created, word
      ["--resume", "step9", "missing"]),
     ("pretrain-resume-no-checkpoint", [*SYNTH, "--resume", "nolatest", "--output_dir", "OUT"],
      ["--resume nolatest", "no checkpoint"]),
+    ("pretrain-corrupt-image-auto-backend", [*PRETRAIN, "--data_path", "corrupt", "--data_backend", "auto",
+                                             "--batch_size", "1", "--num_workers", "0", "--no_progress"],
+     ["corrupt/a/0.png", "not a readable image"]),  # auto: no DALI without a CUDA device; the file named
     ("fid-ref-stats-a-folder", ["-m", "mage_fast", "fid", "gen", "ref", "--min-samples", "2", "--ref-stats", "adir",
                                 "--json", "OUT"], ["--ref-stats adir", "directory"]),
 ]

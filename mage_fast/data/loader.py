@@ -30,7 +30,8 @@ def dali_available() -> bool:
 
 
 def choose_backend(requested: str, source: str) -> Tuple[str, str]:
-    """-> (backend, why). ``source`` is 'folder', 'synthetic' or 'tokens' (only folders use DALI)."""
+    """-> (backend, why). ``source`` is 'folder', 'synthetic' or 'tokens' (only folders use DALI);
+    'auto' picks DALI only where it can decode: installed, and a CUDA device present."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown data backend {requested!r}; choose from {BACKENDS}")
     if source != "folder":
@@ -44,6 +45,10 @@ def choose_backend(requested: str, source: str) -> Tuple[str, str]:
             raise RuntimeError("--data_backend dali was requested but nvidia-dali is not installed "
                                "(pip install nvidia-dali-cuda130)")
         return "torch", "nvidia-dali is not installed"
+    if requested == "auto" and not torch.cuda.is_available():
+        # DALI decodes with nvImageCodec, which needs a CUDA device: without one it fails on the first
+        # image (and names no file); the PyTorch loader decodes anywhere and names an unreadable image
+        return "torch", "no CUDA device for DALI's decoder"
     where = "GPU" if torch.cuda.is_available() else "CPU"
     return "dali", f"nvidia-dali found, pipeline on the {where}"
 
