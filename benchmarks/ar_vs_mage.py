@@ -20,7 +20,6 @@ installed, else drawn with PIL).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -167,7 +166,8 @@ def _plot_pil(names, ips, passes, title, path) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mage_fast.script_exit import ArgumentParser  # one-line usage errors, defaults in --help
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="tiny (CPU) or base (ViT-B-sized, GPU)")
     p.add_argument("--img-size", type=int, default=256)
     p.add_argument("--patch-size", type=int, default=16, help="tokenizer patch: L = (img/patch)^2 (default 256)")
@@ -252,4 +252,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from mage_fast.script_exit import run_script  # noqa: E402
+    run_script(main)

@@ -12,7 +12,6 @@ machine (a few CPU-minutes) and cached. JSON to benchmarks/results/ (``--out``).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 def parse_args(argv=None):
     from mage_fast.script_exit import ArgumentParser
-    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--ckpt", default=None, help="a class-conditional Fashion-MNIST MAGE (default: the shipped default)")
     ap.add_argument("--per-class", type=int, default=100, help="samples per class (default: %(default)s)")
     ap.add_argument("--num-iter", type=int, default=None, help="decoding steps (default: the model card's)")

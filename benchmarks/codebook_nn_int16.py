@@ -6,7 +6,6 @@
 The three paths run one after another inside every repeat (so outside load falls on all of them);
 prints median, min, max per path and the per-repeat ratios' median.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -22,7 +21,8 @@ from mage_fast import _ext
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    from mage_fast.script_exit import ArgumentParser  # one-line usage errors, defaults in --help
+    ap = ArgumentParser()
     ap.add_argument("--N", type=int, default=4096)
     ap.add_argument("--K", type=int, default=16384)
     ap.add_argument("--D", type=int, default=256)
@@ -86,4 +86,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from mage_fast.script_exit import run_script  # noqa: E402
+    run_script(main)

@@ -11,7 +11,6 @@ Median of --repeats runs after one warm-up; JSON to benchmarks/results/cpu_ops_q
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -80,7 +79,8 @@ def env_header():
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    from mage_fast.script_exit import ArgumentParser  # one-line usage errors, defaults in --help
+    ap = ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke run)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -141,4 +141,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from mage_fast.script_exit import run_script  # noqa: E402
+    run_script(main)

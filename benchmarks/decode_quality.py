@@ -26,7 +26,6 @@ class-balanced labels:
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -255,7 +254,8 @@ def _plot_pil(pts, ex, path, x_key, x_label, off_scale: float = 1.06):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mage_fast.script_exit import ArgumentParser  # one-line usage errors, defaults in --help
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", default=None, help="default: the shipped model")
     p.add_argument("--modes", nargs="*", default=[n for n in MODES if n != "exact"],
                    help="modes to judge (default: every named mode); none: only the floor (with --floor-seeds)")

@@ -11,7 +11,6 @@ reason. JSON goes to benchmarks/results/kernels_<device>.json.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -131,7 +130,8 @@ def run_case(fn, args, kwargs, backward, device, repeats):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mage_fast.script_exit import ArgumentParser  # one-line usage errors, defaults in --help
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ops", nargs="*", default=None, help="only these ops")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--full", action="store_true", help="CPU: the issue's full sizes (slower)")
@@ -182,4 +182,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from mage_fast.script_exit import run_script  # noqa: E402
+    run_script(main)

@@ -10,7 +10,6 @@ the same repeat. Error: relative Frobenius error of the block's output against f
 CPU precision of the decoding modes: on a CPU with AMX or AVX512-BF16 the ``*_bf16`` modes, elsewhere int8
 (or fp32) - see docs/DECODING.md.
 """
-import argparse
 import copy
 import os
 import statistics
@@ -52,7 +51,8 @@ def paths(block: nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mage_fast.script_exit import ArgumentParser  # one-line usage errors, defaults in --help
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, default=4, help="images (default: 4)")
     ap.add_argument("--tokens", type=int, default=257, help="tokens per image (default: 257)")
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds (default: 7)")
@@ -98,4 +98,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from mage_fast.script_exit import run_script  # noqa: E402
+    run_script(main)

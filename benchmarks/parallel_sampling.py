@@ -10,7 +10,6 @@ Also checks that every layout wrote byte-identical files.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -45,7 +44,8 @@ def run_layout(nproc: int, threads: int, out: str, gen_args: list[str], port: in
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mage_fast.script_exit import ArgumentParser  # one-line usage errors, defaults in --help
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--num-images", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--nproc", type=int, default=2)
@@ -100,4 +100,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mage_fast.script_exit import run_script  # noqa: E402
+    run_script(main)

@@ -11,7 +11,6 @@ the option to take where the CPU multiplies bf16 natively (AMX, AVX512-BF16); el
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -24,7 +23,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 def parse_args(argv=None):
     from mage_fast.script_exit import ArgumentParser
-    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--token_cache", required=True, help="a train/cache_tokens.py cache of 256-token ids")
     ap.add_argument("--steps", type=int, default=300, help="steps of each precision (default: %(default)s)")
     ap.add_argument("--batch_size", type=int, default=32, help="(default: %(default)s)")

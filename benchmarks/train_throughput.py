@@ -232,7 +232,7 @@ def _peak_rss() -> int:
 
 def parse_args(argv=None):
     from mage_fast.script_exit import ArgumentParser
-    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="vit_base", choices=["tiny", "vit_base", "vit_large", "shipped"],
                     help="sizes (default: %(default)s); 'shipped' is mage_fmnist256 with its own weights")
     ap.add_argument("--img_size", type=int, default=256, help="image size of the ViT presets (default: %(default)s)")
