@@ -83,7 +83,9 @@ def main(argv=None):
                 tokenizer=os.path.abspath(args.tokenizer), seed=args.seed,
                 arch="vit_vqgan" if hasattr(vq, "quant_proj") else "vqgan", codebook_checksum=tokenizer_checksum(vq))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save({"ids": ids, "labels": labels, "meta": meta}, args.out)
+    from mage_fast.runs import atomic_path
+    with atomic_path(args.out) as tmp:  # a cache cut short by a kill is never left under its name
+        torch.save({"ids": ids, "labels": labels, "meta": meta}, tmp)
     used = torch.unique(ids.long()).numel()
     print(f"wrote {args.out}: {tuple(ids.shape)} ids, {used}/{vq.n_embed} codes used")
 
