@@ -203,9 +203,31 @@ def _fid_features(args, dev):
 
 
 def cmd_generate(args) -> int:
-    """One process, or one rank of a torchrun job: see :mod:`mage_fast.parallel`."""
+    """One process, or one rank of a torchrun job: see :mod:`mage_fast.parallel`. Under torchrun every
+    rank checks its own view of the inputs (files, folders, its share of the reference images) after
+    the process group is up and before anything is written; a fault on any rank ends every rank with
+    status 2 and one ``error:`` line (:func:`mage_fast.parallel.fail_together`)."""
     from mage_fast import parallel
     rank, world, local_rank = parallel.dist_info()
+    dev = _device(args.device)
+    if world > 1 and dev.type == "cuda":
+        import torch
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    parallel.init(dev.type)
+    with parallel.checks_together():
+        ref_set = _check_generate_args(args, dev)
+    import warnings
+    from mage_fast.decoding import SlowModeWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowModeWarning)  # said once, as a note (_slow_mode_note)
+        code = _generate_run(args, dev, rank, world, ref_set)
+    parallel.shutdown()  # on a fault the group stays up: main's handler claims the report in its store
+    return code
+
+
+def _check_generate_args(args, dev):
+    """Every check of ``generate`` that needs no model; returns ``--fid-ref``'s (files, note) or None."""
     _check_sampling_args(args, "--num-images")
     _need(args.batch_size, "--batch-size", lo=1, integer=True)
     _need(args.grid, "--grid", lo=0, integer=True)
@@ -229,23 +251,10 @@ def cmd_generate(args) -> int:
         ref_set = sample_files(args.fid_ref, "--fid-ref")  # before any work: a missing or empty reference
         if args.inception_weights and not os.path.isfile(args.inception_weights):
             raise CLIError(f"--inception-weights not found: {args.inception_weights}")
-    dev = _device(args.device)
     if args.cuda_graph and (dev.type != "cuda" or args.rng != "torch"):
         raise CLIError(f"--cuda-graph captures the decoding loop on a CUDA device with --rng torch; this run has "
                        f"--device {dev.type}, --rng {args.rng}")
-    if world > 1 and dev.type == "cuda":
-        import torch
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    parallel.init(dev.type)
-    try:
-        import warnings
-        from mage_fast.decoding import SlowModeWarning
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SlowModeWarning)  # said once, as a note (_slow_mode_note)
-            return _generate_run(args, dev, rank, world, ref_set)
-    finally:
-        parallel.shutdown()
+    return ref_set
 
 
 def _generate_run(args, dev, rank: int, world: int, ref_set=None) -> int:
@@ -262,11 +271,15 @@ def _generate_run(args, dev, rank: int, world: int, ref_set=None) -> int:
 
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
-    model, ckpt = load_model(args.ckpt, args.model)
-    model = model.to(dev).eval()
-    sampling_defaults(ckpt, args)
-    label = resolve_class(args.class_id, ckpt, model)
-    names = class_names(model, ckpt)
+    feats = stats = ref = None
+    with parallel.checks_together():  # each rank reads the model (and feature network) itself
+        model, ckpt = load_model(args.ckpt, args.model)
+        model = model.to(dev).eval()
+        sampling_defaults(ckpt, args)
+        label = resolve_class(args.class_id, ckpt, model)
+        names = class_names(model, ckpt)
+        if args.fid_ref:
+            feats = _fid_features(args, dev)
     num_classes = len(names)
     if main:
         _slow_mode_note(args.mode, dev)
@@ -279,6 +292,17 @@ def _generate_run(args, dev, rank: int, world: int, ref_set=None) -> int:
                     num_images=args.num_images, sample_pattern="{:05d}.png", image_size=model.img_size,
                     classes=names or None, versions=versions(),
                     decode="the batch at once (official)" if args.rng == "official" else "one image at a time")
+    if args.fid_ref:  # the reference set is input: read (each rank its share) before anything is written
+        from mage_fast.eval.frechet import FeatureStats, sharded_stats
+        from mage_fast.runs import check_run_folder
+        with parallel.checks_together():  # no reading for a run that its folder refuses
+            if main:
+                check_run_folder(args.out, manifest, overwrite=args.overwrite, resume=args.resume)
+        ref_files, note = ref_set
+        if note and main:
+            _notes([note])
+        ref = sharded_stats(ref_files, feats, cache=args.ref_stats, progress=main)
+        stats = FeatureStats(ref["mu"].numel())
     done, err = set(), None
     if main:
         try:
@@ -289,15 +313,6 @@ def _generate_run(args, dev, rank: int, world: int, ref_set=None) -> int:
     done, err = parallel.broadcast((done, err))
     if err:
         raise CLIError(err)
-    feats = stats = ref = None
-    if args.fid_ref:
-        from mage_fast.eval.frechet import FeatureStats, sharded_stats
-        feats = _fid_features(args, dev)
-        ref_files, note = ref_set
-        if note and main:
-            _notes([note])
-        ref = sharded_stats(ref_files, feats, cache=args.ref_stats, progress=main)
-        stats = FeatureStats(ref["mu"].numel())
     num_batches = math.ceil(args.num_images / args.batch_size)
     rounds = parallel.shard_rounds(num_batches, rank, world)
     t0, made = time.perf_counter(), 0
@@ -840,6 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from mage_fast import parallel, script_exit
     try:
         return args.fn(args)
     except (CLIError, ValueError, OSError, ImportError) as e:  # InputError, CheckpointError are ValueErrors
@@ -849,8 +865,16 @@ def main(argv=None) -> int:
         msg = " ".join(str(e).split()) if isinstance(e, CheckpointError) else str(e).strip()
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
             msg = f"{e.filename}: {e.strerror or e}"
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says why
-            print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        line = msg.splitlines()[0] if msg else type(e).__name__
+        if parallel.active():  # a rank of several: the first to fail says it, naming itself
+            script_exit.error_line(line)
+        elif os.environ.get("RANK", "0") == "0":  # before the process group, every rank fails alike
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not parallel.active() or os.environ.get("MAGE_FAST_DEBUG"):
+            raise  # one process: a crash keeps its traceback
+        script_exit.rank_fault_exit(e)  # a crash on one rank, or a collective broken by a failed peer
         return 2
 
 

@@ -148,15 +148,16 @@ def image_ok(path: str, size: int) -> bool:
         return False
 
 
-def prepare_run(out: str, manifest: dict, *, overwrite: bool = False, resume: bool = False,
-                image_size: Optional[int] = None) -> set[int]:
-    """Make ``out`` ready for the run ``manifest`` describes, and write the manifest (status
-    "running"). Returns the indices already finished (``resume``); raises :class:`InputError` for
-    a folder that holds another run or images this project did not write."""
+def check_run_folder(out: str, manifest: dict, *, overwrite: bool = False, resume: bool = False):
+    """What :func:`prepare_run` refuses, checked without writing anything (the folder need not
+    exist): raises :class:`InputError` for a folder that holds another run or images this project did
+    not write. Returns (the old manifest or None, the sample files present). A caller with more
+    checks to make before writing (a reference set to read) runs this first."""
     if overwrite and resume:
         raise InputError("--overwrite and --resume exclude each other")
     check_output_dir(out)
-    os.makedirs(out, exist_ok=True)
+    if not os.path.isdir(out):
+        return None, []
     old = read_manifest(out)
     foreign = _foreign_images(out)
     samples = sorted(f for f in os.listdir(out) if _SAMPLE_RE.match(f))
@@ -166,7 +167,6 @@ def prepare_run(out: str, manifest: dict, *, overwrite: bool = False, resume: bo
     if old is None and samples and not overwrite:
         raise InputError(f"{out} holds {len(samples)} sample file(s) but no {MANIFEST}: they cannot be told apart "
                          f"from this run's; pass --overwrite to replace them or choose another --out")
-    done: set[int] = set()
     if old is not None and not overwrite:
         if _identity(old) != _identity(manifest):
             a, b = _identity(old), _identity(manifest)
@@ -179,6 +179,18 @@ def prepare_run(out: str, manifest: dict, *, overwrite: bool = False, resume: bo
             raise InputError(f"{out} already holds this run ({old.get('status', 'unknown')}, "
                              f"{len(samples)} of {old['num_images']} images); pass --resume to finish it or "
                              f"--overwrite to start again")
+    return old, samples
+
+
+def prepare_run(out: str, manifest: dict, *, overwrite: bool = False, resume: bool = False,
+                image_size: Optional[int] = None) -> set[int]:
+    """Make ``out`` ready for the run ``manifest`` describes, and write the manifest (status
+    "running"). Returns the indices already finished (``resume``); raises :class:`InputError` for
+    a folder that holds another run or images this project did not write (:func:`check_run_folder`)."""
+    old, samples = check_run_folder(out, manifest, overwrite=overwrite, resume=resume)
+    os.makedirs(out, exist_ok=True)
+    done: set[int] = set()
+    if old is not None and not overwrite:
         first, n = manifest["first_index"], manifest["num_images"]
         for i in range(first, first + n):
             p = os.path.join(out, sample_name(i))

@@ -29,12 +29,12 @@ def run_script(main: Callable[[], object]) -> None:
     except (InputError, CheckpointError) as e:
         if os.environ.get("MAGE_FAST_DEBUG"):
             raise
-        _error_line(" ".join(str(e).split()) or type(e).__name__)  # one line, as the CLI prints it
+        error_line(" ".join(str(e).split()) or type(e).__name__)  # one line, as the CLI prints it
         sys.exit(2)
     except SystemExit as e:
         if isinstance(e.code, str):
             if e.code.startswith("error: "):
-                _error_line(e.code[len("error: "):])
+                error_line(e.code[len("error: "):])
             elif parallel.claim_report():
                 print(e.code, file=sys.stderr)
             sys.exit(2)
@@ -42,15 +42,22 @@ def run_script(main: Callable[[], object]) -> None:
     except Exception as e:
         if not parallel.active() or os.environ.get("MAGE_FAST_DEBUG"):
             raise  # one process: a crash keeps its traceback
-        if parallel.peer_failed() is None:  # the store's host (rank 0 under deepspeed) has gone: it says why
-            parallel.claim_report()
-        else:
-            _error_line(_rank_fault(e))
+        rank_fault_exit(e)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _error_line(msg: str) -> None:
+def rank_fault_exit(e: BaseException) -> None:
+    """An unexpected exception on one rank of several (a crash, or a collective broken by a lost
+    peer): at most one line for the job; the caller then exits with status 2."""
+    from mage_fast import parallel
+    if parallel.peer_failed() is None:  # the store's host (rank 0 under deepspeed) has gone: it says why
+        parallel.claim_report()
+    else:
+        error_line(_rank_fault(e))
+
+
+def error_line(msg: str) -> None:
     """``error: <msg>`` once for the whole job: a rank of several names itself, and says nothing
     when another rank has reported a failure first (:func:`mage_fast.parallel.claim_report`)."""
     from mage_fast import parallel

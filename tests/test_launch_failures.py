@@ -7,6 +7,8 @@ status 2 and none hangs (each launch has a deadline); a refusal writes nothing.
 - Later faults: a corrupt image in one rank's share of the data, met in the first step while the
   other rank waits in a collective (rank 1 under torchrun; rank 0 under deepspeed, whose process
   holds the job's store).
+- Sharded generation (``torchrun -m mage_fast generate``): a corrupt image in rank 1's share of the
+  ``--fid-ref`` reference set (files ``rank::world``), read before the run folder is made.
 
 torchrun itself always ends with status 1 and its own ChildFailedError report when a worker fails; the
 workers' statuses are read from that report.
@@ -46,7 +48,8 @@ def _launch(launcher, argv, cwd):
         cmd = [*deepspeed_launcher(), "--num_gpus", "2", "--master_port", _port()]
     e = env()
     e.pop("MAGE_FAST_DEBUG", None)
-    argv = [os.path.join(REPO, argv[0]), *argv[1:]]
+    if argv[0] != "-m":  # a script of this checkout; "-m mage_fast ..." runs the CLI
+        argv = [os.path.join(REPO, argv[0]), *argv[1:]]
     return subprocess.run(cmd + argv, cwd=cwd, env=e, capture_output=True, text=True, timeout=DEADLINE_S)
 
 
@@ -100,3 +103,21 @@ def test_corrupt_image_in_one_ranks_share_ends_every_rank(tmp_path, launcher, ra
     proc = _launch(launcher, [*TINY, "--data_path", "data", "--data_backend", "torch", "--num_workers", "1",
                               "--output_dir", "run"], tmp_path)
     _one_error_line(proc, launcher, [f"rank {rank}:", os.path.relpath(bad, tmp_path), "not a readable image"])
+
+
+def test_generate_corrupt_reference_image_in_rank_1s_share_writes_nothing(tmp_path):
+    from mage_fast.eval.frechet import sample_files
+    pytest.importorskip("efficientnet_lite_pytorch", reason="--fid-ref needs efficientnet-lite-pytorch (a [test] extra)")
+    rng = np.random.default_rng(0)
+    (tmp_path / "ref").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "ref" / f"{i:02d}.png")
+    files, _ = sample_files(str(tmp_path / "ref"))
+    bad = files[1::2][0]  # rank 1's first reference image (sharded_stats: files[rank::world])
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG not an image")
+    before = _listing(tmp_path)
+    proc = _launch("torchrun", ["-m", "mage_fast", "generate", "--num-images", "2", "--num-iter", "2", "--fid-ref",
+                                "ref", "--ref-stats", "ref_stats.pt", "--out", "gen"], tmp_path)
+    _one_error_line(proc, "torchrun", ["rank 1:", os.path.relpath(bad, tmp_path), "not a readable image"])
+    assert _listing(tmp_path) == before, "the refused run wrote something"

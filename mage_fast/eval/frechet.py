@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..data.datasets import ImageReadError
 from ..images import load_image
 from .folder import IMAGE_EXTENSIONS
 
@@ -243,15 +244,26 @@ def write_stats_cache(st: dict, cache: str) -> None:
         torch.save(st, tmp)
 
 
+def read_rgb(path: str):
+    """An image file as an (H, W, 3) uint8 array; :class:`~mage_fast.data.datasets.ImageReadError`
+    (an ``InputError``) naming the file when it cannot be decoded."""
+    import numpy as np
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated, unidentified or malformed files
+        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e}); remove or replace it") from e
+
+
 def sharded_stats(files: list[str], features, cache: Optional[str] = None, batch_size: int = 50,
                   progress: bool = True) -> dict:
     """Gaussian statistics of image files, the work split over the ranks of the process group
     (files ``rank::world``; sums all-reduced). ``features`` maps a list of (H, W, 3) uint8 arrays to
     (N, D) features. With ``cache``: read when made for the same content and feature network, else
-    written by rank 0. Returns ``{'mu', 'sigma', 'n', 'content_sha256', 'features'}``."""
-    import numpy as np
-    from PIL import Image
-
+    written by rank 0. Returns ``{'mu', 'sigma', 'n', 'content_sha256', 'features'}``. An image that
+    cannot be read, in any rank's share, ends every rank before the collectives
+    (:func:`mage_fast.parallel.fail_together`): that rank raises :class:`ImageReadError`."""
     from .. import parallel
     rank, world, _ = parallel.dist_info() if parallel.active() else (0, 1, 0)
     key = content_key(files)
@@ -260,17 +272,20 @@ def sharded_stats(files: list[str], features, cache: Optional[str] = None, batch
             st.get("features", "efficientnet_lite0") == features.name:
         return st
     mine = files[rank::world]
-    acc = None
+    acc = err = None
     it = range(0, len(mine), batch_size)
     if progress and rank == 0:
         from tqdm.auto import tqdm
         it = tqdm(it, desc=f"reference features ({features.name})")
-    for i in it:
-        arrs = [np.asarray(Image.open(f).convert("RGB")) for f in mine[i: i + batch_size]]
-        f = features(arrs)
-        if acc is None:
-            acc = FeatureStats(f.shape[1])
-        acc.add(f)
+    try:
+        for i in it:
+            f = features([read_rgb(f) for f in mine[i: i + batch_size]])
+            if acc is None:
+                acc = FeatureStats(f.shape[1])
+            acc.add(f)
+    except ImageReadError as e:  # this rank's share only: every rank leaves, this one names the file
+        err = e
+    parallel.fail_together(err)
     dim = parallel.broadcast(acc.sum.numel() if acc is not None else None, src=0)
     acc = acc or FeatureStats(dim)
     acc.all_reduce()
