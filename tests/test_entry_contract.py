@@ -129,6 +129,16 @@ def _bad_files(d):
         (d / name).mkdir()
         for i in range(3):
             Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / name / f"{i:05d}.png")
+    # token caches for the tokenizer of ASSET at --img_size 32: 8 x 8 = 64 tokens, 256 codes
+    ids = torch.randint(0, 256, (3, 2, 64), dtype=torch.int16)
+    meta = dict(seq_len=64, n_embed=256, img_size=32)
+    torch.save({"ids": ids, "labels": torch.zeros(3, dtype=torch.long), "meta": meta}, d / "tc.pt")
+    whole = (d / "tc.pt").read_bytes()
+    (d / "tc_trunc.pt").write_bytes(whole[: len(whole) // 2])
+    torch.save({"ids": ids.clone().fill_(300), "labels": torch.zeros(3, dtype=torch.long)}, d / "tc_range.pt")
+    torch.save({"ids": ids[:, :, :16].clone(), "meta": dict(meta, seq_len=16)}, d / "tc_seq.pt")
+    torch.save({"ids": ids.float()}, d / "tc_float.pt")
+    torch.save({"ids": ids, "labels": torch.zeros(5, dtype=torch.long)}, d / "tc_labels.pt")
     (d / "adir").mkdir()
     (d / "corrupt" / "a").mkdir(parents=True)
     (d / "corrupt" / "a" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
@@ -177,6 +187,16 @@ SCRIPT_CASES = [  # (id, argv with OUT for a path that must not be created, word
     ("pretrain-corrupt-image-auto-backend", [*PRETRAIN, "--data_path", "corrupt", "--data_backend", "auto",
                                              "--batch_size", "1", "--num_workers", "0", "--no_progress"],
      ["corrupt/a/0.png", "not a readable image"]),  # auto: no DALI without a CUDA device; the file named
+    *((f"pretrain-token-cache-{k}", [*PRETRAIN, "--tokenizer", ASSET, "--token_cache", f, "--output_dir", "OUT"],
+       [f"--token_cache {f}", *w]) for k, f, w in (
+        ("missing", "nope.pt", ["not found", "cache_tokens.py"]),
+        ("truncated", "tc_trunc.pt", ["not a readable token cache"]),
+        ("text", "afile", ["not a readable token cache"]),
+        ("a-checkpoint", "cls.pt", ["not a token cache", "'ids'"]),
+        ("ids-out-of-range", "tc_range.pt", ["token ids in [300, 300]", "[0, 256)"]),
+        ("sequence-length", "tc_seq.pt", ["16-token grid", "64 tokens per image"]),
+        ("float-ids", "tc_float.pt", ["integer tensor", "torch.float32"]),
+        ("labels-count", "tc_labels.pt", ["'labels'", "3 class ids"]))),
     *((f"{b}-unknown-flag", [f"benchmarks/{b}.py", *REQUIRED.get(b, []), "--no-such-flag"],
        ["error: unrecognized arguments", "--no-such-flag"]) for b in BENCHMARKS),
     ("fid-ref-stats-a-folder", ["-m", "mage_fast", "fid", "gen", "ref", "--min-samples", "2", "--ref-stats", "adir",

@@ -149,12 +149,23 @@ def check_token_cache(path: str, model: MAGE) -> None:
     check_cache(path, model.seq_len, model.codebook_size, tokenizer_checksum(model.vqgan))
 
 
+def check_inputs(args, cfg: dict) -> None:
+    """Before args.json: the model's config (reads --tokenizer) into ``cfg``, and --token_cache against
+    the token grid and codebook size that config gives (the tokenizer's checksum is compared once
+    the model is built)."""
+    cfg.update(model_config(args))
+    if args.token_cache:
+        vq = cfg["vqgan_config"]
+        grid = args.img_size // 2 ** (len(vq["ch_mult"]) - 1)
+        check_cache(args.token_cache, seq_len=grid * grid, n_embed=vq.get("n_embed"))
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = {}
     # checks the data, config, output and resume inputs and reads --tokenizer (model_config) on every
     # rank before anything is written; a failure on any rank ends them all with one line
-    deepspeed, rank, world, dev = start_run(args, check=lambda: cfg.update(model_config(args)))
+    deepspeed, rank, world, dev = start_run(args, check=lambda: check_inputs(args, cfg))
 
     model = build_model(cfg, args)
     if args.token_cache:

@@ -208,8 +208,9 @@ def main(argv=None):
         if rank == 0:
             sd = {k[len("vq."):]: v for k, v in sd.items() if k.startswith("vq.")}
             load_state_dict_strict(fresh_tokenizer(vq_cfg, arch, args.img_size), sd)
-            os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
-            torch.save({"state_dict": sd, "config": vq_cfg, "arch": arch}, args.export)
+            from mage_fast.runs import atomic_path
+            with atomic_path(args.export) as tmp:  # never half an export (a kill, a full disk)
+                torch.save({"state_dict": sd, "config": vq_cfg, "arch": arch}, tmp)
             print(f"exported tokenizer to {args.export}", flush=True)
     dist.barrier()
 

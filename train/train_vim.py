@@ -106,13 +106,13 @@ def vim_config(args, seq_len: int, codebook_size: int, num_classes: int) -> dict
 
 def main(argv=None):
     args = parse_args(argv)
-    deepspeed, rank, world, dev = start_run(args)
+    meta = {}  # --token_cache read whole and checked before args.json; its sizes once the tokenizer is built
+    deepspeed, rank, world, dev = start_run(
+        args, check=(lambda: meta.update(check_token_cache(args.token_cache))) if args.token_cache else None)
 
     # the tokenizer fixes the image size (ViT-VQGAN) or takes the cache's / --img_size (VQGAN)
     img_size = args.img_size
-    meta = {}
     if args.token_cache:
-        meta = torch.load(args.token_cache, map_location="cpu", weights_only=True).get("meta", {})
         img_size = meta.get("img_size", img_size)
     try:
         tok_exp = tokenizer_export(args.tokenizer)
@@ -194,8 +194,9 @@ def export(engine, loop, tag, cfg, tok_exp, path, rank) -> None:
     sd = {k[len("vim."):]: v for k, v in sd.items() if k.startswith("vim.")}
     blob = {"model": sd, "config": cfg, "tokenizer": tok_exp}
     load_vim(blob)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(blob, path)
+    from mage_fast.runs import atomic_path
+    with atomic_path(path) as tmp:  # never half an export (a kill, a full disk)
+        torch.save(blob, tmp)
     print(f"exported {len(sd)} tensors to {path}", flush=True)
 
 

@@ -81,18 +81,20 @@ def schedule_lengths(args, batches_per_epoch: int) -> tuple:
     return total, min(warmup, total), steps_per_epoch
 
 
-def check_token_cache(path: str, seq_len: int, n_embed: int, checksum: float) -> dict:
-    """Exit with a message when a ``train/cache_tokens.py`` cache does not fit the model's token
-    count, codebook size or tokenizer (the codebook checksum it recorded). Returns its ``meta``."""
-    import torch
-    meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
-    if meta.get("seq_len") not in (None, seq_len):
-        raise SystemExit(f"token cache {path} has {meta['seq_len']} tokens per image, the model {seq_len}")
-    if meta.get("n_embed") not in (None, n_embed):
-        raise SystemExit(f"token cache {path} uses a {meta['n_embed']}-code tokenizer, the model {n_embed}")
+def check_token_cache(path: str, seq_len=None, n_embed=None, checksum=None, flag: str = "--token_cache") -> dict:
+    """A ``train/cache_tokens.py`` cache that fits the model: readable and whole, its ids within the
+    codebook (``n_embed``), ``seq_len`` tokens per image, made by this tokenizer (the codebook
+    checksum it recorded, when ``checksum`` is given). What is not known yet may be None (a trainer
+    checks the sizes before it builds the model, the checksum after). An :class:`InputError` naming
+    ``flag`` and the file otherwise (one line). Returns the cache's ``meta``."""
+    from ..data.datasets import read_token_cache
+    from ..models.checks import InputError
+    meta = read_token_cache(path, flag, n_embed=n_embed, seq_len=seq_len)["meta"]
     want = meta.get("codebook_checksum")
-    if want is not None and abs(want - checksum) > 1e-6 * max(1.0, abs(want)):
-        raise SystemExit(f"token cache {path} was made with a different tokenizer than --tokenizer/--init_from")
+    if checksum is not None and isinstance(want, (int, float)) and \
+            not abs(want - checksum) <= 1e-6 * max(1.0, abs(want)):
+        raise InputError(f"{flag} {path} was made with a different tokenizer than --tokenizer/--init_from "
+                         f"(its codebook checksum differs)")
     return meta
 
 
