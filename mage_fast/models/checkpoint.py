@@ -127,10 +127,50 @@ def load_tokenizer(vqgan: nn.Module, path) -> None:
 
 
 def infer_config(sd: StateDict) -> dict:
-    """MAGE constructor arguments that rebuild the model a MAGE state dict came from."""
+    """MAGE constructor arguments that rebuild the model a MAGE state dict came from;
+    :class:`CheckpointError` when the tensors it reads them from are missing or mis-shaped."""
     if "token_emb.word_embeddings.weight" not in sd:
         raise CheckpointError(f"cannot build a MAGE from {describe_state_dict(sd)}; expected a generative MAGE "
                               f"checkpoint (official or mage_fast)")
+    try:
+        return _infer_config(sd)
+    except (KeyError, IndexError, ZeroDivisionError, ValueError) as e:
+        what = f"tensor {e.args[0]!r} is missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"the checkpoint's MAGE tensors are incomplete or mis-shaped ({what}); a damaged or "
+                              f"edited checkpoint?") from None
+
+
+# Sizes a checkpoint's saved config must agree on with its tensors (they size the model built before
+# the strict load: a wrong one would build a model of any size first).
+_SIZE_KEYS = ("embed_dim", "depth", "decoder_embed_dim", "decoder_depth", "mlp_ratio")
+_VQ_SIZE_KEYS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "n_embed")
+
+
+def _check_saved_config(saved: Mapping, inferred: dict) -> None:
+    def same(a, b):
+        if isinstance(b, tuple):
+            return isinstance(a, (list, tuple)) and list(a) == list(b)
+        if isinstance(b, float):
+            return isinstance(a, (int, float)) and not isinstance(a, bool) and abs(a - b) <= 1e-6 * max(1.0, abs(b))
+        return type(a) is type(b) and a == b
+    pairs = [(k, saved[k], inferred[k]) for k in _SIZE_KEYS if k in saved and k in inferred]
+    vq_saved, vq_inf = saved.get("vqgan_config"), inferred.get("vqgan_config")
+    if vq_inf is not None and "vqgan_config" in saved:
+        if not isinstance(vq_saved, Mapping):
+            raise CheckpointError(f"the checkpoint's config has vqgan_config {vq_saved!r:.40}; expected a dict")
+        pairs += [(f"vqgan_config.{k}", vq_saved[k], vq_inf[k]) for k in _VQ_SIZE_KEYS if k in vq_saved]
+    if "img_size" in saved and "img_size" in inferred:  # the token grid: the position embeddings' size
+        down = 2 ** (len(vq_inf["ch_mult"]) - 1)
+        a = saved["img_size"]
+        grid = a // down if type(a) is int else None
+        pairs.append(("img_size // downsampling", grid, inferred["img_size"] // down))
+    for k, a, b in pairs:
+        if not same(a, b):
+            raise CheckpointError(f"the checkpoint's config says {k}={a!r:.40}, its tensors {k}={b!r}; a damaged or "
+                                  f"edited checkpoint?")
+
+
+def _infer_config(sd: StateDict) -> dict:
     dim = sd["token_emb.word_embeddings.weight"].shape[1]
     depth = len({k.split(".")[1] for k in sd if re.match(r"blocks\.\d+\.", k)})
     ddim = sd["decoder_embed.weight"].shape[0]
@@ -170,6 +210,7 @@ def build_from_checkpoint(path, map_location="cpu", **overrides) -> nn.Module:
     sd = read_state_dict(raw)
     cfg = infer_config(sd)
     if isinstance(raw, Mapping) and isinstance(raw.get("config"), Mapping):
+        _check_saved_config(raw["config"], cfg)
         cfg.update(raw["config"])
     cfg.update(overrides)
     for k in ("num_heads", "decoder_num_heads"):
@@ -179,8 +220,9 @@ def build_from_checkpoint(path, map_location="cpu", **overrides) -> nn.Module:
     cfg.setdefault("vqgan_ckpt_path", None)
     try:
         model = MAGE(**cfg)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint's config does not build a MAGE ({type(e).__name__}: {e})") from e
+    except Exception as e:  # TypeError, ValueError, ZeroDivisionError (num_heads 0), ...: a config of wrong values
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise CheckpointError(f"the checkpoint's config does not build a MAGE ({type(e).__name__}: {first})") from e
     load_state_dict_strict(model, sd)
     if isinstance(path, (str, os.PathLike)):
         card = read_model_card(path)
