@@ -202,6 +202,18 @@ def test_checkpoint_valid_archive_wrong_contents(asset_blob, data):
         _load_checkpoint_all_ways(path)
 
 
+@pytest.mark.parametrize("obj", ["", "mage_fast/assets/mage_fmnist256.pt", 3, None, [1]])
+def test_checkpoint_holding_no_dict_is_refused_not_followed(tmp_path, obj):
+    """A file whose top-level object is a string is a bad checkpoint, never a path to load next
+    (hypothesis found '' reaching the path check as a FileNotFoundError)."""
+    path = tmp_path / "m.pt"
+    torch.save(obj, path)
+    _load_checkpoint_all_ways(str(path))
+    from mage_fast.models.checkpoint import build_from_checkpoint
+    with pytest.raises(CheckpointError, match="expected a dict checkpoint"):
+        build_from_checkpoint(str(path))
+
+
 # ---------------------------------------------------------------------------------------- run.json
 def _manifest():
     return {"kind": "generate", "model_sha256": "ab" * 32, "settings": {"seed": 0, "num_iter": 2}, "first_index": 0,

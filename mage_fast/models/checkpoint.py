@@ -248,8 +248,14 @@ TOKENIZER_ARCHS = ("vqgan", "vit_vqgan")
 
 
 def _load_raw(src, map_location="cpu"):
+    """What a checkpoint path holds (a dict, else CheckpointError: a file holding a bare string must
+    not be taken for a path), or ``src`` itself when it is already loaded."""
     if isinstance(src, (str, os.PathLike)):
-        return load_torch_file(src, map_location)
+        obj = load_torch_file(src, map_location)
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{src}: expected a dict checkpoint (a state dict or {{'model': ...}}), "
+                                  f"got {type(obj).__name__}")
+        return obj
     return src
 
 
