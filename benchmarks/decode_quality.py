@@ -49,7 +49,9 @@ FMNIST_TEST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 class KLProbe:
     """A mode whose network pass also runs the exact pass on the same ids and records, per step,
     the KL divergence KL(p_exact || p_mode) summed over codes and averaged over masked positions;
-    ``per_position`` keeps each step's (B, L) KL (zero at known positions) for the fixed KL."""
+    ``per_position`` keeps each step's (B, L) KL (zero at known positions) for the fixed KL. With
+    guidance the pass runs on (conditional, unconditional) rows, 2B of them: both count in the KL,
+    and the fixed KL of an image averages its two rows."""
 
     def __init__(self, mode, log: dict):
         self.mode, self.log, self.per_position = resolve_mode(mode), log, []
@@ -133,6 +135,8 @@ def run_mode(model, mode, n: int, bs: int, seed: int, T: int, temp: float, num_c
         if probe:  # KL at the positions each step fixed
             fixed_at = out[2]["fixed_at"]
             for i, kl_i in enumerate(m.per_position):
+                if kl_i.shape[0] != fixed_at.shape[0]:  # guided: the pass ran on (conditional, unconditional)
+                    kl_i = kl_i.view(-1, *fixed_at.shape).mean(0)
                 at = fixed_at == i
                 fixed_log.setdefault(i, []).append((float(kl_i[at].sum()), int(at.sum())))
         if not probe:
