@@ -258,7 +258,7 @@ EOF
 
 stage_fd() {  # the model card's Frechet distances: samples against the test split, with both noise floors
   need "$MAGE/mage_fmnist256.pt"
-  local gen=$RUNS/gen fd=$RUNS/fd seed n
+  local gen=$MAGE/gen fd=$MAGE/fd seed n   # beside the run: each model its own samples
   mkdir -p "$gen" "$fd"
   for seed in 0 1; do  # exact decoding, the model card's settings; --resume: a killed run goes on
     [ -f "$fd/gen_seed$seed.done" ] && continue
