@@ -26,7 +26,7 @@ def test_decode_throughput_tiny_run_writes_every_path(tmp_path, one_thread):
 
 
 def test_mode_all_leaves_out_what_is_slower_than_fp32_here(monkeypatch, capsys):
-    """--mode all: every named mode that is fast on this device; int8 without int8 units (12-20x
+    """--mode all: every named mode that is fast on this device; int8 without int8 units (many times
     slower than exact on an AVX2-only CPU) and bf16 without bf16 units are named and left out."""
     import decode_throughput as bench
     from mage_fast.decoding import MODES, quant

@@ -104,10 +104,8 @@ class DecodeMode:
 
 
 # Named modes (`generate(mode=...)`, the CLI's --mode). "fast" is the fast preset: the training-matched
-# encoder drop, focus by the sampler, the cache refreshed every 10 steps (stop 28: 5x the official on an
-# AVX2 CPU, Frechet +1.1 % at the yardstick). "fast_close" is the stop-26 preset, refreshed every 4 steps
-# (Frechet at the exact mode's own, ~3.6x); the fast_all / bf16 variants keep its refresh of 4, as they
-# were measured. "fast_all" drops every masked token (at 256 tokens that left the encoder with the class
+# encoder drop, focus by the sampler, the cache refreshed every 10 steps. "fast_close" is the same
+# refreshed every 4 steps (closer to exact, slower); the fast_all / bf16 variants keep its refresh of 4. "fast_all" drops every masked token (at 256 tokens that left the encoder with the class
 # slot alone at the first step, far from anything MAGE trained on); docs/DECODING.md has all measured.
 MODES = {
     "exact": DecodeMode(),

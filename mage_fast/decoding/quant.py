@@ -4,8 +4,8 @@ on GPUs).
 The copy holds only what a network pass reads (embeddings, encoder, decoder, MLM head), never
 the tokenizer. ``bf16``: the whole copy in bfloat16 (weights and activations; logits returned in
 fp32), fast where the hardware multiplies bf16 natively (CUDA GPUs; x86 CPUs with AMX or with
-AVX512-BF16, where oneDNN's bf16 matrix products run 3.5-4x fp32), slow elsewhere (see
-:func:`bf16_native`). Its Linear layers quantized with torchao (PyTorch's quantization library): ``int8``: int8 weights
+AVX512-BF16, through oneDNN), slow elsewhere (see :func:`bf16_native`; measured speeds per CPU kind:
+docs/DECODING.md, "Hardware: bf16 and int8"). Its Linear layers quantized with torchao (PyTorch's quantization library): ``int8``: int8 weights
 (per output channel) and int8 activations with dynamic per-token scales
 (``Int8DynamicActivationInt8WeightConfig``; fast only with int8 hardware, see :func:`int8_native`); ``fp8``: fp8 e4m3 weights and dynamic activations
 (``Float8DynamicActivationFloat8WeightConfig``, CUDA compute capability >= 8.9 only).
@@ -55,10 +55,8 @@ def cpu_bf16_units() -> str | None:
 
 def bf16_native(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices in hardware: CUDA; a CPU with AMX tiles (Intel
-    Sapphire Rapids and later) or with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake). Measured
-    at one thread, (1028 x 768) @ (768 x 3072): an Intel Xeon with AMX 270-370 GFLOP/s bf16 against
-    82-97 fp32; an AMD EPYC Zen 5 (AVX512-BF16, no AMX) 356 against 90; an AVX2-only EPYC 6-50x
-    *slower* in bf16."""
+    Sapphire Rapids and later) or with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake). Without
+    either, bf16 runs *slower* than fp32 (``benchmarks/linear_precision.py`` measures it)."""
     if device.type == "cuda":
         return True
     if device.type == "cpu":
@@ -75,10 +73,8 @@ def cpu_int8_units() -> str | None:
 
 def int8_native(device: torch.device) -> bool:
     """Whether ``device`` multiplies int8 matrices in hardware: CUDA; a CPU with AMX or
-    AVX512-VNNI. Measured, one ViT-B MLP matrix (1028 x 768) @ (768 x 3072) through torchao's
-    int8 Linear (``benchmarks/linear_precision.py``, one thread): an Intel Xeon with AMX 1.2x fp32's
-    speed; an AVX2-only AMD EPYC (Zen 3) **27x slower** than fp32 (3.2 s against 0.12 s), which makes
-    a whole ``int8`` decode 12-20x slower than ``exact`` there."""
+    AVX512-VNNI. Without either, torchao's int8 Linear runs many times slower than fp32
+    (``benchmarks/linear_precision.py`` measures it; docs/DECODING.md has the numbers per CPU kind)."""
     if device.type == "cuda":
         return True
     return device.type == "cpu" and cpu_int8_units() is not None
@@ -94,7 +90,7 @@ def quant_slow_reason(kind: str, device: torch.device) -> str | None:
     if kind == "bf16" and not bf16_native(device):
         return "runs, but slower than fp32: this CPU has neither AMX nor AVX512-BF16"
     if kind == "int8" and not int8_native(device):
-        return ("runs, but many times slower than fp32 (12-20x for a whole decode, measured): this CPU has "
+        return ("runs, but many times slower than fp32 (docs/DECODING.md, 'Hardware'): this CPU has "
                 "neither AMX nor AVX512-VNNI, so torch's int8 matrix product is a plain loop")
     return None
 
@@ -186,8 +182,7 @@ _TOK_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def fast_tokenizer(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A cached copy of ``model.vqgan`` for the pixel decode of the non-exact modes and the
-    training step's encode: channels-last convolutions in ``dtype`` (bf16: 3.2x fp32 on a CPU with
-    AMX). In fp32 on a CPU with the compiled ops, the encoder's and decoder's 3x3 convolutions of 32
+    training step's encode: channels-last convolutions in ``dtype`` (bf16 where the CPU multiplies it natively). In fp32 on a CPU with the compiled ops, the encoder's and decoder's 3x3 convolutions of 32
     channels or more run by Winograd's F(4x4, 3x3) (:mod:`mage_fast.ops.winograd`; the decoder's
     upsampling convolutions read the low-resolution input in place), outputs within ~1e-5 of the
     direct convolution's, and each GroupNorm + SiLU is one compiled op
