@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -57,7 +58,7 @@ def main(argv=None):
 
     import mage_fast
     from common import environment, print_header, write_json
-    from mage_fast.__main__ import CLIError, load_model, model_card
+    from mage_fast.__main__ import CLIError, load_model, model_card, sampling_defaults
     from mage_fast.eval import agreement
     from mage_fast.eval.agreement import FMNIST_CLASSES, agreement_summary, sample_agreement
     if args.threads:
@@ -75,10 +76,11 @@ def main(argv=None):
     if not card.get("class_conditional") or not classes or len(classes) != len(FMNIST_CLASSES):
         raise SystemExit(f"error: --ckpt {ckpt}: needs a class-conditional Fashion-MNIST model whose model card "
                          f"lists the 10 classes")
-    rec = card.get("sampling", {})
-    num_iter = args.num_iter or rec.get("num_iter", 20)
-    temperature = args.temperature if args.temperature is not None else rec.get("temperature", 1.0)
-    guidance = args.guidance if args.guidance is not None else rec.get("guidance", 0.0)
+    # the card's defaults for what is unset, exactly as `generate --class-id all` takes them
+    drawn = SimpleNamespace(num_iter=args.num_iter, temperature=args.temperature, guidance=args.guidance,
+                               class_id="all")
+    sampling_defaults(ckpt, drawn)
+    num_iter, temperature, guidance = drawn.num_iter, drawn.temperature, drawn.guidance
 
     dev = next(model.parameters()).device
     env = environment(dev)

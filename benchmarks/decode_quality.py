@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -338,14 +339,15 @@ def main(argv=None):
         return merge(args.merge, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from mage_fast.__main__ import load_model, model_card
+    from mage_fast.__main__ import load_model, model_card, sampling_defaults
     model, ckpt = load_model(args.ckpt, None)
     model.eval()
-    card = model_card(ckpt).get("sampling", {})
-    T = args.num_iter or card.get("num_iter", 20)
-    temp = args.temperature if args.temperature is not None else card.get("temperature", 6.0)
     num_classes = len(model_card(ckpt).get("classes", [])) or 1
-    G = float(args.guidance if args.guidance is not None else card.get("guidance", 0.0)) if num_classes > 1 else 0.0
+    drawn = SimpleNamespace(num_iter=args.num_iter, temperature=args.temperature, guidance=args.guidance,
+                               class_id="all" if num_classes > 1 else None)
+    sampling_defaults(ckpt, drawn)  # the card's defaults for what is unset, as the CLI takes them
+    T, temp = drawn.num_iter, drawn.temperature
+    G = float(drawn.guidance) if num_classes > 1 else 0.0
     if not G >= 0:
         raise SystemExit(f"error: --guidance must be >= 0, got {G}")
     if prior_floor is not None:
