@@ -164,6 +164,7 @@ class PeerRuntimes:
         self._runners: dict = {}  # (name, part, batch) -> runner
         self.export_s: dict = {}  # batch -> seconds to export both parts
         self.open_s: dict = {}  # (name, batch) -> seconds to open both sessions
+        self.reported: dict = {n: set() for n in self.names}  # name -> precisions its runtime reported
 
     def __enter__(self):
         return self
@@ -186,8 +187,10 @@ class PeerRuntimes:
             t0 = time.perf_counter()
             package, precision = PEERS[name]
             for part, path in (("net", net_path), ("pix", pix_path)):
-                self._runners[name, part, batch] = _OrtRunner(path, self.threads) if package == "onnxruntime" \
+                runner = _OrtRunner(path, self.threads) if package == "onnxruntime" \
                     else _OvRunner(path, self.threads, precision)
+                self._runners[name, part, batch] = runner
+                self.reported[name].add(runner.precision)
             self.open_s[name, batch] = time.perf_counter() - t0
         for path in (net_path, pix_path):  # the sessions hold the graphs now
             os.remove(path)
@@ -203,7 +206,7 @@ class PeerRuntimes:
         out = {}
         for name in self.names:
             package, precision = PEERS[name]
-            runs = sorted({r.precision for (n, _, _), r in self._runners.items() if n == name})
+            runs = sorted(self.reported[name])
             out[name] = {"runtime": f"{package} {md.version(package)}", "precision": precision,
                          "runtime_reports": runs, "threads": self.threads,
                          "export": "torch.onnx.export(dynamo=False, opset_version=17), ops on their torch reference"}
