@@ -314,6 +314,8 @@ def _run_rounds(model, names, modes, peer_set, peer_sizes, sizes, reps, T, temp,
             here = [n for n in names if n not in peer_names or B in peer_sizes]
             if peer_set is not None and B in peer_sizes:
                 peer_set.prepare(B)  # export and open the sessions once for this batch size, untimed
+                print(f"    peers at B={B}: exported in {peer_set.export_s[B]:.1f} s; sessions opened in "
+                      + ", ".join(f"{n} {peer_set.open_s[n, B]:.1f} s" for n in peer_set.names), flush=True)
             # the exact path and the peers, timed inside (CPU: every call has finished when it returns)
             timed = {} if cuda else {n: _Timed(peer_set.mode(n) if n in peer_names else modes[n]) for n in here
                                      if n in peer_names or n == "exact"}
