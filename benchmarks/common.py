@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from mage_fast.info import device_description, git_commit, versions
+from mage_fast.info import cpu_instruction_sets, device_description, git_commit, versions
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -42,13 +42,18 @@ def summarize(ts: list, repeats: int, warmup: int) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    return {"device": device_description(device), "versions": versions(), "commit": git_commit(),
+    """The machine a result came from: the device, the CPU's model and instruction sets (which decide
+    fp32/bf16/int8 speed on a CPU, and the host's share on a GPU), versions, commit, threads, time."""
+    return {"device": device_description(device), "cpu": cpu_instruction_sets(), "versions": versions(),
+            "commit": git_commit(),
             "torch_threads": torch.get_num_threads(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def print_header(title: str, env: dict) -> None:
     print(title)
     print(f"  device : {env['device']}")
+    if "cpu" in env:
+        print(f"  cpu    : {env['cpu']['model']} | {env['cpu']['summary']}")
     v = env["versions"]
     print(f"  torch {v['torch']} | python {v['python']} | mage_fast {v['mage_fast']} | commit {env['commit']} | "
           f"triton {v['triton']}")

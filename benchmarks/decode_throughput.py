@@ -10,16 +10,27 @@ All paths run the same model and weights (random unless --ckpt) at the same batc
   ``mage_fast.decoding.MODES``):
   ``mage_fast.generate(rng="torch", mode=...)``; ``exact`` is today's bit-exact path. bf16 autocast
   on CUDA.
+- peers (``--peers``; default: every one whose packages import): ``onnxruntime_fp32``,
+  ``openvino_fp32`` and, where the CPU has AVX512-BF16 or AMX, ``openvino_bf16``. The exact network
+  pass and the pixel decode exported to ONNX and run in that runtime inside the same sampling loop
+  (``generate(mode=<peer>)``: everything else is the exact path's), see ``benchmarks/peers.py``. Each
+  part is exported once per batch size, before the timed rounds; by default the peers run at the
+  largest batch size only (``--peer-batch-sizes``). CPU only; skipped peers are named on one line.
 - vqgan_decode: the tokenizer decode alone (part of every generation above).
+
+On the CPU the exact path and the peers also report the time inside the network passes and the pixel
+decode of each generation (the rest is the sampler's).
 
 Whole generations (T steps plus the VQGAN decode) are timed; the repeats cycle through the paths
 (official, mode 1, mode 2, ..., official, ...), so load from other processes falls on all of them.
-Speed-ups are medians of per-round ratios against the official path of the same round.
+Speed-ups are medians of per-round ratios against the official path of the same round (the peers'
+also against the exact path's).
 ``--only PATH`` runs one path alone (for whole-process timing, e.g. under ``/usr/bin/time``).
 
     python benchmarks/decode_throughput.py --threads 1 --batch-sizes 1 4      # offline (ViT-B, random weights)
     python benchmarks/decode_throughput.py --mode exact fast --batch-sizes 4 --gen-repeats 3
     python benchmarks/decode_throughput.py --only fast --batch-sizes 4 --gen-repeats 1
+    python benchmarks/decode_throughput.py --mode exact --peers onnxruntime_fp32 --batch-sizes 4
 """
 from __future__ import annotations
 
@@ -32,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mage_fast  # noqa: E402
+import peers as peer_runtimes  # noqa: E402  (imports no runtime until a peer is used)
 from common import device_tag, environment, print_header, summarize, time_fn, write_json  # noqa: E402
 from mage_fast.models import MODEL_FACTORIES  # noqa: E402
 from mage_fast.decoding import MODES, quantized_weights, resolve_mode  # noqa: E402
@@ -66,6 +78,19 @@ def all_modes(device: torch.device, exclude=()) -> list:
     return keep
 
 
+def resolve_peers(args, device: torch.device) -> tuple[list, dict]:
+    """The peers to time, and the ones left out with why (``--peers`` default: every available one;
+    a peer named explicitly that cannot run here is an input error, raised by :func:`check_args`)."""
+    asked = args.peers or ["all"]
+    if asked == ["none"]:
+        return [], {}
+    names = list(peer_runtimes.PEERS) if "all" in asked else asked
+    if device.type != "cpu":
+        return [], {n: f"the peer runtimes run on the CPU; this run is on {device.type}" for n in names}
+    skipped = peer_runtimes.unavailable(names)
+    return [n for n in names if n not in skipped], skipped
+
+
 def build(args, device):
     torch.manual_seed(0)
     if args.ckpt:
@@ -76,7 +101,33 @@ def build(args, device):
     return model.to(device).eval()
 
 
-def _generation(model, name, B, T, temp, ac):
+class _Timed:
+    """A decoding mode whose network passes and pixel decode are timed (CPU: each call returns when
+    its work is done); the computation is the wrapped mode's."""
+
+    def __init__(self, mode):
+        self.mode, self.net_s, self.pix_s = mode, 0.0, 0.0
+
+    def build(self, model, counts, keys=None, choice=None):
+        inner, outer = self.mode.build(model, counts, keys, choice=choice), self
+
+        class Pass:
+            def __call__(self, ids, class_tokens, i):
+                t0 = time.perf_counter()
+                out = inner(ids, class_tokens, i)
+                outer.net_s += time.perf_counter() - t0
+                return out
+
+            def decode_images(self, ids, chunk=None):
+                t0 = time.perf_counter()
+                out = inner.decode_images(ids, chunk)
+                outer.pix_s += time.perf_counter() - t0
+                return out
+        return Pass()
+
+
+def _generation(model, name, B, T, temp, ac, mode=None):
+    """The run of path ``name``; ``mode`` (a decoding mode object) replaces the named one."""
     if name == "official":
         def run():
             with force_backend("torch"):
@@ -91,17 +142,19 @@ def _generation(model, name, B, T, temp, ac):
     else:
         def run():
             with ac:
-                return mage_fast.generate(model, B, num_iter=T, temperature=temp, seed=0, rng="torch", mode=name)
+                return mage_fast.generate(model, B, num_iter=T, temperature=temp, seed=0, rng="torch",
+                                          mode=name if mode is None else mode)
     return run
 
 
-def _ratios(runs: dict, reps: int) -> dict:
-    """Per-round speed-ups against the official path of the same round: median, min, max."""
+def _ratios(runs: dict, reps: int, base: str = "official", only=None) -> dict:
+    """Per-round speed-ups against the ``base`` path of the same round: median, min, max
+    (``only``: of these paths; default every path but the base and vqgan_decode)."""
     out = {}
     for name, ts in runs.items():
-        if name in ("official", "vqgan_decode") or "official" not in runs:
+        if name in (base, "vqgan_decode") or base not in runs or (only is not None and name not in only):
             continue
-        r = sorted(runs["official"][i] / ts[i] for i in range(reps))
+        r = sorted(runs[base][i] / ts[i] for i in range(reps))
         out[name] = {"median": statistics.median(r), "min": r[0], "max": r[-1], "per_round": r}
     return out
 
@@ -130,13 +183,34 @@ def check_args(args) -> torch.device:
             raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     for flag, names in (("--mode", args.mode or ()), ("--only", [args.only] if args.only else ())):
         for n in names:
-            if n == "all" and flag == "--mode" or n in ("official", "vqgan_decode") and flag == "--only":
+            if n == "all" and flag == "--mode" or n in ("official", "vqgan_decode", *peer_runtimes.PEERS) \
+                    and flag == "--only":
                 continue
             try:
                 resolve_mode(n)
             except ValueError as e:
-                also = " (or official, vqgan_decode)" if flag == "--only" else ""
+                also = f" (or official, vqgan_decode, {', '.join(peer_runtimes.PEERS)})" if flag == "--only" else ""
                 raise InputError(f"{flag} {n}: {e}{also}") from None
+    for n in args.peers or ():
+        if n not in (*peer_runtimes.PEERS, "all", "none"):
+            raise InputError(f"--peers {n}: unknown peer; choose from {', '.join(peer_runtimes.PEERS)}, all or none")
+    if args.peers and len(args.peers) > 1 and ("none" in args.peers or "all" in args.peers):
+        raise InputError(f"--peers {' '.join(args.peers)}: 'all' and 'none' stand alone")
+    named = [n for n in (args.peers or ()) if n in peer_runtimes.PEERS]
+    if args.only in peer_runtimes.PEERS:
+        named.append(args.only)
+    for n in named:
+        if device.type != "cpu":
+            raise InputError(f"peer {n} runs on the CPU; this run is on {device.type} (--device cpu)")
+        why = peer_runtimes.unavailable([n]).get(n)
+        if why:
+            raise InputError(f"peer {n} cannot run here: {why}")
+    sizes = args.batch_sizes or ([64] if device.type == "cuda" else [1, 4])
+    for b in args.peer_batch_sizes or ():
+        check_number(b, "--peer-batch-sizes", lo=1, integer=True)
+        if b not in sizes:
+            raise InputError(f"--peer-batch-sizes {b} is not one of the run's batch sizes "
+                             f"({' '.join(map(str, sizes))}; --batch-sizes)")
     if args.ckpt is not None and not os.path.isfile(args.ckpt):
         raise InputError(f"--ckpt {args.ckpt} is not a file; expected a checkpoint")
     if args.from_log is not None and not os.path.isfile(args.from_log):
@@ -162,7 +236,15 @@ def main(argv=None):
                         "such as drop=all,refresh=2,quant=int8, or 'all' (every named mode; about 3 min per mode "
                         f"on 2 CPU cores) (default: {' '.join(DEFAULT_MODES)}, and {' '.join(BF16_DEFAULT_MODES)} "
                         f"where bf16 is native: a GPU or a CPU with AMX or AVX512-BF16)")
-    p.add_argument("--only", default=None, help="run one path alone: official, vqgan_decode or a mode name")
+    p.add_argument("--peers", nargs="+", default=None,
+                   help=f"peer runtimes to time beside the modes: {', '.join(peer_runtimes.PEERS)}, 'all' or 'none' "
+                        f"(default: all: every peer whose packages import ({peer_runtimes.EXTRA_HINT}), "
+                        f"openvino_bf16 only where the CPU has AVX512-BF16 or AMX; the others are named on one line)")
+    p.add_argument("--peer-batch-sizes", type=int, nargs="+", default=None,
+                   help="batch sizes at which the peers run (default: the largest of --batch-sizes, which keeps "
+                        "the default run short)")
+    p.add_argument("--only", default=None,
+                   help="run one path alone: official, vqgan_decode, a mode name or a peer name (default: none)")
     p.add_argument("--gen-repeats", type=int, default=None, help="timed rounds (default 2 CPU / 5 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
@@ -179,6 +261,8 @@ def main(argv=None):
         args.mode = [m for m in args.mode if m != "all"] + all_modes(device, exclude=args.mode)
     if args.from_log:
         return from_log(args, args.from_log)
+    peer_names, peers_skipped = resolve_peers(args, device) if not args.only else \
+        ([args.only] if args.only in peer_runtimes.PEERS else [], {})
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -186,37 +270,90 @@ def main(argv=None):
     sizes = args.batch_sizes or ([64] if cuda else [1, 4])
     reps = args.gen_repeats or (5 if cuda else 2)
     T, temp = args.num_iter, args.temperature
-    names = [args.only] if args.only else ["official"] + list(args.mode) + ["vqgan_decode"]
-    modes = {n: resolve_mode(n) for n in names if n not in ("official", "vqgan_decode")}
+    peer_sizes = sizes if args.only else (args.peer_batch_sizes or [max(sizes)])
+    names = [args.only] if args.only else ["official"] + list(args.mode) + peer_names + ["vqgan_decode"]
+    modes = {n: resolve_mode(n) for n in names if n not in ("official", "vqgan_decode", *peer_names)}
     env = environment(device)
     env["load_average_at_start"] = os.getloadavg()
     print_header(f"decode throughput: {args.model}, batch sizes {sizes}, T={T}, temperature {temp}, "
                  f"threads {torch.get_num_threads()}, load average {env['load_average_at_start'][0]:.2f}", env)
+    if peers_skipped:
+        print("peers skipped: " + "; ".join(f"{n} ({why})" for n, why in peers_skipped.items()))
     model = build(args, device)
+    peer_set = peer_runtimes.PeerRuntimes(model, peer_names) if peer_names else None
+    try:
+        results = _run_rounds(model, names, modes, peer_set, peer_sizes, sizes, reps, T, temp, args.warmup, device)
+        peer_info = _peer_json(args, peer_names, peers_skipped, peer_sizes, peer_set)
+    finally:
+        if peer_set is not None:
+            peer_set.close()
+    _write(args, env, sizes, T, temp, reps, modes, results, device, peers=peer_info)
+
+
+def _peer_json(args, names, skipped, sizes, peer_set) -> dict:
+    """What the JSON says about the peers: asked, timed (with runtime and precision), skipped and why."""
+    out = {"asked": " ".join(args.peers) if args.peers else "all (default)", "timed": names, "skipped": skipped,
+           "batch_sizes": sizes if names else []}
+    if peer_set is not None:
+        out["details"] = peer_set.describe()
+        out["export_s"] = {str(b): s for b, s in peer_set.export_s.items()}
+        out["open_sessions_s"] = {f"{n} B={b}": s for (n, b), s in peer_set.open_s.items()}
+    return out
+
+
+def _run_rounds(model, names, modes, peer_set, peer_sizes, sizes, reps, T, temp, warmup, device) -> dict:
+    """Every path at every batch size, the rounds cycling through the paths; per batch size the
+    summaries and ratios (:func:`_report`), process CPU time, and on the CPU the time inside the
+    network passes and the pixel decode of the exact path and the peers."""
+    cuda = device.type == "cuda"
     ac = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    peer_names = set(peer_set.names) if peer_set is not None else set()
     results = {}
     with torch.inference_mode():
         for B in sizes:
-            fns = {n: _generation(model, n, B, T, temp, ac) for n in names}
-            for n in names:  # warm-up on 2-step runs (and the int8 copy, made once per model)
-                if args.warmup:
-                    time_fn(_generation(model, n, B, min(T, 2), temp, ac), device, 0, warmup=1)
+            here = [n for n in names if n not in peer_names or B in peer_sizes]
+            if peer_set is not None and B in peer_sizes:
+                peer_set.prepare(B)  # export and open the sessions once for this batch size, untimed
+                print(f"    peers at B={B}: exported in {peer_set.export_s[B]:.1f} s; sessions opened in "
+                      + ", ".join(f"{n} {peer_set.open_s[n, B]:.1f} s" for n in peer_set.names), flush=True)
+            # the exact path and the peers, timed inside (CPU: every call has finished when it returns)
+            timed = {} if cuda else {n: _Timed(peer_set.mode(n) if n in peer_names else modes[n]) for n in here
+                                     if n in peer_names or n == "exact"}
+            fns = {n: _generation(model, n, B, T, temp, ac, timed.get(n)) for n in here}
+            for n in here:  # warm-up on 2-step runs (and the int8 copy, made once per model)
+                if warmup:
+                    time_fn(_generation(model, n, B, min(T, 2), temp, ac, timed.get(n)), device, 0, warmup=1)
                 elif n in modes and modes[n].quant != "none":
                     quantized_weights(model, modes[n].quant)
-            runs, cpu = {n: [] for n in names}, {n: [] for n in names}
+            runs, cpu = {n: [] for n in here}, {n: [] for n in here}
+            parts = {n: {"network_pass_s": [], "pixel_decode_s": []} for n in timed}
             for r in range(reps):
                 for n, fn in fns.items():
+                    if n in timed:
+                        timed[n].net_s = timed[n].pix_s = 0.0
                     c0 = time.process_time()
                     runs[n].append(time_fn(fn, device, 1, warmup=0)["median_s"])
                     cpu[n].append(time.process_time() - c0)
-                    print(f"    round {r + 1}/{reps} B={B} {n}: {runs[n][-1]:.2f} s (process CPU {cpu[n][-1]:.2f} s)",
-                          flush=True)
-            results[str(B)] = _report(runs, B, names, modes)
+                    split = ""
+                    if n in timed:
+                        parts[n]["network_pass_s"].append(timed[n].net_s)
+                        parts[n]["pixel_decode_s"].append(timed[n].pix_s)
+                        split = f", network passes {timed[n].net_s:.2f} s, pixel decode {timed[n].pix_s:.2f} s"
+                    print(f"    round {r + 1}/{reps} B={B} {n}: {runs[n][-1]:.2f} s (process CPU {cpu[n][-1]:.2f} s"
+                          f"{split})", flush=True)
+            descs = {n: m.describe() for n, m in modes.items()}
+            descs.update({n: peer_set.mode(n).describe() for n in here if n in peer_names})
+            results[str(B)] = _report(runs, B, here, descs, peer_names)
             results[str(B)]["process_cpu_s"] = cpu  # less sensitive to other jobs than wall time
-    _write(args, env, sizes, T, temp, reps, modes, results, device)
+            if parts:
+                results[str(B)]["parts_s"] = {n: {k: {"median": statistics.median(v), "per_round": v}
+                                                  for k, v in p.items()} for n, p in parts.items()}
+            if peer_set is not None:
+                peer_set.release(B)
+    return results
 
 
-def _report(runs: dict, B: int, names, modes) -> dict:
+def _report(runs: dict, B: int, names, descs: dict, peer_names=()) -> dict:
     """Summaries and per-round ratios of complete rounds; prints one line per path."""
     reps = min(len(v) for v in runs.values())
     runs = {n: v[:reps] for n, v in runs.items()}
@@ -226,22 +363,30 @@ def _report(runs: dict, B: int, names, modes) -> dict:
         st["images_per_s"] = B / st["median_s"]
         res[n] = st
     ratios = _ratios(runs, reps)
+    vs_exact = _ratios(runs, reps, base="exact", only=peer_names)
     for n in names:
         st = res[n]
         extra = f" | {ratios[n]['median']:.2f}x official [{ratios[n]['min']:.2f}, {ratios[n]['max']:.2f}]" \
             if n in ratios else ""
-        desc = f"  ({modes[n].describe()})" if n in modes else ""
-        print(f"  B={B} {n:<13} {st['median_s']:8.2f} s [{st['min_s']:.2f}, {st['max_s']:.2f}] "
+        if n in vs_exact:
+            extra += f" | {vs_exact[n]['median']:.2f}x exact"
+        desc = f"  ({descs[n]})" if n in descs else ""
+        print(f"  B={B} {n:<16} {st['median_s']:8.2f} s [{st['min_s']:.2f}, {st['max_s']:.2f}] "
               f"{st['images_per_s']:7.3f} images/s{extra}{desc}")
-    return {"paths": res, "speedup_images_per_s_vs_official": ratios, "rounds": reps}
+    out = {"paths": res, "speedup_images_per_s_vs_official": ratios, "rounds": reps}
+    if vs_exact:
+        out["peer_speedup_images_per_s_vs_exact"] = vs_exact  # > 1: the peer generates faster than exact
+    return out
 
 
-def _write(args, env, sizes, T, temp, reps, modes, results, device, source=None):
+def _write(args, env, sizes, T, temp, reps, modes, results, device, source=None, peers=None):
     env["load_average_at_end"] = os.getloadavg() if source is None else None
     out = {"benchmark": "decode_throughput", "model": args.model, "checkpoint": args.ckpt or "random weights",
            "batch_sizes": sizes, "num_iter": T, "temperature": temp, "environment": env, "repeats": reps,
            "warmup": args.warmup, "modes": {n: m.describe() for n, m in modes.items()}, "results": results,
            "autocast": "bf16" if device.type == "cuda" else "none (fp32)"}
+    if peers is not None:
+        out["peers"] = peers
     if source:
         out["source"] = source
     default = f"decode_throughput_{device_tag(device)}" + (f"_{args.only}" if args.only else "_modes") + ".json"
@@ -267,8 +412,10 @@ def from_log(args, log_path: str) -> None:
     results, modes = {}, {}
     for B, runs in runs_by_b.items():
         names = list(runs)
-        modes.update({n: resolve_mode(n) for n in names if n not in ("official", "vqgan_decode")})
-        results[str(B)] = _report(runs, B, names, modes)
+        modes.update({n: resolve_mode(n) for n in names if n not in ("official", "vqgan_decode", *peer_runtimes.PEERS)})
+        descs = {n: m.describe() for n, m in modes.items()}
+        descs.update({n: f"peer {n}" for n in names if n in peer_runtimes.PEERS})
+        results[str(B)] = _report(runs, B, names, descs, [n for n in names if n in peer_runtimes.PEERS])
     reps = min(r["rounds"] for r in results.values())
     _write(args, env, sizes, T, temp, reps, modes, results, torch.device("cpu"),
            source=f"per-run lines of {os.path.basename(log_path)} (complete rounds only)")

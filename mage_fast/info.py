@@ -45,7 +45,8 @@ def versions() -> dict:
     for label, dists in (("numpy", ("numpy",)), ("triton", ("triton",)), ("deepspeed", ("deepspeed",)),
                          ("nvidia-dali", ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110")),
                          ("flash-attn", ("flash-attn", "flash_attn_4", "flash-attn-4")), ("xformers", ("xformers",)),
-                        ("torchao", ("torchao",))):
+                        ("torchao", ("torchao",)), ("onnx", ("onnx",)), ("onnxruntime", ("onnxruntime",)),
+                        ("openvino", ("openvino",))):
         out[label] = "not installed"
         for dist in dists:
             try:
@@ -73,6 +74,62 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# The instruction sets that decide CPU speed, as /proc/cpuinfo's flags name them: (label, flags that
+# make it up). A group of several flags shows which of them are present, e.g. "AVX-512 (F/BW/VL)".
+ISA_GROUPS = (
+    ("AVX2", {"": "avx2"}),
+    ("AVX-512", {"F": "avx512f", "BW": "avx512bw", "VL": "avx512vl"}),
+    ("AVX512-BF16", {"": "avx512_bf16"}),
+    ("AVX512-VNNI", {"": "avx512_vnni"}),
+    ("AVX-VNNI", {"": "avx_vnni"}),
+    ("AMX", {"bf16": "amx_bf16", "int8": "amx_int8"}),
+)
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_instruction_sets(flags=None) -> dict:
+    """The CPU's model and the instruction sets that decide fp32, bf16 and int8 speed, from
+    /proc/cpuinfo: ``{"model", "flags": {flag: bool}, "present": [...], "absent": [...],
+    "summary"}``, e.g. summary ``"AVX2, AVX-512 (F/BW/VL), AVX512-BF16, AVX512-VNNI, AVX-VNNI,
+    AMX (bf16/int8)"`` or ``"AVX2; absent: AVX-512, AVX512-BF16, AVX512-VNNI, AVX-VNNI, AMX"``.
+    ``flags``: a set of flag names to describe instead of this CPU's."""
+    flags = cpu_flags() if flags is None else frozenset(flags)
+    present, absent, seen = [], [], {}
+    for label, parts in ISA_GROUPS:
+        have = [name for name, flag in parts.items() if flag in flags]
+        seen.update({flag: flag in flags for flag in parts.values()})
+        if not have:
+            absent.append(label)
+        elif have == [""]:
+            present.append(label)
+        else:
+            present.append(f"{label} ({'/'.join(have)})")
+    if not flags:
+        summary = "unknown (no /proc/cpuinfo flags)"
+    else:
+        summary = ", ".join(present) or "none of " + ", ".join(label for label, _ in ISA_GROUPS)
+        if present and absent:
+            summary += "; absent: " + ", ".join(absent)
+    return {"model": cpu_model(), "flags": seen, "present": present, "absent": absent, "summary": summary}
+
+
+def cpu_bf16_native_flags(flags=None) -> bool:
+    """Whether /proc/cpuinfo says the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX bf16)."""
+    flags = cpu_flags() if flags is None else frozenset(flags)
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def cpu_matrix_units() -> str:
@@ -116,6 +173,7 @@ def report() -> str:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for dev in devices:
         lines.append(f"{'device':>18}: {device_description(dev)}")
+    lines.append(f"{'cpu isa':>18}: {cpu_instruction_sets()['summary']}")
     try:
         from . import _ext
         _ext.load()

@@ -14,7 +14,7 @@ def test_decode_throughput_tiny_run_writes_every_path(tmp_path, one_thread):
     import decode_throughput as bench
     out = tmp_path / "d.json"
     bench.main(["--model", "tiny", "--num-iter", "2", "--batch-sizes", "1", "--gen-repeats", "1", "--no-warmup",
-                "--mode", "exact", "fast", "--out", str(out)])
+                "--mode", "exact", "fast", "--peers", "none", "--out", str(out)])  # peers: test_peer_runtimes.py
     res = json.loads(out.read_text())["results"]["1"]
     assert set(res["paths"]) == {"official", "exact", "fast", "vqgan_decode"}
     assert {"exact", "fast"} <= set(res["speedup_images_per_s_vs_official"])
