@@ -19,7 +19,9 @@ whole job.
   after a peer failed. A collective that breaks with no claim (a peer killed) is reported by the rank
   that saw it. Where the store's host itself has gone (rank 0's process under the deepspeed
   launcher), the others leave with status 2 without a word: rank 0 said why, or the launcher
-  reports how it ended.
+  reports how it ended. Where it has gone with another machine (torchrun's rendezvous host node, or
+  rank 0's node under a multi-node deepspeed launch), nobody there can say why: the first local rank
+  of each remaining node says that it lost that machine (:func:`lost_store_line`).
 - The process group has a timeout (``MAGE_FAST_DIST_TIMEOUT`` seconds, default
   :data:`DEFAULT_TIMEOUT_S`), so a peer that vanishes without closing its connections cannot hang
   the others for longer.
@@ -95,10 +97,15 @@ def _on_sigterm(signum, frame):
     if os.getpid() == _watch_pid:  # not in a forked child (a DataLoader worker), whose store socket is a copy
         if _leaving:
             return  # already leaving with status 2: finish saying why
-        if peer_failed() is not False:
+        failed = peer_failed()
+        if failed is not False:
+            line = lost_store_line() if failed is None else None
             for f in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):
                     f.flush()
+            if line:  # os.write: a print here could re-enter one the main thread is in
+                with contextlib.suppress(OSError):
+                    os.write(2, f"error: {error_prefix()}{line}\n".encode())
             os._exit(2)
     signal.signal(signal.SIGTERM, _previous_sigterm if _previous_sigterm is not None else signal.SIG_DFL)
     if callable(_previous_sigterm):
@@ -133,6 +140,40 @@ def peer_failed() -> Optional[bool]:
             return _store().add(_FAILED_KEY, 0) > 0
     except Exception:
         return None
+
+
+def store_is_remote() -> bool:
+    """Whether the job's store (``MASTER_ADDR``: torchrun's rendezvous host, or rank 0's process under
+    the deepspeed launcher) is on another machine: ``MASTER_ADDR`` names none of this machine's
+    addresses (an address this machine cannot bind to). False when unset or not resolvable."""
+    import socket
+    host = os.environ.get("MASTER_ADDR")
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    for family, kind, _, _, addr in infos:
+        try:
+            with socket.socket(family, kind) as s:
+                s.bind((addr[0], 0))
+            return False  # an address of this machine
+        except OSError:
+            continue
+    return bool(infos)
+
+
+def lost_store_line() -> Optional[str]:
+    """What a rank says when the job's store cannot be reached (:func:`peer_failed` is None) and it
+    lived on another machine, which stopped or cannot be reached and so cannot say why: the first
+    local rank of this node (``LOCAL_RANK`` 0) says it; None for the other local ranks, and where
+    the store lived on this machine (its process said why, or the launcher reports how it ended)."""
+    if dist_info()[2] != 0 or not store_is_remote():
+        return None
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT', '?')}"
+    return (f"lost the job's store at {where}, on another machine: that node stopped or cannot be reached "
+            f"(its own log says why if it failed); resume the run with --resume when every node is back")
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Callable
 
@@ -51,8 +52,11 @@ def rank_fault_exit(e: BaseException) -> None:
     """An unexpected exception on one rank of several (a crash, or a collective broken by a lost
     peer): at most one line for the job; the caller then exits with status 2."""
     from mage_fast import parallel
-    if parallel.peer_failed() is None:  # the store's host (rank 0 under deepspeed) has gone: it says why
+    if parallel.peer_failed() is None:  # the store's host has gone: on this machine, it says why
         parallel.claim_report()
+        line = parallel.lost_store_line()  # on another machine, which cannot: this node says it lost it
+        if line:
+            print(f"error: {parallel.error_prefix()}{line}", file=sys.stderr, flush=True)
     else:
         error_line(_rank_fault(e))
 
@@ -70,6 +74,7 @@ def _rank_fault(e: BaseException) -> str:
     import torch.distributed as dist
     first = (str(e).strip().splitlines() or [""])[0]
     if isinstance(e, dist.DistError) or "gloo" in first.lower() or "nccl" in first.lower():
+        first = re.sub(r"^\[[^\]\s]+:\d+\]\s*", "", first)  # gloo's "[.../pair.cc:553] " source location
         return (f"a collective operation failed: another rank stopped or cannot be reached ({first}); the "
                 f"launcher's log says which")
     return f"{type(e).__name__}: {first} (MAGE_FAST_DEBUG=1 shows the traceback)"
