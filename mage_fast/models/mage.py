@@ -175,6 +175,23 @@ class MAGE(nn.Module):
         _, _, (_, _, idx) = self.vqgan.encode(imgs)
         return idx.view(imgs.shape[0], -1).long()
 
+    def decode_tokens(self, ids: torch.Tensor, chunk: Optional[int] = None, tokenizer=None) -> torch.Tensor:
+        """Code ids (B, L) -> images (B, 3, S, S): the tokenizer's decode (not clamped, as the
+        official sampler), ``chunk`` images per call (None: all at once). ``chunk=1`` makes each
+        image's pixels independent of the batch it was drawn in (convolutions round differently at
+        other batch sizes). ``tokenizer``: another copy of :attr:`vqgan` (e.g. a decoding mode's
+        channels-last or bf16 one); its input follows its dtype and layout, the images come back
+        fp32."""
+        if chunk is not None and chunk < ids.shape[0]:
+            return torch.cat([self.decode_tokens(part, tokenizer=tokenizer) for part in ids.split(chunk)])
+        g = self.token_grid
+        vq = self.vqgan if tokenizer is None else tokenizer
+        z_q = vq.quantize.get_codebook_entry(ids, shape=(ids.shape[0], g, g, vq.quantize.e_dim))
+        if tokenizer is None:
+            return self.vqgan.decode(z_q)
+        w = next(tokenizer.parameters())
+        return tokenizer.decode(z_q.to(w.dtype).contiguous(memory_format=torch.channels_last)).float().contiguous()
+
     def sample_masks(self, bsz: int, device, generator: Optional[torch.Generator] = None):
         """Training masks without host syncs: one ratio per batch from the truncated normal, then
         per-sample uniform noise; the ``ceil(L * mask_ratio_min)`` smallest are dropped and the
