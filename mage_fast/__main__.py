@@ -177,8 +177,9 @@ def _notes(notes: list) -> None:
 def _slow_mode_note(spec: str, dev) -> None:
     """One note when ``--mode`` runs on ``dev`` but slower than fp32 (bf16 without bf16 units, int8
     without int8 units); the caller silences generate()'s own warning of the same."""
-    from mage_fast.decoding import resolve_mode, slow_mode_message
-    slow = slow_mode_message(resolve_mode(spec).quant, dev)  # a bad spec was refused by cmd_generate
+    from mage_fast.decoding import DecodeMode, resolve_mode, slow_mode_message
+    mode = resolve_mode(spec)  # a bad spec was refused by cmd_generate
+    slow = slow_mode_message(mode.quant, dev) if isinstance(mode, DecodeMode) else None  # registered modes: theirs
     if slow:
         _notes([f"--mode {spec}: {slow}"])
 

@@ -73,3 +73,9 @@ class ModeRegistry(Mapping):
     def table(self) -> list[tuple[str, str]]:
         """(name, summary) per mode, in registration order."""
         return [(n, self._summaries[n]) for n in self._modes]
+
+    def markdown_table(self) -> str:
+        """The modes as a Markdown table (the README's, which a test holds to this)."""
+        rows = ["| mode | what the network pass does |", "|---|---|"]
+        rows += [f"| `{n}` | {s} |" for n, s in self.table()]
+        return "\n".join(rows)
