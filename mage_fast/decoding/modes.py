@@ -43,6 +43,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops.decode_step import counter_uniform, sample_confidence
+from ..models.mage import encode_kept
 from ..ops.token_drop import keep_index
 from .protocol import DecodingMode, NetworkPass
 from .quant import QUANT_KINDS, fast_tokenizer, quantized_weights
@@ -190,15 +191,20 @@ def drop_mask_for(masked: torch.Tensor, num_drop: int, keys: torch.Tensor, step:
     return torch.zeros_like(masked).scatter(1, chosen, True)
 
 
-def encode_dropped(net, full: torch.Tensor, drop: torch.Tensor, num_keep: int, keep_kv: bool = False):
-    """Encoder on the tokens not dropped. full: (B, L+1) ids (class slot at 0, masked = mask id);
-    drop: (B, L+1) bool, True = dropped (never the class slot); num_keep = L+1 - dropped per row.
-    Returns (latent (B, num_keep, D) after the final norm, keep (B, num_keep), ks, vs): the official
-    ``forward_encoder`` latent for the same ``token_drop_mask``."""
-    keep = keep_index(drop, num_keep)  # (B, K)
-    x = net.token_emb(torch.gather(full, 1, keep), positions=keep)
-    h, ks, vs = stack_full(net.blocks, x, keep_kv)
-    return net.norm(h), keep, ks, vs
+def encode_dropped(weights, full: torch.Tensor, drop: torch.Tensor, num_keep: int, keep_kv: bool = False):
+    """The model's token-dropping encoder (:func:`mage_fast.models.mage.encode_kept`) on ``weights``
+    (the model or its weight copy), its blocks run by :func:`.stack.stack_full` so that each layer's
+    keys/values can be kept. Returns (latent (B, num_keep, D) after the final norm, keep
+    (B, num_keep), ks, vs)."""
+    kv = []
+
+    def run_blocks(blocks, x):
+        h, ks, vs = stack_full(blocks, x, keep_kv)
+        kv.extend((ks, vs))
+        return h
+
+    latent, keep = encode_kept(weights, full, drop, num_keep, run_blocks)
+    return latent, keep, kv[0], kv[1]
 
 
 class _State:

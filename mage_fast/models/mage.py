@@ -49,6 +49,26 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], 0).float()
 
 
+def encode_kept(net, full: torch.Tensor, drop: torch.Tensor, num_keep: int, run_blocks=None):
+    """The token-dropping encoder, for training and for the decoding modes alike.
+
+    full: (B, L+1) ids (class slot at 0, masked = mask id); drop: (B, L+1) bool, True = dropped
+    (never the class slot); num_keep = L+1 - dropped per row. Dropped tokens are removed before the
+    embedding (the rows the official code keeps after embedding everything), so the result is the
+    official ``forward_encoder`` latent for the same ``token_drop_mask``. ``net``: a MAGE, or any
+    module with its ``token_emb``, ``blocks`` and ``norm`` (a decoding mode's weight copy);
+    ``run_blocks(blocks, x) -> x`` runs the blocks (default: one after another).
+    Returns (latent (B, num_keep, D) after the final norm, keep (B, num_keep) positions)."""
+    keep = keep_index(drop, num_keep)  # (B, K)
+    x = net.token_emb(torch.gather(full, 1, keep), positions=keep)
+    if run_blocks is None:
+        for blk in net.blocks:
+            x = blk(x)
+    else:
+        x = run_blocks(net.blocks, x)
+    return net.norm(x), keep
+
+
 class MAGE(nn.Module):
     """Masked Generative Encoder with its VQGAN tokenizer.
 
@@ -289,9 +309,7 @@ class MAGE(nn.Module):
         allm = self._with_class_slot(allm, False)
         num_keep = ids.shape[1] - (math.ceil(L * self.mask_ratio_min) if token_drop_mask is None
                                    else int(drop[0].sum()))
-        keep = keep_index(drop, num_keep)  # (B, K)
-        h = self.token_emb(torch.gather(ids, 1, keep), positions=keep)
-        return self.norm(self._run_blocks(self.blocks, h)), drop, allm
+        return encode_kept(self, ids, drop, num_keep, self._run_blocks)[0], drop, allm
 
     def training_loss(self, gt_indices: torch.Tensor, token_drop_mask: Optional[torch.Tensor] = None,
                       token_all_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
