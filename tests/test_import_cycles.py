@@ -2,13 +2,16 @@
 
 The graph is read from the source with ``ast``, not by importing: an edge A -> B for every
 ``import`` that runs when A is imported (statements at module level, in class bodies and under
-``if`` / ``try`` there). That graph must be acyclic. Imports inside functions run when the
-function is called, after every module involved has finished importing (the usual way to defer an
-optional or heavy dependency), so they cannot break an import; the second test counts them too
-and allows only the known cycles listed below, which hide a layering that is still to be fixed.
-``if TYPE_CHECKING:`` blocks are left out (they never run). ``from P import name`` is an edge to the module ``P.name`` when there is one, else to ``P``;
-importing a submodule implicitly imports its parent packages, which Python has always finished or
-started by then, so those implicit edges are not counted.
+``if`` / ``try`` / ``with`` there). That graph must be acyclic.
+
+Imports inside functions are excluded from that first check: they run when the function is called,
+normally after every module involved has finished importing, so they do not break an import. They
+still tie two modules to each other, so a second check counts them too and allows only the known
+cycles listed below. ``if TYPE_CHECKING:`` blocks are left out (they never run).
+
+``from P import name`` is an edge to the module ``P.name`` when there is one, else to ``P``.
+Importing a submodule also imports its parent packages, which Python has finished or started by
+then, so those implicit edges are not counted.
 """
 import ast
 import os
