@@ -102,9 +102,10 @@ class DecodeMode:
         return ", ".join(parts)
 
     def build(self, model, masked_before: Sequence[int], keys: Optional[torch.Tensor] = None,
-              draws: Optional[Sequence[tuple]] = None) -> "ModePass":
-        """The network pass for one decoding run (see :class:`ModePass`)."""
-        return ModePass(model, self, masked_before, keys, draws)
+              draws: Optional[Sequence[tuple]] = None, *, choice: Optional[Sequence[tuple]] = None) -> "ModePass":
+        """The network pass for one decoding run (see :class:`ModePass`); ``choice``: ``draws``
+        under its earlier name (benchmarks pass it by keyword)."""
+        return ModePass(model, self, masked_before, keys, draws if choice is None else choice)
 
 
 # The named modes: `generate(mode=...)`, the CLI's --mode (its help), `info`, the generate docstring and
