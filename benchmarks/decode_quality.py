@@ -69,8 +69,7 @@ class KLProbe:
             self.log.setdefault(i, []).append((float(kl.sum()), int(kl.numel())))
             self.per_position.append(torch.zeros(masked.shape).masked_scatter(masked, kl))
             return out
-        if hasattr(inner, "decode_images"):  # the mode's own pixel decode, probed or not
-            run.decode_images = inner.decode_images
+        run.decode_images = inner.decode_images  # the mode's own pixel decode (NetworkPass), probed or not
         return run
 
 

@@ -34,7 +34,6 @@ def main(argv=None):
         ap.error(f"--threads must be >= 1, got {a.threads}")
     from mage_fast.__main__ import load_model
     from mage_fast.decoding.quant import fast_tokenizer
-    from mage_fast.sampling import _decode_images
     torch.set_num_threads(a.threads)
     ys = dq.read_yardstick(dq.YARDSTICK)
     model, ckpt = load_model(ys.get("ckpt"), None)
@@ -54,7 +53,7 @@ def main(argv=None):
     out = {"checkpoint": ckpt, "num_samples": int(ids.shape[0]), "feature_size": size, "decodes": {}}
     with torch.no_grad():
         for name, vq in copies:
-            imgs = _decode_images(model, ids, chunk=250, vqgan=vq)
+            imgs = model.decode_tokens(ids, chunk=250, tokenizer=vq)
             f = dq.features(net, dq.to_8bit(imgs), size)
             out["decodes"][name] = {"frechet_vs_test": dq.fd(f, ref), "frechet_vs_exact_samples": dq.fd(f, ex_feat)}
             print(f"  {name:20s} Frechet to test {out['decodes'][name]['frechet_vs_test']:8.3f}, "

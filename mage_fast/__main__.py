@@ -155,6 +155,20 @@ def _check_sampling_args(args, count_flag: str) -> None:
         raise CLIError("--guidance needs --class-id: classifier-free guidance steers towards a class")
 
 
+def sampling_config(args, **changes):
+    """The command's sampling settings as one :class:`mage_fast.decoding.SamplingConfig` (after
+    :func:`sampling_defaults`); the flags a command lacks take generate()'s defaults, except the
+    sampler: ``--rng`` when the command has it, else ``torch``."""
+    from mage_fast.decoding import SamplingConfig
+    kw = dict(num_iter=args.num_iter, temperature=args.temperature, seed=args.seed,
+              sampler=getattr(args, "rng", "torch"), schedule=args.schedule, guidance_scale=args.guidance)
+    for name in ("temperature_annealing", "guidance_schedule", "order", "mode"):
+        if hasattr(args, name):
+            kw[name] = getattr(args, name)
+    kw.update(changes)
+    return SamplingConfig(**kw)
+
+
 def _notes(notes: list) -> None:
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
@@ -163,8 +177,9 @@ def _notes(notes: list) -> None:
 def _slow_mode_note(spec: str, dev) -> None:
     """One note when ``--mode`` runs on ``dev`` but slower than fp32 (bf16 without bf16 units, int8
     without int8 units); the caller silences generate()'s own warning of the same."""
-    from mage_fast.decoding import resolve_mode, slow_mode_message
-    slow = slow_mode_message(resolve_mode(spec).quant, dev)  # a bad spec was refused by cmd_generate
+    from mage_fast.decoding import DecodeMode, resolve_mode, slow_mode_message
+    mode = resolve_mode(spec)  # a bad spec was refused by cmd_generate
+    slow = slow_mode_message(mode.quant, dev) if isinstance(mode, DecodeMode) else None  # registered modes: theirs
     if slow:
         _notes([f"--mode {spec}: {slow}"])
 
@@ -283,8 +298,8 @@ def _generate_run(args, dev, rank: int, world: int, ref_set=None) -> int:
     num_classes = len(names)
     if main:
         _slow_mode_note(args.mode, dev)
-    settings = {k: getattr(args, k) for k in ("num_iter", "temperature", "seed", "rng", "schedule",
-                                              "temperature_annealing", "guidance", "guidance_schedule", "mode", "order")}
+    sampling = sampling_config(args)
+    settings = sampling.manifest_settings()
     settings["class_id"] = label
     if args.rng == "official":  # the official script's images depend on the batch they are drawn in
         settings["batch_size"] = args.batch_size
@@ -334,15 +349,11 @@ def _generate_run(args, dev, rank: int, world: int, ref_set=None) -> int:
                 # rng=official: batch b is seeded with (seed + b) at full batch size, as the official
                 # script (and decoded at once, as it does). rng=torch: one seed, images keyed by their
                 # global index, decoded one at a time, so no pixel depends on the batch or the ranks.
-                seed = args.seed + b if args.rng == "official" else args.seed
+                batch_sampling = sampling.replace(seed=args.seed + b) if args.rng == "official" else sampling
                 bs = args.batch_size if args.rng == "official" else n
-                out = mage_fast.generate(model, bs, num_iter=args.num_iter, temperature=args.temperature, seed=seed,
-                                         rng=args.rng, first_index=start, schedule=args.schedule,
-                                         temperature_annealing=args.temperature_annealing,
+                out = mage_fast.generate(model, bs, config=batch_sampling, first_index=start,
                                          class_ids=_batch_class_ids(label, start, bs, num_classes),
-                                         guidance_scale=args.guidance, guidance_schedule=args.guidance_schedule,
-                                         return_trace=want_trace, mode=args.mode, order=args.order,
-                                         cuda_graph=args.cuda_graph and not want_trace,
+                                         return_trace=want_trace, cuda_graph=args.cuda_graph and not want_trace,
                                          decode_chunk=None if args.rng == "official" else 1)
                 imgs = (out[0] if want_trace else out)[:n]
                 if want_trace:
@@ -487,10 +498,10 @@ def _edit_common(args, mode: str) -> int:
             raise CLIError(f"{flag} must satisfy 0 <= x0 < x1 <= {S} and 0 <= y0 < y1 <= {S} (pixels of the model's "
                            f"{S}x{S} input), got {','.join(map(str, box))}")
     region = _read_mask(args.mask, S) if args.mask else None
-    kw = dict(num_samples=args.num_samples, num_iter=args.num_iter, temperature=args.temperature, seed=args.seed,
-              schedule=args.schedule, class_id=label, guidance_scale=args.guidance, progress=True)
-    settings = {k: getattr(args, k, None) for k in ("num_iter", "temperature", "seed", "schedule", "guidance", "grow",
-                                                     "box", "keep_box", "background")}
+    sampling = sampling_config(args)
+    kw = dict(num_samples=args.num_samples, class_id=label, progress=True, config=sampling)
+    settings = sampling.manifest_settings(("num_iter", "temperature", "seed", "schedule", "guidance"))
+    settings.update({k: getattr(args, k, None) for k in ("grow", "box", "keep_box", "background")})
     settings.update(class_id=label, image_sha256=file_sha256(args.image),
                     mask_sha256=file_sha256(args.mask) if args.mask else None)
     manifest = dict(kind=mode, **_model_summary(ckpt), settings=settings, first_index=0, num_images=args.num_samples,
@@ -708,7 +719,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _decoding_args(p, with_annealing: bool = True) -> None:
-    from mage_fast.sampling import SCHEDULES, TEMPERATURE_ANNEALING
+    from mage_fast.decoding import SCHEDULES, TEMPERATURE_ANNEALING
     p.add_argument("--schedule", default="cosine", choices=sorted(SCHEDULES), help="mask schedule")
     if with_annealing:
         p.add_argument("--temperature-annealing", default="linear", choices=sorted(TEMPERATURE_ANNEALING),
@@ -720,6 +731,14 @@ def _decoding_args(p, with_annealing: bool = True) -> None:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale, >= 0; needs --class-id (default: the model card's with "
                         "--class-id, else 0)")
+
+
+def mode_help() -> str:
+    """--mode's help, from the registry of modes (:data:`mage_fast.decoding.MODES`)."""
+    from mage_fast.decoding import MODES, SPEC_HELP
+    names = "; ".join(f"{name}: {summary}" for name, summary in MODES.table())
+    return (f"decoding mode (default: exact): {names}; or {SPEC_HELP}. docs/DECODING.md; "
+            f"`python -m mage_fast info` lists them")
 
 
 def _run_folder_args(p, resumable: bool) -> None:
@@ -763,15 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="outputs/generate", help="output folder")
     _run_folder_args(g, resumable=True)
     _decoding_args(g)
-    g.add_argument("--mode", default="exact",
-                   help="decoding mode: exact (default, the official pass), drop_train, drop_all, cached, cached_focus, "
-                        "int8, cached_int8 (int8: fast on GPUs and on CPUs with AMX or AVX512-VNNI), fast (the fast preset: "
-                        "cached_focus with the training-matched encoder drop, refreshed every 10 steps), fast_close "
-                        "(the same refreshed every 4: closer to exact, slower), fast_all (it, dropping every masked token), "
-                        "bf16, cached_bf16, cached_focus_bf16, fast_bf16, fast_all_bf16 (bfloat16: fast on GPUs and on CPUs with AMX or "
-                        "AVX512-BF16), or a spec such as drop=all,refresh=4,focus=2,quant=int8 or "
-                        "refresh=2,quant=bf16,pixels=fp32 (pixels: the tokenizer decode's precision; "
-                        "docs/DECODING.md; `python -m mage_fast info` lists them)")
+    g.add_argument("--mode", default="exact", help=mode_help())
     g.add_argument("--cuda-graph", action="store_true",
                    help="capture the decoding loop as one CUDA graph and replay it per batch (CUDA, --rng torch)")
     g.add_argument("--order", default="confidence", choices=("confidence", "halton"),

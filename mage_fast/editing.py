@@ -12,8 +12,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .decoding.config import SamplingConfig
+from .decoding.generate import generate
 from .models.checks import InputError, InputTypeError, check_model, check_number
-from .sampling import generate
 
 
 def box_to_pixel_mask(box: Sequence[int], size: int, device=None) -> torch.Tensor:
@@ -57,11 +58,16 @@ def soft_composite_mask(tokens: torch.Tensor, size: int, blur_sigma: float) -> t
     return (m[0, 0] * F.interpolate(tokens.float()[None, None], size=(size, size), mode="nearest")[0, 0]).clamp(0, 1)
 
 
+_INPAINT_DEFAULTS = dict(num_iter=12, temperature=4.5, seed=0, guidance_scale=0.0, schedule="cosine",
+                         temperature_annealing="linear")
+
+
 @torch.no_grad()
 def inpaint(model, image: torch.Tensor, region: torch.Tensor, *, num_samples: int = 1, num_iter: int = 12,
             temperature: float = 4.5, seed: int = 0, grow: int = 1, blur_sigma: Optional[float] = None,
             class_id: Optional[int] = None, guidance_scale: float = 0.0, schedule: str = "cosine",
-            temperature_annealing: str = "linear", progress: bool = False) -> dict:
+            temperature_annealing: str = "linear", progress: bool = False,
+            config: Optional[SamplingConfig] = None) -> dict:
     """Regenerate the part of ``image`` under ``region``.
 
     Args:
@@ -72,6 +78,9 @@ def inpaint(model, image: torch.Tensor, region: torch.Tensor, *, num_samples: in
         grow: tokens added on each side of the region (context for blending).
         blur_sigma: composite blur in pixels (default: half a token cell).
         class_id: a class for the regenerated region (editing, class-conditional models).
+        config: the sampling settings as one :class:`mage_fast.decoding.SamplingConfig` (its sampler
+            ``"torch"``), instead of num_iter, temperature, seed, guidance_scale, schedule and
+            temperature_annealing (then left unset).
         Other arguments as :func:`mage_fast.generate` (``rng="torch"`` sampling).
 
     Returns:
@@ -80,6 +89,18 @@ def inpaint(model, image: torch.Tensor, region: torch.Tensor, *, num_samples: in
         started at, ``composite_mask`` (S, S) the blend weights.
     """
     check_model(model)
+    given = dict(num_iter=num_iter, temperature=temperature, seed=seed, guidance_scale=guidance_scale,
+                 schedule=schedule, temperature_annealing=temperature_annealing)
+    if config is None:
+        config = SamplingConfig(sampler="torch", **given)
+    else:
+        if not isinstance(config, SamplingConfig):
+            raise InputTypeError(f"config must be a mage_fast.decoding.SamplingConfig, got {type(config).__name__}")
+        if config.sampler != "torch":
+            raise InputError("inpaint samples with rng='torch' (partial starts); config.sampler must be 'torch'")
+        also = sorted(k for k, v in given.items() if v != _INPAINT_DEFAULTS[k])
+        if also:
+            raise InputError(f"inpaint got config= and also {', '.join(also)}: give the sampling settings one way")
     check_number(num_samples, "num_samples", lo=1, integer=True)
     check_number(grow, "grow", lo=0, integer=True)
     if class_id is not None:
@@ -104,11 +125,9 @@ def inpaint(model, image: torch.Tensor, region: torch.Tensor, *, num_samples: in
     if not bool(tmask.any()):
         raise InputError("the region covers no token: nothing to regenerate")
     init = torch.where(tmask.view(1, -1), model.mask_token_label, codes).expand(num_samples, -1)
-    decoded, ids, trace = generate(model, num_samples, num_iter=num_iter, temperature=temperature, seed=seed,
-                                   rng="torch", schedule=schedule, temperature_annealing=temperature_annealing,
+    decoded, ids, trace = generate(model, num_samples, config=config,
                                    class_ids=None if class_id is None else torch.tensor([class_id]),
-                                   guidance_scale=guidance_scale, init_ids=init, return_ids=True, return_trace=True,
-                                   progress=progress)
+                                   init_ids=init, return_ids=True, return_trace=True, progress=progress)
     sigma = (S / grid) / 2 if blur_sigma is None else blur_sigma
     w = soft_composite_mask(tmask, S, sigma)
     images = w * decoded + (1 - w) * img

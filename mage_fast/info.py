@@ -195,10 +195,16 @@ def report() -> str:
 
 
 def decoding_modes_report(devices) -> list[str]:
-    """The decoding modes of ``generate(mode=...)`` / ``--mode``, and where each one runs."""
-    from .decoding import MODES, quant_slow_reason, quant_support
+    """The decoding modes of ``generate(mode=...)`` / ``--mode`` (the registry, :data:`mage_fast.decoding.MODES`),
+    what each computes and where each one runs."""
+    from .decoding import MODES, DecodeMode, quant_slow_reason, quant_support
     lines = ["decoding modes (generate(mode=...), --mode; 'exact' is the default):"]
-    for name, mode in MODES.items():
+    for name, summary in MODES.table():
+        mode = MODES[name]
+        lines.append(f"  {name:<18} {summary}")
+        if not isinstance(mode, DecodeMode):
+            lines.append(f"  {'':<18} (a registered {type(mode).__name__})")
+            continue
         where = []
         for dev in devices:
             why = quant_support(mode.quant, dev)
@@ -207,5 +213,5 @@ def decoding_modes_report(devices) -> list[str]:
                 where.append(f"{dev.type}: yes ({slow})")
                 continue
             where.append(f"{dev.type}: " + ("yes" if why is None else f"no ({why})"))
-        lines.append(f"  {name:<12} {mode.describe():<58} {'; '.join(where)}")
+        lines.append(f"  {'':<18} {mode.describe()}; {'; '.join(where)}")
     return lines

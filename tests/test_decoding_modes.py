@@ -379,12 +379,11 @@ def test_mode_pixel_decode_matches_the_exact_tokenizer_decode():
     exact decode's pixels to rounding, bf16 (quant='bf16') within 35 dB PSNR of them, and the
     model's own tokenizer is untouched."""
     from mage_fast.__main__ import load_model
-    from mage_fast.sampling import _decode_images
     model, _ = load_model(None, None)
     model.eval()
     ids = torch.randint(0, model.codebook_size, (3, model.seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = _decode_images(model, ids)
+        ref = model.decode_tokens(ids)
         fp = MODES["cached"].build(model, [1]).decode_images(ids)
         bf = MODES["bf16"].build(model, [1]).decode_images(ids, chunk=2)
         bf_px32 = resolve_mode("quant=bf16,pixels=fp32").build(model, [1]).decode_images(ids)

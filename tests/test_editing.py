@@ -4,7 +4,8 @@ import torch
 
 import mage_fast
 from mage_fast.editing import box_to_pixel_mask, inpaint, outpaint, soft_composite_mask, token_region
-from mage_fast.sampling import SCHEDULES, _cfg_logits, mask_schedule, schedule_from
+from mage_fast.decoding import SCHEDULES, mask_schedule, schedule_from
+from mage_fast.decoding.loop import cfg_logits as _cfg_logits
 
 
 @pytest.fixture(scope="module")

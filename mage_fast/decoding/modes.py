@@ -1,7 +1,7 @@
 """Decoding modes: strategies for the network pass of the one sampling loop.
 
 A mode decides what each step's network pass computes; the loop (sampling, confidence,
-re-masking) is :func:`mage_fast.generate` for every mode. Every shape a mode uses follows from
+re-masking) is :func:`.loop.decode_run` for every mode. Every shape a mode uses follows from
 the mask schedule alone (how many tokens are masked at each step), never from the data, so a
 mode runs without host syncs and traces as one graph.
 
@@ -43,8 +43,12 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops.decode_step import counter_uniform, sample_confidence
+from ..models.mage import encode_kept
 from ..ops.token_drop import keep_index
+from .protocol import DecodingMode, NetworkPass
 from .quant import QUANT_KINDS, fast_tokenizer, quantized_weights
+from .registry import FactoryMode, ModeRegistry
+from .schedule import run_counts
 from .stack import gather_rows, scatter_rows, stack_full, stack_partial, to_slots
 
 DROP_KINDS = ("none", "train", "all")
@@ -97,38 +101,46 @@ class DecodeMode:
         parts.append(f"pixel decode in {'bf16' if self.pixel_dtype == torch.bfloat16 else 'fp32'}")
         return ", ".join(parts)
 
-    def build(self, model, counts: Sequence[int], keys: Optional[torch.Tensor] = None,
-              choice: Optional[Sequence[tuple]] = None) -> "NetworkPass":
-        """The network pass for one decoding run (see :class:`NetworkPass`)."""
-        return NetworkPass(model, self, counts, keys, choice)
+    def build(self, model, masked_before: Sequence[int], keys: Optional[torch.Tensor] = None,
+              draws: Optional[Sequence[tuple]] = None, *, choice: Optional[Sequence[tuple]] = None) -> "ModePass":
+        """The network pass for one decoding run (see :class:`ModePass`); ``choice``: ``draws``
+        under its earlier name (benchmarks pass it by keyword)."""
+        return ModePass(model, self, masked_before, keys, draws if choice is None else choice)
 
 
-# Named modes (`generate(mode=...)`, the CLI's --mode). "fast" is the fast preset: the training-matched
-# encoder drop, focus by the sampler, the cache refreshed every 10 steps. "fast_close" is the same
-# refreshed every 4 steps (closer to exact, slower); the fast_all / bf16 variants keep its refresh of 4. "fast_all" drops every masked token (at 256 tokens that left the encoder with the class
-# slot alone at the first step, far from anything MAGE trained on); docs/DECODING.md has all measured.
-MODES = {
-    "exact": DecodeMode(),
-    "drop_train": DecodeMode(drop="train"),
-    "drop_all": DecodeMode(drop="all"),
-    "cached": DecodeMode(refresh_every=4),
-    "int8": DecodeMode(quant="int8"),
-    "cached_int8": DecodeMode(refresh_every=4, quant="int8"),
-    "cached_focus": DecodeMode(refresh_every=4, focus=2),
-    "fast": DecodeMode(drop="train", refresh_every=10, focus=2),
-    "fast_close": DecodeMode(drop="train", refresh_every=4, focus=2),
-    "fast_all": DecodeMode(drop="all", refresh_every=4, focus=2),
-    "bf16": DecodeMode(quant="bf16"),
-    "cached_bf16": DecodeMode(refresh_every=4, quant="bf16"),
-    "cached_focus_bf16": DecodeMode(refresh_every=4, focus=2, quant="bf16"),
-    "fast_bf16": DecodeMode(drop="train", refresh_every=4, focus=2, quant="bf16"),
-    "fast_all_bf16": DecodeMode(drop="all", refresh_every=4, focus=2, quant="bf16"),
-}
+# The named modes: `generate(mode=...)`, the CLI's --mode (its help), `info`, the generate docstring and
+# the README's table are all made from this registry. Measured speed and quality: docs/DECODING.md.
+MODES = ModeRegistry()
+MODES.register("exact", DecodeMode(), "the official pass (the default)")
+MODES.register("drop_train", DecodeMode(drop="train"), "the encoder drops masked tokens as MAGE trained")
+MODES.register("drop_all", DecodeMode(drop="all"), "the encoder drops every masked token")
+MODES.register("cached", DecodeMode(refresh_every=4), "per-layer key/value reuse, a full pass every 4 steps")
+MODES.register("int8", DecodeMode(quant="int8"),
+               "int8 Linear layers (fast on GPUs and on CPUs with AMX or AVX512-VNNI)")
+MODES.register("cached_int8", DecodeMode(refresh_every=4, quant="int8"), "cached, with int8 Linear layers")
+MODES.register("cached_focus", DecodeMode(refresh_every=4, focus=2),
+               "cached, the decoder recomputing only the masked rows the sampler would fix first")
+MODES.register("fast", DecodeMode(drop="train", refresh_every=10, focus=2),
+               "the fast preset: cached_focus with the training-matched encoder drop, refreshed every 10 steps")
+MODES.register("fast_close", DecodeMode(drop="train", refresh_every=4, focus=2),
+               "fast refreshed every 4 steps: closer to exact, slower")
+MODES.register("fast_all", DecodeMode(drop="all", refresh_every=4, focus=2),
+               "fast_close dropping every masked token")
+MODES.register("bf16", DecodeMode(quant="bf16"),
+               "the whole pass in bfloat16 (fast on GPUs and on CPUs with AMX or AVX512-BF16)")
+MODES.register("cached_bf16", DecodeMode(refresh_every=4, quant="bf16"), "cached, in bfloat16")
+MODES.register("cached_focus_bf16", DecodeMode(refresh_every=4, focus=2, quant="bf16"), "cached_focus, in bfloat16")
+MODES.register("fast_bf16", DecodeMode(drop="train", refresh_every=4, focus=2, quant="bf16"), "fast_close, in bfloat16")
+MODES.register("fast_all_bf16", DecodeMode(drop="all", refresh_every=4, focus=2, quant="bf16"), "fast_all, in bfloat16")
+
+SPEC_HELP = ("a spec such as drop=all,refresh=4,focus=2,quant=int8 or refresh=2,quant=bf16,pixels=fp32 (keys drop, "
+             "refresh, focus, focus_by, quant, and pixels: the tokenizer decode's precision)")
 
 
-def resolve_mode(mode) -> DecodeMode:
+def resolve_mode(mode) -> DecodingMode:
     """A mode from a name in :data:`MODES`, a spec ``"drop=all,refresh=4,quant=int8"`` (any subset
-    of the keys drop, refresh, focus, focus_by, quant, pixels), a :class:`DecodeMode`, or any object with DecodeMode's ``build`` method."""
+    of the keys drop, refresh, focus, focus_by, quant, pixels), a :class:`DecodeMode`, or any
+    :class:`.protocol.DecodingMode` (an object with ``build``)."""
     if isinstance(mode, DecodeMode) or (not isinstance(mode, str) and callable(getattr(mode, "build", None))):
         return mode
     if isinstance(mode, str) and mode in MODES:
@@ -147,11 +159,14 @@ def resolve_mode(mode) -> DecodeMode:
                      f"'drop=all,refresh=4,quant=int8', or pass a DecodeMode")
 
 
-def mode_name(mode: DecodeMode) -> str:
-    """The name of ``mode`` in :data:`MODES`, else its spec string."""
+def mode_name(mode) -> str:
+    """The name of ``mode`` in :data:`MODES`, else its spec string (a DecodeMode) or its type's name."""
     for name, m in MODES.items():
-        if m == mode:
+        if m is mode or (type(m) is type(mode) and m == mode):
             return name
+    if not isinstance(mode, DecodeMode):
+        inner = mode.factory if isinstance(mode, FactoryMode) else type(mode)
+        return getattr(inner, "__name__", type(inner).__name__)
     return (f"drop={mode.drop},refresh={mode.refresh_every},quant={mode.quant}" + (f",focus={mode.focus}" if mode.focus else "")
             + (f",focus_by={mode.focus_by}" if mode.focus_by != "sampler" else "")
             + (f",pixels={mode.pixels}" if mode.pixels != "auto" else ""))
@@ -177,30 +192,36 @@ def drop_mask_for(masked: torch.Tensor, num_drop: int, keys: torch.Tensor, step:
     return torch.zeros_like(masked).scatter(1, chosen, True)
 
 
-def encode_dropped(net, full: torch.Tensor, drop: torch.Tensor, num_keep: int, keep_kv: bool = False):
-    """Encoder on the tokens not dropped. full: (B, L+1) ids (class slot at 0, masked = mask id);
-    drop: (B, L+1) bool, True = dropped (never the class slot); num_keep = L+1 - dropped per row.
-    Returns (latent (B, num_keep, D) after the final norm, keep (B, num_keep), ks, vs): the official
-    ``forward_encoder`` latent for the same ``token_drop_mask``."""
-    keep = keep_index(drop, num_keep)  # (B, K)
-    x = net.token_emb(torch.gather(full, 1, keep), positions=keep)
-    h, ks, vs = stack_full(net.blocks, x, keep_kv)
-    return net.norm(h), keep, ks, vs
+def encode_dropped(weights, full: torch.Tensor, drop: torch.Tensor, num_keep: int, keep_kv: bool = False):
+    """The model's token-dropping encoder (:func:`mage_fast.models.mage.encode_kept`) on ``weights``
+    (the model or its weight copy), its blocks run by :func:`.stack.stack_full` so that each layer's
+    keys/values can be kept. Returns (latent (B, num_keep, D) after the final norm, keep
+    (B, num_keep), ks, vs)."""
+    kv = []
+
+    def run_blocks(blocks, x):
+        h, ks, vs = stack_full(blocks, x, keep_kv)
+        kv.extend((ks, vs))
+        return h
+
+    latent, keep = encode_kept(weights, full, drop, num_keep, run_blocks)
+    return latent, keep, kv[0], kv[1]
 
 
 class _State:
     __slots__ = ("batch", "E", "enc_ks", "enc_vs", "enc_len", "enc_seen", "dec_ks", "dec_vs", "prev_masked", "logits", "conf")
 
 
-class NetworkPass:
-    """One decoding run's network pass: ``pass_(ids, class_tokens, i)`` -> (B, L, C) code logits.
+class ModePass:
+    """The :class:`.protocol.NetworkPass` of a :class:`DecodeMode` for one decoding run:
+    ``pass_(ids, class_tokens, i)`` -> (B, L, C) code logits.
 
     Args:
         model: the :class:`mage_fast.MAGE`.
         mode: a :class:`DecodeMode`.
-        counts: masked tokens at the input of each step of the run (from the schedule).
+        masked_before: masked tokens at the input of each step of the run (from the schedule).
         keys: (B,) per-image keys for the random choice of dropped tokens (default: row index).
-        choice: per step of the run, ``(step, noise_scale)`` of the sampler's confidence draw
+        draws: per step of the run, ``(step, noise_scale)`` of the sampler's confidence draw
             (``rng="torch"``, confidence order): with ``focus_by="sampler"`` the focus rows are the
             ones the sampler would fix first (see the module docstring); None = rank by the largest
             log-probability.
@@ -208,14 +229,20 @@ class NetworkPass:
     Rows of known positions in the returned logits are zeros (sampling ignores them).
     """
 
-    def __init__(self, model, mode: DecodeMode, counts: Sequence[int], keys: Optional[torch.Tensor] = None,
-                 choice: Optional[Sequence[tuple]] = None):
-        self.model, self.mode, self.counts = model, mode, [int(c) for c in counts]
-        self.net = model if mode.quant == "none" else quantized_weights(model, mode.quant)
+    def __init__(self, model, mode: DecodeMode, masked_before: Sequence[int], keys: Optional[torch.Tensor] = None,
+                 draws: Optional[Sequence[tuple]] = None):
+        self.model, self.mode, self.masked_before = model, mode, [int(c) for c in masked_before]
+        # the weights the pass multiplies with: the model's, or a quantized copy of them
+        self.weights = model if mode.quant == "none" else quantized_weights(model, mode.quant)
         self.keys = keys
-        self.choice = None if choice is None or keys is None or mode.focus_by != "sampler" else list(choice)
+        self.draws = None if draws is None or keys is None or mode.focus_by != "sampler" else list(draws)
         self.focus_rows: Optional[torch.Tensor] = None  # the last cached pass's focus rows (B, r), image positions
         self.state: Optional[_State] = None
+
+    @property
+    def choice(self) -> Optional[list]:
+        """:attr:`draws` under its earlier name."""
+        return self.draws
 
     def __call__(self, ids: torch.Tensor, class_tokens: Optional[torch.Tensor], i: int) -> torch.Tensor:
         model, mode = self.model, self.mode
@@ -242,11 +269,9 @@ class NetworkPass:
         """Token ids (B, L) -> images (B, 3, S, S) in fp32. The exact mode decodes as the official
         code; the others through :func:`.quant.fast_tokenizer` (channels-last, in the mode's
         ``pixel_dtype``), ``chunk`` images per call."""
-        from ..sampling import _decode_images
         if self.mode.is_exact:
-            return _decode_images(self.model, ids, chunk)
-        vq = fast_tokenizer(self.model, self.mode.pixel_dtype)
-        return _decode_images(self.model, ids, chunk, vqgan=vq)
+            return self.model.decode_tokens(ids, chunk)
+        return self.model.decode_tokens(ids, chunk, tokenizer=fast_tokenizer(self.model, self.mode.pixel_dtype))
 
     # ------------------------------------------------------------------ encoder
     def _row_keys(self, B: int, device) -> torch.Tensor:
@@ -256,9 +281,9 @@ class NetworkPass:
         return self.keys.repeat(B // n) if B != n else self.keys  # classifier-free guidance doubles the batch
 
     def _encode_full(self, st: _State, full, masked, i: int):
-        net, mode, L = self.net, self.mode, masked.shape[1]
+        net, mode, L = self.weights, self.mode, masked.shape[1]
         cache = mode.refresh_every > 0
-        m = self.counts[i]
+        m = self.masked_before[i]
         num_drop = {"none": 0, "all": m, "train": min(m, math.ceil(self.model.mask_ratio_min * L))}[mode.drop]
         if num_drop == 0:
             h, st.enc_ks, st.enc_vs = stack_full(net.blocks, net.token_emb(full), cache)
@@ -278,9 +303,9 @@ class NetworkPass:
         st.enc_len = L + 1 - num_drop  # cache slots in use (drop='all': class slot + known, in keep order)
 
     def _encode_cached(self, st: _State, full, masked, i: int):
-        net = self.net
+        net = self.weights
         B = masked.shape[0]
-        n_new = self.counts[i - 1] - self.counts[i]
+        n_new = self.masked_before[i - 1] - self.masked_before[i]
         new = first_true(st.prev_masked & ~masked, n_new) + 1  # (B, n_new) sequence positions fixed last step
         pos = torch.cat([torch.zeros_like(new[:, :1]), new], 1)  # (B, 1 + n_new): class slot + new
         seen = None
@@ -304,43 +329,43 @@ class NetworkPass:
         """MLM head on rows (B, m) of h -> (B, L, C) logits at img_pos (B, m); the other rows are
         zeros, or with ``focus`` the rows' last logits (and ``st.conf`` their max log-probability)."""
         model = self.model
-        we = self.net.token_emb.word_embeddings.weight.detach()
-        lm = self.net.mlm_layer(gather_rows(h, rows), we, num_outputs=model.codebook_size)  # (B, m, C)
+        we = self.weights.token_emb.word_embeddings.weight.detach()
+        lm = self.weights.mlm_layer(gather_rows(h, rows), we, num_outputs=model.codebook_size)  # (B, m, C)
         if not self.mode.focus:
             return scatter_rows(lm.new_zeros(B, L, lm.shape[-1]), img_pos, lm)
         if getattr(st, "logits", None) is None:
             st.logits = lm.new_zeros(B, L, lm.shape[-1])
-            if self.choice is None:
+            if self.draws is None:
                 st.conf = lm.new_full((B, L), -float("inf"), dtype=torch.float32)
         st.logits = scatter_rows(st.logits, img_pos, lm)
-        if self.choice is None:  # rank by the largest log-probability (else the sampler's, from st.logits)
+        if self.draws is None:  # rank by the largest log-probability (else the sampler's, from st.logits)
             st.conf = st.conf.scatter(1, img_pos, torch.log_softmax(lm.float(), -1).amax(-1))
         return st.logits
 
     def _decode_full(self, st: _State, masked, i: int) -> torch.Tensor:
-        net = self.net
+        net = self.weights
         B, L = masked.shape
         allm = torch.cat([torch.zeros_like(masked[:, :1]), masked], 1)  # (B, L+1)
         x = torch.where(allm.unsqueeze(-1), st.E[:, :1], st.E) + net.decoder_pos_embed_learned
         h, st.dec_ks, st.dec_vs = stack_full(net.decoder_blocks, x, self.mode.refresh_every > 0)
         h = net.decoder_norm(h)
-        rows = first_true(masked, self.counts[i])  # (B, m) image positions still masked
+        rows = first_true(masked, self.masked_before[i])  # (B, m) image positions still masked
         if self.mode.focus:
             st.logits = None
         return self._head(st, h, rows + 1, rows, B, L)
 
     def _decode_cached(self, st: _State, masked, i: int) -> torch.Tensor:
-        net = self.net
+        net = self.weights
         B, L = masked.shape
-        m = self.counts[i]
-        last = i == len(self.counts) - 1
+        m = self.masked_before[i]
+        last = i == len(self.masked_before) - 1
         if self.mode.focus and not last:
-            n_new = self.counts[i - 1] - m
-            n_fix = m - self.counts[i + 1]  # tokens this step fixes
+            n_new = self.masked_before[i - 1] - m
+            n_fix = m - self.masked_before[i + 1]  # tokens this step fixes
             r = min(m, self.mode.focus * max(1, n_fix))
             new = first_true(st.prev_masked & ~masked, n_new)  # (B, n_new)
-            if self.choice is not None:  # the sampler's confidence on the last logits: +inf at known rows
-                step, noise = self.choice[i]
+            if self.draws is not None:  # the sampler's confidence on the last logits: +inf at known rows
+                step, noise = self.draws[i]
                 conf = sample_confidence(st.logits, masked, self._row_keys(B, masked.device), step, noise)[1]
             else:
                 conf = st.conf
@@ -349,7 +374,7 @@ class NetworkPass:
             self.focus_rows = top
             fresh = torch.cat([new, top], 1) + 1
         else:
-            fresh = first_true(st.prev_masked, self.counts[i - 1]) + 1  # (B, F) masked at the previous step
+            fresh = first_true(st.prev_masked, self.masked_before[i - 1]) + 1  # (B, F) masked at the previous step
         pos = torch.cat([torch.zeros_like(fresh[:, :1]), fresh], 1)  # (B, 1 + F) with the class slot
         allm = torch.cat([torch.zeros_like(masked[:, :1]), masked], 1)
         now_masked = torch.gather(allm, 1, pos)  # (B, 1 + F)
@@ -362,6 +387,5 @@ class NetworkPass:
         return self._head(st, h, sel, torch.gather(pos, 1, sel) - 1, B, L)
 
 
-def run_counts(num_unknown: int, mask_lens: Sequence[int]) -> list[int]:
-    """Masked tokens at the input of each step: ``num_unknown``, then the schedule's mask_lens."""
-    return [int(num_unknown)] + [int(m) for m in mask_lens[:-1]]
+__all__ = ["DROP_KINDS", "MODES", "SPEC_HELP", "DecodeMode", "ModePass", "NetworkPass", "encode_dropped",
+           "mode_name", "resolve_mode", "run_counts"]

@@ -49,6 +49,26 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], 0).float()
 
 
+def encode_kept(net, full: torch.Tensor, drop: torch.Tensor, num_keep: int, run_blocks=None):
+    """The token-dropping encoder, for training and for the decoding modes alike.
+
+    full: (B, L+1) ids (class slot at 0, masked = mask id); drop: (B, L+1) bool, True = dropped
+    (never the class slot); num_keep = L+1 - dropped per row. Dropped tokens are removed before the
+    embedding (the rows the official code keeps after embedding everything), so the result is the
+    official ``forward_encoder`` latent for the same ``token_drop_mask``. ``net``: a MAGE, or any
+    module with its ``token_emb``, ``blocks`` and ``norm`` (a decoding mode's weight copy);
+    ``run_blocks(blocks, x) -> x`` runs the blocks (default: one after another).
+    Returns (latent (B, num_keep, D) after the final norm, keep (B, num_keep) positions)."""
+    keep = keep_index(drop, num_keep)  # (B, K)
+    x = net.token_emb(torch.gather(full, 1, keep), positions=keep)
+    if run_blocks is None:
+        for blk in net.blocks:
+            x = blk(x)
+    else:
+        x = run_blocks(net.blocks, x)
+    return net.norm(x), keep
+
+
 class MAGE(nn.Module):
     """Masked Generative Encoder with its VQGAN tokenizer.
 
@@ -175,6 +195,23 @@ class MAGE(nn.Module):
         _, _, (_, _, idx) = self.vqgan.encode(imgs)
         return idx.view(imgs.shape[0], -1).long()
 
+    def decode_tokens(self, ids: torch.Tensor, chunk: Optional[int] = None, tokenizer=None) -> torch.Tensor:
+        """Code ids (B, L) -> images (B, 3, S, S): the tokenizer's decode (not clamped, as the
+        official sampler), ``chunk`` images per call (None: all at once). ``chunk=1`` makes each
+        image's pixels independent of the batch it was drawn in (convolutions round differently at
+        other batch sizes). ``tokenizer``: another copy of :attr:`vqgan` (e.g. a decoding mode's
+        channels-last or bf16 one); its input follows its dtype and layout, the images come back
+        fp32."""
+        if chunk is not None and chunk < ids.shape[0]:
+            return torch.cat([self.decode_tokens(part, tokenizer=tokenizer) for part in ids.split(chunk)])
+        g = self.token_grid
+        vq = self.vqgan if tokenizer is None else tokenizer
+        z_q = vq.quantize.get_codebook_entry(ids, shape=(ids.shape[0], g, g, vq.quantize.e_dim))
+        if tokenizer is None:
+            return self.vqgan.decode(z_q)
+        w = next(tokenizer.parameters())
+        return tokenizer.decode(z_q.to(w.dtype).contiguous(memory_format=torch.channels_last)).float().contiguous()
+
     def sample_masks(self, bsz: int, device, generator: Optional[torch.Generator] = None):
         """Training masks without host syncs: one ratio per batch from the truncated normal, then
         per-sample uniform noise; the ``ceil(L * mask_ratio_min)`` smallest are dropped and the
@@ -272,9 +309,7 @@ class MAGE(nn.Module):
         allm = self._with_class_slot(allm, False)
         num_keep = ids.shape[1] - (math.ceil(L * self.mask_ratio_min) if token_drop_mask is None
                                    else int(drop[0].sum()))
-        keep = keep_index(drop, num_keep)  # (B, K)
-        h = self.token_emb(torch.gather(ids, 1, keep), positions=keep)
-        return self.norm(self._run_blocks(self.blocks, h)), drop, allm
+        return encode_kept(self, ids, drop, num_keep, self._run_blocks)[0], drop, allm
 
     def training_loss(self, gt_indices: torch.Tensor, token_drop_mask: Optional[torch.Tensor] = None,
                       token_all_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
