@@ -134,7 +134,33 @@ def _py_uniform(key: int, stream: int, row: int, col: int) -> float:
     h = _py_mix32((key ^ stream) & m)
     h = _py_mix32((h + row) & m)
     h = _py_mix32((h + col) & m)
-    return ((h >> 8) + 0.5) / 2 ** 24
+    return min(((h >> 8) + 0.5) / 2 ** 24, 1 - 2 ** -24)
+
+
+def _py_unmix32(x: int) -> int:
+    """The inverse of ``_py_mix32`` (each xorshift and odd multiply is invertible mod 2^32)."""
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * pow(0x846CA68B, -1, 2 ** 32)) & m
+    x ^= (x >> 15) ^ (x >> 30)
+    x = (x * pow(0x7FEB352D, -1, 2 ** 32)) & m
+    return x ^ (x >> 16)
+
+
+def test_largest_hash_gives_a_uniform_below_one():
+    """The column whose hash has all 24 top bits set: ((2^24 - 1) + 0.5) rounds to 2^24 in fp32, so
+    without the bound u would be exactly 1 and its Gumbel draw infinite (that code sampled whatever
+    its logit, its token never re-masked)."""
+    from mage_fast.ops.decode_step import _STREAM_CONF, _STREAM_SAMPLE, UNIFORM_MAX, gumbel_from_uniform
+    m = 0xFFFFFFFF
+    assert _py_unmix32(_py_mix32(0xDEADBEEF)) == 0xDEADBEEF
+    for stream in (_STREAM_SAMPLE, _STREAM_CONF):
+        key, row = 7, 19 * 256 + 13
+        h2 = _py_mix32((_py_mix32((key ^ stream) & m) + row) & m)
+        col = (_py_unmix32(0xFFFFFF00 | 0x5A) - h2) & m  # the last mix lands on a hash >> 8 == 2^24 - 1
+        u = counter_uniform(torch.tensor(key), stream, torch.tensor(row), torch.tensor(col))
+        assert float(u) == UNIFORM_MAX < 1.0
+        assert bool(torch.isfinite(gumbel_from_uniform(u)))
 
 
 def test_counter_hash_matches_pure_python_definition():

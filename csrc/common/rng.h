@@ -30,10 +30,12 @@ MF_HD uint32_t row_hash(uint32_t key, uint32_t stream, uint32_t row) {
   return mix32(mix32(key ^ stream) + row);
 }
 
-// Uniform in (0, 1] from the 24 high bits, rounded exactly as the fp32 reference: (h >> 8) + 0.5
-// is an fp32 add (round to nearest even), the 2^-24 scale is exact.
+// Uniform in (0, 1) from the 24 high bits, rounded exactly as the fp32 reference: (h >> 8) + 0.5
+// is an fp32 add (round to nearest even), the 2^-24 scale is exact. The largest hash would round
+// to 2^24 (u = 1, an infinite Gumbel draw), so u is bounded by 1 - 2^-24, the largest fp32 below 1.
 MF_HD float uniform_from_hash(uint32_t h) {
-  return (static_cast<float>(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  const float u = (static_cast<float>(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  return u < 0.99999994f ? u : 0.99999994f;
 }
 
 MF_HD float counter_uniform(uint32_t key, uint32_t stream, uint32_t row, uint32_t col) {

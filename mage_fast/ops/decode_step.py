@@ -50,15 +50,22 @@ def _as_i32(v: torch.Tensor) -> torch.Tensor:
     return (v.to(torch.int64) & _M32).to(torch.int32)  # keeps the low 32 bits
 
 
+# the largest fp32 below 1 (1 - 2^-24): the bound of every counter-based uniform, in every backend
+UNIFORM_MAX = 1.0 - 2.0 ** -24
+
+
 def counter_uniform(key: torch.Tensor, stream: int, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """Uniforms in (0, 1), fp32, from 32-bit keys and counters (integer tensors, broadcast together).
 
-    h = mix(mix(mix(key ^ stream) + row) + col) (all mod 2^32); u = ((h >> 8) + 0.5) / 2^24.
+    h = mix(mix(mix(key ^ stream) + row) + col) (all mod 2^32); u = min(((h >> 8) + 0.5) / 2^24, 1 - 2^-24).
+    The fp32 add rounds to nearest even, so the largest hash, 2^24 - 1 + 0.5, would round to 2^24 and
+    give u = 1 exactly (an infinite Gumbel draw); the bound keeps every u below 1 and changes no other.
     """
     h = _mix32_i32(_as_i32(key) ^ _signed32(stream))
     h = _mix32_i32(h + _as_i32(row))
     h = _mix32_i32(h + _as_i32(col))
-    return (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    u = (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return u.clamp_(max=UNIFORM_MAX)
 
 
 def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:

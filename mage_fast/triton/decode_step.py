@@ -44,7 +44,7 @@ def _exp(x, LIBDEVICE: tl.constexpr):
 
 @triton.jit
 def _gumbel(h, LIBDEVICE: tl.constexpr):  # h: uint32 hash -> -log(-log(u)), u in (0, 1) from the top 24 bits
-    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994039535522)  # < 1, as the reference
     return -_log(-_log(u, LIBDEVICE), LIBDEVICE)
 
 
