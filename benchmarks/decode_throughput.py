@@ -48,7 +48,6 @@ from common import device_tag, environment, print_header, summarize, time_fn, wr
 from mage_fast.models import MODEL_FACTORIES  # noqa: E402
 from mage_fast.decoding import MODES, quantized_weights, resolve_mode  # noqa: E402
 from mage_fast.ops import force_backend  # noqa: E402
-from mage_fast.sampling import _decode_images  # noqa: E402
 
 # The default run (README quickstart, `make bench`): today's exact path, the mode inside the quality
 # noise floor and the two presets (docs/DECODING.md). `--mode all` times every named mode.
@@ -138,7 +137,7 @@ def _generation(model, name, B, T, temp, ac, mode=None):
 
         def run():
             with ac:
-                return _decode_images(model, ids)
+                return model.decode_tokens(ids)
     else:
         def run():
             with ac:

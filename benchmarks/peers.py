@@ -88,8 +88,7 @@ class _PixelDecode(torch.nn.Module):
         self.model = model
 
     def forward(self, ids):
-        from mage_fast.sampling import _decode_images
-        return _decode_images(self.model, ids)
+        return self.model.decode_tokens(ids)
 
 
 def export_onnx(model, batch: int, folder: str) -> tuple[str, str]:
@@ -259,7 +258,7 @@ class PeerMode:
 
 class PeerPass:
     """One decoding run's network pass in a peer: ``pass_(ids, class_tokens, i)`` -> logits, and
-    ``decode_images(ids, chunk)`` -> images, as :class:`mage_fast.decoding.modes.NetworkPass`."""
+    ``decode_images(ids, chunk)`` -> images, as :class:`mage_fast.decoding.NetworkPass`."""
 
     def __init__(self, runtimes: PeerRuntimes, name: str):
         self.runtimes, self.name = runtimes, name

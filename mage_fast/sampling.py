@@ -36,12 +36,6 @@ def decode_loop(model, net, ids: torch.Tensor, steps, *, num_iter: int, mask_len
                       guidance=guidance, record=record)
 
 
-def _decode_images(model, ids: torch.Tensor, chunk: Optional[int] = None, vqgan=None) -> torch.Tensor:
-    """``model.decode_tokens(ids, chunk, tokenizer=vqgan)``, under the name benchmarks/peers.py still
-    imports."""
-    return model.decode_tokens(ids, chunk, tokenizer=vqgan)
-
-
 __all__ = ["GUIDANCE_SCHEDULES", "ORDERS", "RNG_MODES", "SCHEDULES", "TEMPERATURE_ANNEALING", "SamplingConfig",
            "cfg_logits", "decode_loop", "generate", "mask_schedule", "noise_scale", "official_gen_image",
            "schedule_from"]

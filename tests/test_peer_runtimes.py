@@ -78,10 +78,9 @@ def test_fp32_peer_network_pass_matches_the_exact_pass(tiny, runtimes, name):
 
 @pytest.mark.parametrize("name", FP32_PEERS)
 def test_fp32_peer_pixel_decode_matches_the_exact_decode(tiny, runtimes, name):
-    from mage_fast.sampling import _decode_images
     ids = torch.randint(0, tiny.codebook_size, (2, tiny.seq_len), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        ref = _decode_images(tiny, ids)
+        ref = tiny.decode_tokens(ids)
         got = runtimes.pixel_decode(name, ids)
         assert (got - ref).abs().max().item() <= PIXEL_TOL * ref.abs().max().item()
         # one image per call (decode_chunk=1) exports and opens batch-1 sessions on first use
