@@ -22,8 +22,8 @@ from typing import Callable
 
 def run_script(main: Callable[[], object]) -> None:
     from mage_fast import parallel
-    from mage_fast.models.state_dict import CheckpointError
     from mage_fast.models.checks import InputError
+    from mage_fast.models.state_dict import CheckpointError
     try:
         code = main()
     except (InputError, CheckpointError) as e:

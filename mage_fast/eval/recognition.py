@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .folder import iterate_images, list_image_folder
+from ..image_folder import list_image_folder
+from .folder import iterate_images
 
 
 @torch.no_grad()
