@@ -11,8 +11,8 @@ import torch.nn as nn
 
 from .checks import read_json_object
 from .mage import MAGE
-from .state_dict import (CheckpointError, check_saved_config, read_checkpoint, describe_state_dict, infer_config,
-                         load_state_dict_strict, read_state_dict, tokenizer_export)
+from .state_dict import (CheckpointError, check_saved_config, describe_state_dict, infer_config, load_state_dict_strict,
+                         read_checkpoint, read_state_dict, tokenizer_export)
 from .vim import VIM
 from .vit_vqgan import ViTVQGAN
 from .vqgan import VQModel

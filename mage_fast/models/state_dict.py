@@ -211,6 +211,9 @@ _VQ_SIZE_KEYS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "
 
 
 def check_saved_config(saved: Mapping, inferred: dict) -> None:
+    """A saved ``config`` must agree with the config inferred from the tensors on every size it
+    shares with it (:data:`_SIZE_KEYS`, the VQGAN's, the token grid); :class:`CheckpointError` naming
+    the first that differs."""
     def same(a, b):
         if isinstance(b, tuple):
             return isinstance(a, (list, tuple)) and list(a) == list(b)
