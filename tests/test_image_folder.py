@@ -80,3 +80,47 @@ def test_an_undecodable_image_is_named_by_training_and_fid(class_tree):
         with pytest.raises(ImageReadError, match="not a readable image") as e:
             read()
         assert str(e.value).startswith(bad) and "\n" not in str(e.value)
+
+
+def test_dali_loader_reads_the_readers_files(class_tree, monkeypatch):
+    """The DALI pipeline is handed the reader's (path, label) list rather than walking the folder
+    with its own filters: a stand-in nvidia.dali records what the file reader is given."""
+    import sys
+    import types
+
+    import mage_fast.data.loader as loader
+    root, want = class_tree
+    seen = {}
+
+    def file_reader(**kw):
+        seen.update(kw)
+        return "encoded", "labels"
+
+    def pipeline_def(**_kw):
+        def wrap(graph):
+            return lambda: types.SimpleNamespace(build=graph)
+        return wrap
+    same = lambda x, **_kw: x  # noqa: E731
+    dali = types.ModuleType("nvidia.dali")
+    dali.fn = types.SimpleNamespace(readers=types.SimpleNamespace(file=file_reader),
+                                    decoders=types.SimpleNamespace(image=same), random_resized_crop=same,
+                                    crop_mirror_normalize=same, random=types.SimpleNamespace(coin_flip=lambda **kw: 0))
+    dali.pipeline_def = pipeline_def
+    dali.types = types.SimpleNamespace(RGB=0, INTERP_CUBIC=0, FLOAT=0)
+    plugin = types.ModuleType("nvidia.dali.plugin.pytorch")
+
+    def iterator(pipes, *_a, **_kw):  # builds each pipeline (the file reader is called then), yields nothing
+        for pipe in pipes:
+            pipe.build()
+        return iter(())
+    plugin.DALIGenericIterator = iterator
+    plugin.LastBatchPolicy = types.SimpleNamespace(DROP=0)
+    for name, mod in (("nvidia", types.ModuleType("nvidia")), ("nvidia.dali", dali),
+                      ("nvidia.dali.plugin", types.ModuleType("nvidia.dali.plugin")),
+                      ("nvidia.dali.plugin.pytorch", plugin)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(loader, "dali_available", lambda: True)
+    epochs = loader.EpochLoader(loader.LoaderSpec("folder", str(root), img_size=8, batch_size=4, backend="dali"))
+    assert epochs.backend == "dali" and epochs.num_samples == len(want)
+    assert list(epochs.batches(0)) == []
+    assert list(zip(seen["files"], seen["labels"])) == want and "file_root" not in seen
