@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mage_fast.eval.recognition import fit_logistic_regression  # noqa: E402
-from mage_fast.images import save_grid, to_uint8  # noqa: E402
+from mage_fast.images import save_grid  # noqa: E402
 from mage_fast.models.checkpoint import build_from_checkpoint, tokenizer_checksum  # noqa: E402
 from mage_fast.training.common import check_token_cache  # noqa: E402
 
@@ -352,9 +352,11 @@ def class_pairs(vq, xs: torch.Tensor, ys: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def write_grid(imgs: torch.Tensor, path: str, scale: int = 1, cols: int = None) -> None:
-    """(N, 3, H, W) in [0, 1] -> a PNG grid (square, or ``cols`` wide), each tile enlarged ``scale``
-    times, written by the project's one grid writer :func:`mage_fast.images.save_grid`."""
-    save_grid(list(to_uint8(imgs)), path, ncol=cols, min_tile=imgs.shape[2] * scale)
+    """(N, 3, H, W) in [0, 1] -> a PNG grid (square, or ``cols`` wide) with 2-pixel gaps, the whole
+    picture enlarged ``scale`` times, by the project's one grid writer :func:`mage_fast.images.save_grid`
+    (pixels rounded to 8 bits)."""
+    tiles = (imgs.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    save_grid(list(tiles), path, ncol=cols, min_tile=0, scale=scale)
 
 
 if __name__ == "__main__":
