@@ -2,9 +2,9 @@
 
 The ops live in ``torch.ops.mage_fast`` (schemas in csrc/ops.cpp). This module gives them fake
 implementations (so torch.compile can trace them), autograd formulas for the two differentiable
-ones (gather/scatter of tokens), and registers them (and the CPU-only GroupNorm + SiLU and Winograd
-convolution) on the dispatcher with a ``supports`` that
-says why a call is declined: extension not built, wrong device, unsupported dtype.
+ones (gather/scatter of tokens), and registers them (the CPU-only GroupNorm + SiLU and Winograd
+convolution among them) on the dispatcher with a ``supports`` that says why a call is declined:
+extension not built, wrong device, unsupported dtype, a call that needs gradients.
 """
 from __future__ import annotations
 
