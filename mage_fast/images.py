@@ -64,13 +64,14 @@ def _text_strip(width: int, height: int, texts: Sequence[tuple[float, str]], fon
 
 def save_grid(images: Sequence[np.ndarray], path: str, ncol: int | None = None, min_tile: int = 64,
               col_labels: Optional[Sequence[str]] = None, title: Optional[str] = None,
-              footer: Optional[np.ndarray] = None) -> str:
+              footer: Optional[np.ndarray] = None, scale: int = 1) -> str:
     """Write ``make_grid(images, ncol)`` as a PNG; tiles smaller than ``min_tile`` pixels are enlarged
     by an integer factor (nearest neighbour: each pixel stays a visible square), so a grid of 28-px
-    samples is viewable. The individual PNGs are never resized.
+    samples is viewable. The individual PNGs are never resized. The project's one grid writer.
 
     ``col_labels`` writes a name above each column (class names, step numbers); ``title`` a line
-    above everything; ``footer`` (h, w, 3) uint8 is placed under the grid (a legend)."""
+    above everything; ``footer`` (h, w, 3) uint8 is placed under the grid (a legend). ``scale``
+    enlarges the finished picture, gaps included, by that integer factor (nearest neighbour)."""
     h = images[0].shape[0] if len(images) else min_tile
     k = max(1, -(-min_tile // h))
     if k > 1:
@@ -91,7 +92,10 @@ def save_grid(images: Sequence[np.ndarray], path: str, ncol: int | None = None, 
         fw = np.full((footer.shape[0], width, 3), 255, np.uint8)
         fw[:, : min(width, footer.shape[1])] = footer[:, :width]
         parts.append(fw)
-    Image.fromarray(np.concatenate(parts, axis=0)).save(path)
+    picture = Image.fromarray(np.concatenate(parts, axis=0))
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    picture.save(path)
     return path
 
 

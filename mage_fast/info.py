@@ -33,6 +33,11 @@ def _example_args(device: torch.device) -> dict:
                                                              requires_grad=True) for _ in range(3)),),
                                               dict(dropout_p=0.1, causal=False, scale=None)),
         "dropout": ((torch.randn(2, L, 3072, device=device, dtype=half), 0.1), {}),
+        # the VQGAN decoder's last level (128 channels) at a 256-px image's 128-px stage
+        "group_norm_silu": ((torch.randn(1, 128, 128, 128, **f32), 32, torch.ones(128, **f32),
+                             torch.zeros(128, **f32), 1e-6), {}),
+        "winograd_conv3x3": ((torch.randn(1, 128, 64, 64, **f32), torch.randn(128, 128, 3, 3, **f32),
+                              torch.zeros(128, **f32), True), {}),
         "masked_ce": ((torch.randn(2, 256, 1024, **f32), torch.zeros(2, 256, dtype=torch.long, device=device),
                        torch.ones(2, 256, **f32), 0.1), {}),
     }

@@ -19,15 +19,13 @@ import tempfile
 import time
 from typing import Optional
 
-from .eval.folder import IMAGE_EXTENSIONS
+from .image_folder import ARTEFACTS, IMAGE_EXTENSIONS
 from .models.checks import InputError
 
 MANIFEST = "run.json"
 SAMPLE_PATTERN = "{:05d}.png"
 _SAMPLE_RE = re.compile(r"^\d{5,}\.png$")
 _TMP_PREFIX = ".tmp-"  # temporary names of atomic writes (a killed run may leave some)
-# Pictures a run writes beside its samples; never samples themselves.
-ARTEFACTS = ("grid.png", "process.png", "before_after.png")
 
 _sha_cache: dict = {}
 

@@ -4,7 +4,7 @@ A script refuses bad input with ``raise SystemExit("error: ...")``: Python print
 with status 1. ``run_script(main)`` keeps the line and makes the status 2 (a usage error, as argparse
 and the CLI report it), so a caller can tell bad input from a crash. Integer exits pass through. The
 project's own input errors (:class:`~mage_fast.models.checks.InputError`,
-:class:`~mage_fast.models.checkpoint.CheckpointError`) raised anywhere under ``main`` end the same
+:class:`~mage_fast.models.state_dict.CheckpointError`) raised anywhere under ``main`` end the same
 way, as one ``error: ...`` line; ``MAGE_FAST_DEBUG=1`` shows their traceback instead.
 
 Under a launcher (torchrun, deepspeed) with several ranks, the job says ``error: rank R: ...`` once:
@@ -23,8 +23,8 @@ from typing import Callable
 
 def run_script(main: Callable[[], object]) -> None:
     from mage_fast import parallel
-    from mage_fast.models.checkpoint import CheckpointError
     from mage_fast.models.checks import InputError
+    from mage_fast.models.state_dict import CheckpointError
     try:
         code = main()
     except (InputError, CheckpointError) as e:

@@ -58,6 +58,23 @@ def test_linear_probe_and_few_shot_learn_separable_features():
         few_shot(xtr, ytr, xte, yte, shots=(100,), seeds=(0,))
 
 
+def test_one_logistic_regression_fit_serves_both_probes():
+    """few_shot (nn.Linear's weight layout) and train/evaluate.py's linear probe ((D, K)) share one
+    L-BFGS fit; its two layouts solve the same problem (they differ only in rounding), and
+    logistic_regression is that fit as an nn.Linear, bit for bit."""
+    from mage_fast.eval import fit_logistic_regression, logistic_regression
+    x, y = _blobs(20)
+    x = (x - x.mean(0)) / x.std(0)
+    w, b = fit_logistic_regression(x, y, 4, 1e-3)
+    w_lin, b_lin = fit_logistic_regression(x, y, 4, 1e-3, linear_layout=True)
+    assert w.shape == w_lin.shape == (x.shape[1], 4) and b.shape == (4,)
+    torch.testing.assert_close(w_lin, w, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(b_lin, b, atol=1e-3, rtol=1e-3)
+    assert torch.equal((x @ w + b).argmax(1), y)
+    clf = logistic_regression(x, y, 4, 1e-3)
+    assert torch.equal(clf.weight, w_lin.t()) and torch.equal(clf.bias, b_lin)
+
+
 def test_lars_decreases_loss():
     torch.manual_seed(0)
     x, y = _blobs(20)

@@ -102,3 +102,37 @@ def test_fused_decoder_decodes_as_before():
     with torch.no_grad():
         z = vq.quantize.get_codebook_entry(codes.flatten(1), shape=(2, 4, 4, 16))
         torch.testing.assert_close(fused.decode(z), vq.decode(z), atol=1e-4, rtol=0)
+
+
+def test_goes_through_the_dispatcher(monkeypatch):
+    """GroupNormSiLU calls the ``group_norm_silu`` Op: force_backend reaches it (a spy backend runs
+    only when forced; forcing ``torch`` gives the reference bit for bit), the cpp backend names why
+    it declines a call, and ``info`` lists the op."""
+    from mage_fast.info import backend_table
+    from mage_fast.ops.dispatch import Backend, Op, force_backend
+    from mage_fast.ops.group_norm import group_norm_silu_op
+    assert Op.registry["group_norm_silu"] is group_norm_silu_op
+    monkeypatch.setattr(group_norm_silu_op, "backends", list(group_norm_silu_op.backends))
+    calls = []
+
+    def spy(x, groups, weight, bias, eps):
+        calls.append(groups)
+        return group_norm_silu_ref(x, groups, weight, bias, eps)
+    group_norm_silu_op.backends.append(Backend("spy", spy, lambda *a: None))  # after the reference: runs only when forced
+    norm = nn.GroupNorm(4, 16, eps=1e-6)
+    fused, x = GroupNormSiLU(norm), torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        fused(x)
+        assert calls == []
+        with force_backend("spy"):
+            fused(x)
+        assert calls == [4]
+        with force_backend("torch"):
+            assert torch.equal(fused(x), group_norm_silu_ref(x, 4, norm.weight, norm.bias, 1e-6))
+            assert dict(group_norm_silu_op.explain(x, 4, norm.weight, norm.bias, 1e-6))["torch"] == "selected"
+    w, b = norm.weight.detach(), norm.bias.detach()
+    assert "float32" in dict(group_norm_silu_op.explain(x.double(), 4, w.double(), b.double(), 1e-6))["cpp"]
+    assert "4-D" in dict(group_norm_silu_op.explain(x[0], 4, w, b, 1e-6))["cpp"]
+    assert "gradients" in dict(group_norm_silu_op.explain(x.requires_grad_(True), 4, w, b, 1e-6))["cpp"]
+    rows = {name: chosen for name, chosen, _ in backend_table(torch.device("cpu"))}
+    assert rows["group_norm_silu"] == ("cpp" if group_norm.available() else "torch")

@@ -113,3 +113,34 @@ def test_winograd_module_runs_on_inference_tensors():
         y = m(x, upsample=True)
         ref = conv(F.interpolate(x, scale_factor=2.0))
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_winograd_goes_through_the_dispatcher(monkeypatch):
+    """WinogradConv2d calls the ``winograd_conv3x3`` Op: force_backend reaches it (a spy backend runs
+    only when forced; forcing ``torch`` gives the reference bit for bit), the cpp backend names why
+    it declines a call, and ``info`` lists the op."""
+    from mage_fast.info import backend_table
+    from mage_fast.ops.dispatch import Backend, Op, force_backend
+    from mage_fast.ops.winograd import conv3x3_op
+    assert Op.registry["winograd_conv3x3"] is conv3x3_op
+    monkeypatch.setattr(conv3x3_op, "backends", list(conv3x3_op.backends))
+    calls = []
+
+    def spy(x, weight, bias, upsample, packed=None):
+        calls.append(upsample)
+        return conv3x3_ref(x, weight, bias, upsample)
+    conv3x3_op.backends.append(Backend("spy", spy, lambda *a: None))  # after the reference: runs only when forced
+    conv = nn.Conv2d(8, 6, 3, padding=1)
+    m, x = WinogradConv2d(conv), torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        m(x)
+        assert calls == []
+        with force_backend("spy"):
+            m(x, upsample=True)
+        assert calls == [True]
+        with force_backend("torch"):
+            assert torch.equal(m(x), conv3x3_ref(x, m.weight, m.bias, False))
+            assert dict(conv3x3_op.explain(x, m.weight, m.bias, False))["torch"] == "selected"
+    assert "float32" in dict(conv3x3_op.explain(x.double(), m.weight.double(), None, False))["cpp"]
+    rows = {name: chosen for name, chosen, _ in backend_table(torch.device("cpu"))}
+    assert rows["winograd_conv3x3"] == ("cpp" if winograd.available() else "torch")

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mage_fast.eval.recognition import fit_logistic_regression  # noqa: E402
+from mage_fast.images import save_grid  # noqa: E402
 from mage_fast.models.checkpoint import build_from_checkpoint, tokenizer_checksum  # noqa: E402
 from mage_fast.training.common import check_token_cache  # noqa: E402
 
@@ -120,20 +122,6 @@ def probe_from_caches(features, train_cache: str, test_cache: str, train_limit: 
     return res
 
 
-def fit_logreg(x: torch.Tensor, y: torch.Tensor, wd: float, num_classes: int, iters: int = 200):
-    w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
-    b = torch.zeros(num_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + wd * (w * w).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return w.detach(), b.detach()
-
-
 def linear_probe(xtr, ytr, xte, yte, wds=(1e-6, 1e-5, 1e-4, 1e-3)) -> dict:
     """Standardise with training stats, pick the L2 strength on a 10% hold-out, refit, test."""
     mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
@@ -143,10 +131,10 @@ def linear_probe(xtr, ytr, xte, yte, wds=(1e-6, 1e-5, 1e-4, 1e-3)) -> dict:
     fit_i, val_i = perm[len(xtr) // 10:], perm[: len(xtr) // 10]
     val = {}
     for wd in wds:
-        w, b = fit_logreg(xtr[fit_i], ytr[fit_i], wd, k)
+        w, b = fit_logistic_regression(xtr[fit_i], ytr[fit_i], k, wd, history_size=20)
         val[wd] = float(((xtr[val_i] @ w + b).argmax(1) == ytr[val_i]).float().mean())
     best = max(val, key=val.get)
-    w, b = fit_logreg(xtr, ytr, best, k)
+    w, b = fit_logistic_regression(xtr, ytr, k, best, history_size=20)
     acc = float(((xte @ w + b).argmax(1) == yte).float().mean())
     return {"test_accuracy": acc, "l2": best, "holdout_accuracy": val, "train_n": len(xtr), "test_n": len(xte),
             "dim": xtr.shape[1]}
@@ -253,9 +241,9 @@ def main(argv=None):
                 n += d.numel()
                 used[idx] = True
                 if i == 0 and args.png and not args.png_per_class:
-                    save_grid(torch.cat([xs[:32], rec[:32]]), args.png, 3)
+                    write_grid(torch.cat([xs[:32], rec[:32]]), args.png, 3)
             if args.png and args.png_per_class:
-                save_grid(class_pairs(vq, xs, ys, args.png_per_class), args.png, 3, cols=int(ys.max()) + 1)
+                write_grid(class_pairs(vq, xs, ys, args.png_per_class), args.png, 3, cols=int(ys.max()) + 1)
         mse = se / n
         res = {"what": "tokenizer reconstruction", "images": len(xs), "scored_pixels": f"central {c}x{c}",
                "mse": mse, "mae": ae / n, "psnr_db": float(10 * torch.log10(torch.tensor(1.0 / mse))),
@@ -298,7 +286,7 @@ def main(argv=None):
         from mage_fast import generate
         imgs = generate(model, args.n, num_iter=args.num_iter, temperature=args.temperature, seed=args.seed,
                         progress=True).clamp(0, 1)
-        save_grid(imgs, args.out, args.scale)
+        write_grid(imgs, args.out, args.scale)
         res = {"what": "samples", "png": args.out, "n": args.n, "num_iter": args.num_iter,
                "temperature": args.temperature, "seed": args.seed}
     print(json.dumps(res))
@@ -339,7 +327,7 @@ def vim_samples(args) -> dict:
         if args.png_dir:
             save_pngs(imgs, args.png_dir, first_index=start)
         grid.append(imgs[: max(0, args.grid - sum(len(g) for g in grid))])
-    save_grid(torch.cat(grid), args.out, args.scale)
+    write_grid(torch.cat(grid), args.out, args.scale)
     return {"what": "VIM samples", "ckpt": args.ckpt, "png": args.out, "png_dir": args.png_dir, "n": args.n,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "class_id": args.class_id,
             "seed": args.seed}
@@ -363,21 +351,12 @@ def class_pairs(vq, xs: torch.Tensor, ys: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def save_grid(imgs: torch.Tensor, path: str, scale: int = 1, cols: int = None) -> None:
-    """(N, 3, H, W) in [0, 1] -> a PNG grid (square, or ``cols`` wide) with 2-pixel gaps."""
-    from PIL import Image
-    n, _, h, w = imgs.shape
-    cols = cols or int(n ** 0.5 + 0.999)
-    rows = (n + cols - 1) // cols
-    canvas = torch.ones(3, rows * (h + 2) + 2, cols * (w + 2) + 2)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        canvas[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = imgs[i]
-    arr = (canvas.permute(1, 2, 0) * 255).round().byte().numpy()
-    img = Image.fromarray(arr)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+def write_grid(imgs: torch.Tensor, path: str, scale: int = 1, cols: int = None) -> None:
+    """(N, 3, H, W) in [0, 1] -> a PNG grid (square, or ``cols`` wide) with 2-pixel gaps, the whole
+    picture enlarged ``scale`` times, by the project's one grid writer :func:`mage_fast.images.save_grid`
+    (pixels rounded to 8 bits)."""
+    tiles = (imgs.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    save_grid(list(tiles), path, ncol=cols, min_tile=0, scale=scale)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 The ops live in ``torch.ops.mage_fast`` (schemas in csrc/ops.cpp). This module gives them fake
 implementations (so torch.compile can trace them), autograd formulas for the two differentiable
-ones (gather/scatter of tokens), and registers them on the dispatcher with a ``supports`` that
-says why a call is declined: extension not built, wrong device, unsupported dtype.
+ones (gather/scatter of tokens), and registers them (the CPU-only GroupNorm + SiLU and Winograd
+convolution among them) on the dispatcher with a ``supports`` that says why a call is declined:
+extension not built, wrong device, unsupported dtype, a call that needs gradients.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import torch
 from .. import _ext
 from ..ops.codebook import codebook_nn_op
 from ..ops.decode_step import decode_step_op
+from ..ops.group_norm import group_norm_silu_op
 from ..ops.token_drop import gather_tokens_op, scatter_tokens_op
+from ..ops.winograd import conv3x3_op, weight_key
 
 NAME = "cpp"
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,6 +89,30 @@ def _scatter_supports(x, index, all_mask, pos_embed) -> Optional[str]:
     return _device_reason("scatter_tokens", x, index, all_mask, pos_embed, cuda=False)
 
 
+def _group_norm_silu_supports(x, groups, weight, bias, eps) -> Optional[str]:
+    if (r := _base_reason()) is not None:
+        return r
+    if not _ext.has_op("group_norm_silu"):
+        return "extension built without group_norm_silu (rebuild it)"
+    if x.dim() != 4:
+        return f"expects 4-D x (N, C, H, W), got {x.dim()}-D"
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or bias.dtype != torch.float32:
+        return f"float32 only, got x {x.dtype}, weight {weight.dtype}, bias {bias.dtype}"
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return "no backward: a call that needs gradients goes to the reference"
+    return _device_reason("group_norm_silu", x, weight, bias, cuda=False)
+
+
+def _conv3x3_supports(x, weight, bias, upsample, packed=None) -> Optional[str]:
+    if (r := _base_reason()) is not None:
+        return r
+    if not (_ext.has_op("winograd_conv3x3") and _ext.has_op("winograd_weight")):
+        return "extension built without winograd_conv3x3 (rebuild it)"
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return f"float32 only, got x {x.dtype} and weight {weight.dtype}"
+    return _device_reason("winograd_conv3x3", x, weight, *([] if bias is None else [bias]), cuda=False)
+
+
 def _codebook_nn(z, codebook, metric="l2"):
     return torch.ops.mage_fast.codebook_nn(z.detach(), codebook.detach(), metric)
 
@@ -101,6 +128,22 @@ def _gather(x, index):
 
 def _scatter(x, index, all_mask, pos_embed):
     return torch.ops.mage_fast.scatter_tokens(x, index, all_mask, pos_embed)
+
+
+def _group_norm_silu(x, groups, weight, bias, eps):
+    return torch.ops.mage_fast.group_norm_silu(x, groups, weight.detach(), bias.detach(), eps, True)
+
+
+def _conv3x3(x, weight, bias, upsample, packed=None):
+    """Winograd F(4x4, 3x3); the transformed weight (36, Cin, Cout) is kept in ``packed`` under this
+    backend's name and remade when the weight's values change."""
+    key = weight_key(weight)
+    cached = packed.get(NAME) if packed is not None else None
+    if cached is None or cached[0] != key:
+        cached = (key, torch.ops.mage_fast.winograd_weight(weight.detach()))
+        if packed is not None:
+            packed[NAME] = cached
+    return torch.ops.mage_fast.winograd_conv3x3(x, cached[1], None if bias is None else bias.detach(), upsample)
 
 
 def _register_library() -> None:
@@ -158,3 +201,5 @@ codebook_nn_op.register(NAME, _codebook_nn, _codebook_nn_supports)
 decode_step_op.register(NAME, _decode_step, _decode_step_supports)
 gather_tokens_op.register(NAME, _gather, _gather_supports)
 scatter_tokens_op.register(NAME, _scatter, _scatter_supports)
+group_norm_silu_op.register(NAME, _group_norm_silu, _group_norm_silu_supports)
+conv3x3_op.register(NAME, _conv3x3, _conv3x3_supports)

@@ -6,49 +6,17 @@ augmentation of a sample depends only on (seed, epoch, index).
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Tuple
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
+from ..image_folder import ImageReadError, list_image_folder, open_image  # noqa: F401 (ImageReadError re-exported)
 from ..models.checks import InputError
 from .transforms import sample_rng
 
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-
-def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """``root/<class>/<image>`` -> ([(path, class_index)], classes), classes sorted by name."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder not found: {root}")
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders; expected the ImageFolder layout root/<class>/<img>")
-    samples = []
-    for ci, c in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, c))):
-            for f in sorted(files):
-                if f.lower().endswith(IMG_EXTENSIONS):
-                    samples.append((os.path.join(dirpath, f), ci))
-    if not samples:
-        raise ValueError(f"no images with extensions {IMG_EXTENSIONS} under {root}")
-    return samples, classes
-
-
-# What PIL raises for a file it cannot decode: truncated, unidentified or malformed files, and headers
-# that declare a size past its decompression-bomb limit (a flipped byte can).
-IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-class ImageReadError(InputError):
-    """A training image that cannot be decoded, named. Keeps its one-line message through a
-    DataLoader worker, whose re-raise passes the worker's whole traceback as the message."""
-
-    def __init__(self, msg: str):
-        if "\nOriginal Traceback" in msg:  # "...\nmage_fast.data.datasets.ImageReadError: <msg>"
-            msg = msg.rstrip().splitlines()[-1].split("ImageReadError: ", 1)[-1]
-        super().__init__(msg)
+# The one image-folder reader (mage_fast.image_folder) under the name training code has used.
+scan_image_folder = list_image_folder
 
 
 def _key(key):
@@ -74,11 +42,13 @@ class TwoViews(torch.utils.data.Dataset):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """ImageFolder layout; ``transform(img, rng)`` gets a generator seeded by (seed, epoch, index)."""
+    """The class layout ``root/<class>/...`` as :func:`mage_fast.image_folder.list_image_folder` lists
+    it; ``transform(img, rng)`` gets a generator seeded by (seed, epoch, index). An image that cannot
+    be decoded raises :class:`~mage_fast.image_folder.ImageReadError` naming it."""
 
     def __init__(self, root: str, transform: Callable, seed: int = 0):
         self.root = root
-        self.samples, self.classes = scan_image_folder(root)
+        self.samples, self.classes = list_image_folder(root)
         self.transform, self.seed = transform, seed
 
     def __len__(self) -> int:
@@ -87,12 +57,8 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index, view = _key(key)
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                x = self.transform(img, sample_rng(self.seed, epoch, index, view))
-        except IMAGE_READ_ERRORS as e:
-            raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e}); remove or replace "
-                                 f"it") from e
+        with open_image(path) as img:
+            x = self.transform(img, sample_rng(self.seed, epoch, index, view))
         return x, label
 
 

@@ -14,7 +14,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from .datasets import ImageFolder, SyntheticImages, TokenCache, TwoViews, scan_image_folder
+from ..image_folder import list_image_folder
+from .datasets import ImageFolder, SyntheticImages, TokenCache, TwoViews
 from .sampler import ResumableSampler
 from .transforms import EvalTransform, TrainTransform
 
@@ -87,8 +88,9 @@ class EpochLoader:
             if self.backend == "torch":
                 self.dataset = ImageFolder(spec.path, TrainTransform(spec.img_size, spec.crop_scale), seed=spec.seed)
                 n = len(self.dataset)
-            else:
-                n = len(scan_image_folder(spec.path)[0])
+            else:  # DALI reads the files the one image-folder reader lists, not its own walk of the folder
+                self.items = list_image_folder(spec.path)[0]
+                n = len(self.items)
         elif spec.source == "synthetic":
             self.dataset = SyntheticImages(spec.img_size, spec.synthetic_length, seed=spec.seed)
             n = len(self.dataset)
@@ -109,7 +111,8 @@ class EpochLoader:
 
     def batches(self, epoch: int, start: int = 0) -> Iterator:
         if self.backend == "dali":
-            yield from _dali_batches(self.spec, self.rank, self.world_size, epoch, start, self.batches_per_epoch)
+            yield from _dali_batches(self.spec, self.items, self.rank, self.world_size, epoch, start,
+                                     self.batches_per_epoch)
             return
         self.sampler.set_epoch(epoch, start * self.spec.batch_size)
         loader = torch.utils.data.DataLoader(
@@ -120,7 +123,7 @@ class EpochLoader:
         yield from loader
 
 
-def _dali_batches(spec: LoaderSpec, rank: int, world_size: int, epoch: int, start: int, per_epoch: int):
+def _dali_batches(spec: LoaderSpec, items: list, rank: int, world_size: int, epoch: int, start: int, per_epoch: int):
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -130,8 +133,8 @@ def _dali_batches(spec: LoaderSpec, rank: int, world_size: int, epoch: int, star
     @pipeline_def(batch_size=spec.batch_size, num_threads=max(1, spec.num_workers), device_id=device_id,
                   seed=spec.seed * 1000 + epoch * 16 + rank)
     def pipe():
-        jpegs, labels = fn.readers.file(file_root=spec.path, random_shuffle=True, shard_id=rank,
-                                        num_shards=world_size, seed=spec.seed + epoch, name="reader")
+        jpegs, labels = fn.readers.file(files=[p for p, _ in items], labels=[y for _, y in items], random_shuffle=True,
+                                        shard_id=rank, num_shards=world_size, seed=spec.seed + epoch, name="reader")
         imgs = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
         imgs = fn.random_resized_crop(imgs, size=(spec.img_size, spec.img_size),
                                       random_area=list(spec.crop_scale), random_aspect_ratio=[3 / 4, 4 / 3],

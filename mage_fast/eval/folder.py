@@ -1,28 +1,13 @@
-"""Reading ImageFolder-layout directories (root/<class>/<image>) with PIL, no torchvision."""
+"""Batches of evaluation images from the items :func:`mage_fast.image_folder.list_image_folder`
+lists (re-exported here for the evaluation code)."""
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import torch
 
+from ..image_folder import list_image_folder  # noqa: F401 (re-exported)
 from ..images import load_image
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def list_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """[(path, label)] sorted by class then file, and the class names (sorted folder names)."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder not found: {root}")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
-    items = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not items:
-        raise ValueError(f"{root} holds no images with extensions {IMAGE_EXTENSIONS}")
-    return items, classes
 
 
 def iterate_images(items: list[tuple[str, int]], size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -16,34 +16,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data.datasets import IMAGE_READ_ERRORS, ImageReadError
+from ..image_folder import ImageReadError, list_images, open_image
 from ..images import load_image
-from .folder import IMAGE_EXTENSIONS
 
 
 # Pooled EfficientNet-Lite0 features: below this many images a covariance is rank-deficient.
 FEATURE_DIM = 1280
-
-
-def list_images(folder: str) -> list[str]:
-    """Image files of a folder: its top level, or, for an ImageFolder tree (root/<class>/<image>)
-    with no image at the top, every class folder. The pictures runs write beside their samples
-    (grid, process, before/after) are never images of the set."""
-    from ..runs import ARTEFACTS
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder not found: {folder}")
-
-    def images_in(d):
-        return sorted(os.path.join(d, f) for f in os.listdir(d)
-                      if f.lower().endswith(IMAGE_EXTENSIONS) and f not in ARTEFACTS and not f.startswith("."))
-    files = images_in(folder)
-    if not files:
-        for sub in sorted(os.listdir(folder)):
-            if os.path.isdir(os.path.join(folder, sub)):
-                files += images_in(os.path.join(folder, sub))
-    if not files:
-        raise ValueError(f"no images in {folder}")
-    return files
 
 
 def sample_files(folder: str, what: str = "folder") -> tuple[list[str], Optional[str]]:
@@ -254,15 +232,11 @@ def write_stats_cache(st: dict, cache: str) -> None:
 
 
 def read_rgb(path: str):
-    """An image file as an (H, W, 3) uint8 array; :class:`~mage_fast.data.datasets.ImageReadError`
+    """An image file as an (H, W, 3) uint8 array; :class:`~mage_fast.image_folder.ImageReadError`
     (an ``InputError``) naming the file when it cannot be decoded."""
     import numpy as np
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except IMAGE_READ_ERRORS as e:
-        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e}); remove or replace it") from e
+    with open_image(path) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def sharded_stats(files: list[str], features, cache: Optional[str] = None, batch_size: int = 50,

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .folder import iterate_images, list_image_folder
+from ..image_folder import list_image_folder
+from .folder import iterate_images
 
 
 @torch.no_grad()
@@ -121,21 +122,58 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return {"top1": acc, "train_top1": train_acc, "epochs": epochs, "lr": lr}
 
 
-def logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-3,
-                        max_iter: int = 200) -> nn.Linear:
-    """Multinomial logistic regression on standardised features, fitted with L-BFGS."""
-    clf = nn.Linear(x.shape[1], num_classes)
-    nn.init.zeros_(clf.weight)
-    nn.init.zeros_(clf.bias)
-    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 200,
+                            history_size: int = 100, linear_layout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The project's one L-BFGS probe fit: multinomial logistic regression from zero weights,
+    minimising ``cross_entropy(x @ w + b, y) + l2 * |w|^2`` with L-BFGS (lr 1, strong-Wolfe line
+    search, up to ``max_iter`` iterations, ``history_size`` correction pairs). Used by
+    :func:`few_shot` and by ``train/evaluate.py``'s quick linear probe.
+
+    Args:
+        x: (N, D) float features (standardise them first); y: (N,) int64 class ids.
+        num_classes: K.
+        l2: weight decay on ``w`` (not on ``b``).
+        max_iter, history_size: L-BFGS settings.
+        linear_layout: optimise the weight as ``nn.Linear`` holds it, (K, D), instead of (D, K).
+            The same fit, rounded differently (L-BFGS's dot products run over the flattened
+            weight), so each caller keeps the layout its recorded results were made with:
+            :func:`few_shot` this one, ``train/evaluate.py`` (D, K).
+
+    Returns:
+        w (D, K) and b (K,), detached.
+
+    Example:
+        >>> w, b = fit_logistic_regression(torch.randn(20, 4), torch.arange(20) % 2, 2, 1e-3)
+        >>> w.shape, b.shape
+        (torch.Size([4, 2]), torch.Size([2]))
+    """
+    D = x.shape[1]
+    w = torch.zeros((num_classes, D) if linear_layout else (D, num_classes), requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=history_size,
+                            line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(clf(x), y) + l2 * clf.weight.pow(2).sum()
+        logits = F.linear(x, w, b) if linear_layout else x @ w + b
+        loss = F.cross_entropy(logits, y) + l2 * (w * w).sum()
         loss.backward()
         return loss
 
-    opt.step(closure)
+    with torch.enable_grad():
+        opt.step(closure)
+    return (w.t() if linear_layout else w).detach(), b.detach()
+
+
+def logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-3,
+                        max_iter: int = 200) -> nn.Linear:
+    """Multinomial logistic regression on standardised features (:func:`fit_logistic_regression`),
+    as an ``nn.Linear``."""
+    w, b = fit_logistic_regression(x, y, num_classes, l2, max_iter, linear_layout=True)
+    clf = nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():
+        clf.weight.copy_(w.t())
+        clf.bias.copy_(b)
     return clf
 
 
@@ -260,5 +298,6 @@ def finetune(classifier: MAGEClassifier, train_items, test_items, *, epochs: int
     return {"top1": correct / total, "epochs": epochs, "lr": lr, "layer_decay": layer_decay}
 
 
-__all__ = ["extract_features", "linear_probe", "few_shot", "logistic_regression", "param_groups_lrd", "LARS",
+__all__ = ["extract_features", "linear_probe", "few_shot", "fit_logistic_regression", "logistic_regression",
+           "param_groups_lrd", "LARS",
            "MAGEClassifier", "finetune", "probe_head", "list_image_folder"]

@@ -1,7 +1,7 @@
-from .checkpoint import (CheckpointError, build_tokenizer, describe_state_dict, load_checkpoint, load_vim,
-                         read_state_dict)
 from .checks import InputError
+from .loading import build_tokenizer, load_vim
 from .mage import (MAGE, MODEL_FACTORIES, mage_vit_base_patch16, mage_vit_large_patch16, mage_vit_tiny)
+from .state_dict import CheckpointError, describe_state_dict, load_checkpoint, read_state_dict
 from .vqgan import OFFICIAL_VQGAN_CONFIG, VQModel
 
 __all__ = ["MAGE", "MODEL_FACTORIES", "mage_vit_base_patch16", "mage_vit_large_patch16", "mage_vit_tiny",

@@ -412,7 +412,7 @@ class MAGE(nn.Module):
         """Build the model a checkpoint holds (ViT-B, ViT-L or a custom size), load it strictly, and
         return it in eval mode (call ``.train()`` to fine-tune). A model card ``<path>.json`` beside
         the file, when present, gives :attr:`num_classes` and ``class_names``."""
-        from .checkpoint import build_from_checkpoint
+        from .loading import build_from_checkpoint  # the layer above the models: imported on use
         return build_from_checkpoint(path, map_location=map_location, **overrides)
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..ops.codebook import codebook_nn
 from ..ops.group_norm import norm_silu
 from .checks import check_images, check_token_ids
+from .state_dict import load_tokenizer
 
 OFFICIAL_VQGAN_CONFIG = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256,
                              embed_dim=256, n_embed=1024, in_channels=3, out_ch=3, resolution=256)
@@ -189,7 +190,6 @@ class VQModel(nn.Module):
         self.check_input_range = True
         if ckpt_path is not None:
             import os
-            from .checkpoint import load_tokenizer
             if not os.path.isfile(ckpt_path):
                 raise FileNotFoundError(
                     f"tokenizer checkpoint {ckpt_path!r} not found. Pass vqgan_ckpt_path=None to build without "

@@ -7,16 +7,19 @@ in two over channels-last fp32: per-channel sums in double, then one normalise-a
 vectorised exp (within 3e-7 relative of exp). Measured on one Zen 3 core, (4, 128, 256, 256):
 203 ms for torch's two ops, 122 ms fused; error against a float64 reference 2e-6 (torch's 8e-5).
 
-:class:`GroupNormSiLU` holds the GroupNorm's own parameters and falls back to the plain-torch
-reference (``F.silu(F.group_norm(...))``) off the CPU, off fp32 or without the extension. A module
-that calls a norm and then SiLU asks :func:`norm_silu`, which skips its own SiLU when the norm
-applies it.
+:func:`group_norm_silu` goes through the dispatcher (:data:`group_norm_silu_op`): the ``cpp``
+backend (``mage_fast.backends.cpp``) takes 4-D fp32 CPU input outside autograd and says why it
+declines anything else; the plain-torch reference (``F.silu(F.group_norm(...))``) takes the rest.
+:class:`GroupNormSiLU` holds the GroupNorm's own parameters and calls it. A module that calls a
+norm and then SiLU asks :func:`norm_silu`, which skips its own SiLU when the norm applies it.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .dispatch import Op
 
 
 def available() -> bool:
@@ -31,9 +34,33 @@ def group_norm_silu_ref(x: torch.Tensor, groups: int, weight: torch.Tensor, bias
     return F.silu(F.group_norm(x, groups, weight, bias, eps))
 
 
+group_norm_silu_op = Op("group_norm_silu", group_norm_silu_ref)
+
+
+def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+    """``silu(group_norm(x))`` through the dispatcher.
+
+    Args:
+        x: (N, C, H, W) float tensor (any layout; the compiled op writes channels-last).
+        groups: number of groups; divides C.
+        weight, bias: (C,) affine parameters.
+        eps: added to each group's variance.
+
+    Returns:
+        (N, C, H, W) in x's dtype.
+
+    Example:
+        >>> y = group_norm_silu(torch.randn(2, 8, 5, 5), 4, torch.ones(8), torch.zeros(8), 1e-6)
+        >>> y.shape
+        torch.Size([2, 8, 5, 5])
+    """
+    return group_norm_silu_op(x, groups, weight, bias, eps)
+
+
 class GroupNormSiLU(nn.Module):
     """``silu(norm(x))`` for an affine ``nn.GroupNorm`` ``norm`` (its parameters, shared), computed by
-    the compiled op for 4-D fp32 CPU input, else by :func:`group_norm_silu_ref`."""
+    :func:`group_norm_silu` (the compiled op for 4-D fp32 CPU input, else the reference)."""
 
     applies_silu = True  # callers going through norm_silu() do not apply SiLU again
 
@@ -45,11 +72,7 @@ class GroupNormSiLU(nn.Module):
         self.weight, self.bias = norm.weight, norm.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) and available()):
-            return torch.ops.mage_fast.group_norm_silu(x, self.num_groups, self.weight.detach(), self.bias.detach(),
-                                                       self.eps, True)
-        return group_norm_silu_ref(x, self.num_groups, self.weight, self.bias, self.eps)
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,11 @@ fp32 and runs the 36 products through ``torch.bmm``; it also reads a nearest 2x 
 input in place (``upsample=True``), so the VQGAN decoder's "upsample, then convolve" never
 materialises the upsampled tensor.
 
+:func:`conv3x3` goes through the dispatcher (:data:`conv3x3_op`): the ``cpp`` backend
+(``mage_fast.backends.cpp``) takes fp32 CPU input and says why it declines anything else; the
+reference takes the rest. The backend keeps the transformed weight in the ``packed`` dict the
+caller owns (:class:`WinogradConv2d` holds one), remade when the weight changes in place.
+
 fp32 only: the transforms' coefficients (up to 8 and 1/24) make its rounding error about 10x
 that of a direct fp32 convolution (measured ~1e-5 of the output's largest magnitude; tests/
 test_winograd.py). The reference is ``F.conv2d`` on the same weights.
@@ -20,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dispatch import Op
+
 
 def available() -> bool:
     """Whether the compiled op is loaded (``mage_fast._C``)."""
@@ -27,11 +34,39 @@ def available() -> bool:
     return _ext.has_op("winograd_conv3x3")
 
 
-def conv3x3_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], upsample: bool) -> torch.Tensor:
-    """The plain-torch reference: nearest 2x upsampling when asked, then the padded 3x3 convolution."""
+def conv3x3_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], upsample: bool,
+                packed: Optional[dict] = None) -> torch.Tensor:
+    """The plain-torch reference: nearest 2x upsampling when asked, then the padded 3x3 convolution
+    (``packed``, a backend's cache, is not used)."""
     if upsample:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
     return F.conv2d(x, weight, bias, padding=1)
+
+
+conv3x3_op = Op("winograd_conv3x3", conv3x3_ref)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], upsample: bool = False,
+            packed: Optional[dict] = None) -> torch.Tensor:
+    """A 3x3 convolution (stride 1, zero padding 1) of ``x``, or of its nearest 2x upsampling when
+    ``upsample``, through the dispatcher (Winograd F(4x4, 3x3) on the ``cpp`` backend).
+
+    Args:
+        x: (N, Cin, H, W) float tensor.
+        weight: (Cout, Cin, 3, 3); bias: (Cout,) or None.
+        upsample: convolve the 2x nearest upsampling of ``x`` without materialising it.
+        packed: a dict the caller keeps across calls, where a backend caches its transformed weight
+            (remade when the weight changes); None transforms the weight on every call.
+
+    Returns:
+        (N, Cout, H, W), or (N, Cout, 2H, 2W) with ``upsample``.
+
+    Example:
+        >>> y = conv3x3(torch.randn(1, 4, 6, 6), torch.randn(8, 4, 3, 3), None, upsample=True)
+        >>> y.shape
+        torch.Size([1, 8, 12, 12])
+    """
+    return conv3x3_op(x, weight, bias, upsample, packed)
 
 
 def _computable(conv: nn.Conv2d) -> bool:
@@ -40,7 +75,7 @@ def _computable(conv: nn.Conv2d) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
-def _weight_key(w: torch.Tensor) -> tuple:
+def weight_key(w: torch.Tensor) -> tuple:
     """What identifies the weight's values: its storage and in-place version (an inference tensor,
     made under ``torch.inference_mode``, has no version counter: its storage alone)."""
     try:
@@ -62,16 +97,10 @@ class WinogradConv2d(nn.Module):
             raise ValueError(f"WinogradConv2d takes a 3x3 convolution with stride 1, padding 1, no groups; got {conv}")
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
-        self._U = None  # (36, Cin, Cout), made on first use from the weight as it is then
+        self._packed: dict = {}  # the backend's transformed weight, made on first use
 
     def forward(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32 or not available():
-            return conv3x3_ref(x, self.weight, self.bias, upsample)
-        key = _weight_key(self.weight)
-        if self._U is None or self._U[0] != key:
-            self._U = (key, torch.ops.mage_fast.winograd_weight(self.weight.detach()))
-        return torch.ops.mage_fast.winograd_conv3x3(x, self._U[1], None if self.bias is None else self.bias.detach(),
-                                                    upsample)
+        return conv3x3(x, self.weight, self.bias, upsample, self._packed)
 
 
 def winograd_convs(module: nn.Module, min_channels: int = 32) -> int:

@@ -99,20 +99,20 @@ def check_token_cache(path: str, seq_len=None, n_embed=None, checksum=None, flag
 
 
 def check_image_folder(root: str, flag: str = "--data_path") -> None:
-    """An ImageFolder root with at least one image, found without listing the whole tree (the
-    loader lists it later); one line naming ``flag`` otherwise."""
-    from ..data.datasets import IMG_EXTENSIONS
+    """An ImageFolder root with at least one image by the rules of :mod:`mage_fast.image_folder`,
+    found without listing the whole tree (the loader lists it later); one line naming ``flag``
+    otherwise."""
+    from ..image_folder import IMAGE_EXTENSIONS, class_folders, has_images
     from ..models.checks import InputError
     if not os.path.isdir(root):
         raise InputError(f"{flag} {root} is not a directory; expected an ImageFolder root (root/<class>/<img>)")
-    classes = sorted(d.path for d in os.scandir(root) if d.is_dir())
+    classes = class_folders(root)
     if not classes:
         raise InputError(f"{flag} {root} has no class sub-folders; expected the ImageFolder layout root/<class>/<img>")
     for c in classes:
-        for _dirpath, _, files in os.walk(c):
-            if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
-                return
-    raise InputError(f"{flag} {root} holds no images (extensions {', '.join(IMG_EXTENSIONS)}) in its class "
+        if has_images(os.path.join(root, c)):
+            return
+    raise InputError(f"{flag} {root} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}) in its class "
                      f"sub-folders")
 
 
