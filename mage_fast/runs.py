@@ -19,7 +19,6 @@ import tempfile
 import time
 from typing import Optional
 
-from .eval.folder import IMAGE_EXTENSIONS
 from .models.checks import InputError
 
 MANIFEST = "run.json"
@@ -152,6 +151,7 @@ def write_manifest(folder: str, manifest: dict) -> None:
 
 
 def _foreign_images(folder: str) -> list[str]:
+    from .eval.folder import IMAGE_EXTENSIONS  # here, not at the top: mage_fast.eval imports the data package
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and f not in ARTEFACTS
                   and not _SAMPLE_RE.match(f) and not f.startswith(_TMP_PREFIX))
 
