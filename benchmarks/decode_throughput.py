@@ -99,8 +99,11 @@ def resolve_peers(args, device: torch.device) -> tuple[list, dict]:
 def build(args, device):
     torch.manual_seed(0)
     if args.ckpt:
-        model = MODEL_FACTORIES[args.model](vqgan_ckpt_path=None)
-        mage_fast.load_checkpoint(model, args.ckpt)
+        from mage_fast.models.checkpoint import read_state_dict
+        sd = read_state_dict(args.ckpt)
+        whole = "token_emb.word_embeddings.weight" in sd  # the strict load replaces every weight: none drawn
+        model = MODEL_FACTORIES[args.model](vqgan_ckpt_path=None, init_weights=not whole)
+        mage_fast.load_checkpoint(model, sd)
     else:
         model = MODEL_FACTORIES[args.model](vqgan_ckpt_path=None)  # random weights: same FLOPs
     return model.to(device).eval()
