@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mage_fast  # noqa: E402
-from common import RESULTS_DIR, device_tag, environment, print_header, time_fn, write_json  # noqa: E402
+from common import RESULTS_DIR, environment, print_header, result_name, time_fn, write_json  # noqa: E402
 from mage_fast.models import count_parameters  # noqa: E402
 from mage_fast.models.mage import mage_vit_base_patch16, mage_vit_tiny  # noqa: E402
 from mage_fast.models.vim import vim_base, vim_tiny  # noqa: E402
@@ -178,7 +178,9 @@ def main(argv=None):
     p.add_argument("--no-uncached", action="store_true", help="skip the uncached VIM baseline")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/ar_vs_mage_<device>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/ar_vs_mage[_<size>]_<device>_<kind>[_b<B>].json, <kind> "
+                        "the machine kind: benchmarks/results/README.md)")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -243,8 +245,8 @@ def main(argv=None):
            "paths": results, "ratios": ratios,
            "sampling": {"vim": "unconditional, temperature 1.0, no top-k/top-p, counter-based Gumbel-max",
                         "mage": "unconditional, rng='torch', temperature 4.5, cosine schedule"}}
-    name = (f"ar_vs_mage_{device_tag(device)}" + ("" if args.size == "tiny" else f"_{args.size}")
-            + ("" if args.batch_size is None else f"_b{B}"))
+    name = result_name("ar_vs_mage", device, None if args.size == "tiny" else args.size,
+                       None if args.batch_size is None else f"b{B}", ext="")
     path = write_json(out, args.out, name + ".json")
     png = plot(results, f"VIM vs MAGE, {args.size}, L={L}, batch {B}, {env['device']}",
                os.path.splitext(path)[0] + ".png" if args.out else os.path.join(RESULTS_DIR, name + ".png"))

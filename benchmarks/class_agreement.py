@@ -36,7 +36,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=100, help="(default: %(default)s)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/class_agreement_<ckpt>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default: benchmarks/results/class_agreement_<ckpt>_<device>_<kind>.json, "
+                         "<kind> the machine kind: benchmarks/results/README.md)")
     args = ap.parse_args(argv)
     if args.per_class <= 0 or args.batch_size <= 0:
         ap.error("--per-class and --batch-size must be positive integers")
@@ -57,7 +59,7 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     import mage_fast
-    from common import environment, print_header, write_json
+    from common import environment, print_header, result_name, write_json
     from mage_fast.__main__ import CLIError, load_model, model_card, sampling_defaults
     from mage_fast.eval import agreement
     from mage_fast.eval.agreement import FMNIST_CLASSES, agreement_summary, sample_agreement
@@ -110,7 +112,7 @@ def main(argv=None):
                       "classifier": scores, "agreement": res,
                       "agreement_over_accuracy": res["mean"] / scores["test_accuracy"],
                       "sampling_seconds": seconds},
-                     args.out, f"class_agreement_{os.path.basename(ckpt).rsplit('.', 1)[0]}.json")
+                     args.out, result_name("class_agreement", dev, os.path.basename(ckpt).rsplit('.', 1)[0]))
     print(f"wrote {out}")
 
 

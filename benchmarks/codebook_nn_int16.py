@@ -14,7 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, print_header, summarize, write_json  # noqa: E402
+from common import environment, print_header, result_name, summarize, write_json  # noqa: E402
 
 import mage_fast  # noqa: F401
 from mage_fast import _ext
@@ -31,7 +31,8 @@ def main():
     ap.add_argument("--metric", default="l2")
     ap.add_argument("--data", default="gauss")
     ap.add_argument("--no-cdist", action="store_true")
-    ap.add_argument("--json", default=None, help="default: results/codebook_nn_int16_cpu.json")
+    ap.add_argument("--json", default=None, help="default: results/codebook_nn_int16_cpu_<kind>.json, <kind> the "
+                                                       "machine kind (benchmarks/results/README.md)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -81,7 +82,8 @@ def main():
     out = write_json({"env": env, "load_average_at_start": load_at_start, "args": vars(a), "int16_stats": st,
                       "int16_equals_fp32": bool(torch.equal(res["int16"], res["fp32"])),
                       "paths": {k: summarize(ts, a.repeats, 1) for k, ts in times.items()},
-                      "int16_speedup_per_repeat": ratios}, a.json, "codebook_nn_int16_cpu.json")
+                      "int16_speedup_per_repeat": ratios},
+                     a.json, result_name("codebook_nn_int16", torch.device("cpu")))
     print("wrote", out)
 
 

@@ -135,7 +135,9 @@ def main():
 
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
-    path = res / (f"cpu_ops_quick{'_small' if args.small else ''}{f'_t{args.threads}' if args.threads else ''}.json")
+    from common import result_name
+    variant = "_".join(v for v in ("small" if args.small else "", f"t{args.threads}" if args.threads else "") if v)
+    path = res / result_name("cpu_ops_quick", torch.device("cpu"), variant=variant or None)
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
 

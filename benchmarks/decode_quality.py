@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mage_fast  # noqa: E402
-from common import environment, print_header, write_json  # noqa: E402
+from common import environment, print_header, result_name, write_json  # noqa: E402
 from mage_fast.decoding import MODES, mode_name, resolve_mode  # noqa: E402
 from mage_fast.eval.agreement import FMNIST_CLASSES, agreement_of, predict, to_classifier_input, train_classifier  # noqa: E402
 from mage_fast.eval.frechet import _efficientnet, frechet_distance, gaussian_stats  # noqa: E402
@@ -277,7 +277,9 @@ def main(argv=None):
     p.add_argument("--feature-size", type=int, default=112, help="EfficientNet-Lite0 input size")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--throughput-json", default=None, help="decode_throughput.py JSON for the ViT-B speed axis")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_quality_<model>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/decode_quality_<model>_cpu_<kind>.json, <kind> "
+                        "the machine kind: benchmarks/results/README.md)")
     p.add_argument("--exact-cache", default=None, metavar="DIR",
                    help="keep the exact mode's two runs (features, ids, speed) in DIR and reuse them when the "
                         "checkpoint file and settings are the same: later modes cost only their own runs "
@@ -480,7 +482,8 @@ def main(argv=None):
                f", padded to {model.img_size} px" if model.img_size != 28 else ""), "noise_floor": floor, "rows": rows,
            "throughput_json": args.throughput_json, "environment": env,
            "classifier": clf_scores}
-    path = write_json(out, args.out, f"decode_quality_{os.path.splitext(os.path.basename(ckpt))[0]}.json")
+    path = write_json(out, args.out, result_name("decode_quality", torch.device("cpu"),
+                                                 os.path.splitext(os.path.basename(ckpt))[0]))
     print(f"  wrote {path} and {_plot_rows(rows, path, bool(speedup))}")
 
 

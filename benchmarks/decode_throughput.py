@@ -18,6 +18,10 @@ All paths run the same model and weights (random unless --ckpt) at the same batc
   largest batch size only (``--peer-batch-sizes``). CPU only; skipped peers are named on one line.
 - vqgan_decode: the tokenizer decode alone (part of every generation above).
 
+Start-up is reported apart (``benchmarks/startup.py``, ``--startup-repeats``): ``import mage_fast`` in a
+fresh process beside ``import torch``, and the build of the shipped model from its checkpoint and of
+``--model`` from a checkpoint and with random weights; CPU and wall time, alternating, after a warm-up.
+
 On the CPU the exact path and the peers also report the time inside the network passes and the pixel
 decode of each generation (the rest is the sampler's).
 
@@ -44,7 +48,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mage_fast  # noqa: E402
 import peers as peer_runtimes  # noqa: E402  (imports no runtime until a peer is used)
-from common import device_tag, environment, print_header, summarize, time_fn, write_json  # noqa: E402
+import startup  # noqa: E402
+from common import environment, print_header, result_name, summarize, time_fn, write_json  # noqa: E402
 from mage_fast.models import MODEL_FACTORIES  # noqa: E402
 from mage_fast.decoding import MODES, quantized_weights, resolve_mode  # noqa: E402
 from mage_fast.ops import force_backend  # noqa: E402
@@ -93,8 +98,11 @@ def resolve_peers(args, device: torch.device) -> tuple[list, dict]:
 def build(args, device):
     torch.manual_seed(0)
     if args.ckpt:
-        model = MODEL_FACTORIES[args.model](vqgan_ckpt_path=None)
-        mage_fast.load_checkpoint(model, args.ckpt)
+        from mage_fast.models.checkpoint import read_state_dict
+        sd = read_state_dict(args.ckpt)
+        whole = "token_emb.word_embeddings.weight" in sd  # the strict load replaces every weight: none drawn
+        model = MODEL_FACTORIES[args.model](vqgan_ckpt_path=None, init_weights=not whole)
+        mage_fast.load_checkpoint(model, sd)
     else:
         model = MODEL_FACTORIES[args.model](vqgan_ckpt_path=None)  # random weights: same FLOPs
     return model.to(device).eval()
@@ -166,6 +174,7 @@ def check_args(args) -> torch.device:
                         (args.threads, "--threads")):
         if value is not None:
             check_number(value, flag, lo=1, integer=True)
+    check_number(args.startup_repeats, "--startup-repeats", lo=0, integer=True)
     for b in args.batch_sizes or ():
         check_number(b, "--batch-sizes", lo=1, integer=True)
     check_number(args.temperature, "--temperature", lo=0)
@@ -249,8 +258,14 @@ def main(argv=None):
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the 2-step warm-up runs (the int8 copies are still made before timing); default: "
                         "warm up")
+    p.add_argument("--startup-repeats", type=int, default=3,
+                   help="rounds of the start-up measurement (import, model build; benchmarks/startup.py); 0 skips it "
+                        "(default: 3)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_throughput_<device>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/decode_throughput[_<model>]_<device>_<kind>[_<only>]"
+                        ".json, <model> when not vit_base with random weights, <kind> the machine kind: "
+                        "benchmarks/results/README.md)")
     p.add_argument("--from-log", default=None, help="write the JSON from the per-run lines of a run's log instead")
     args = p.parse_args(argv)
     device = check_args(args)
@@ -278,6 +293,8 @@ def main(argv=None):
                  f"threads {torch.get_num_threads()}, load average {env['load_average_at_start'][0]:.2f}", env)
     if peers_skipped:
         print("peers skipped: " + "; ".join(f"{n} ({why})" for n, why in peers_skipped.items()))
+    start = startup.measure(args.model, args.ckpt, args.startup_repeats, args.warmup) \
+        if args.startup_repeats and not args.only else None
     model = build(args, device)
     peer_set = peer_runtimes.PeerRuntimes(model, peer_names) if peer_names else None
     try:
@@ -286,7 +303,7 @@ def main(argv=None):
     finally:
         if peer_set is not None:
             peer_set.close()
-    _write(args, env, sizes, T, temp, reps, modes, results, device, peers=peer_info)
+    _write(args, env, sizes, T, temp, reps, modes, results, device, peers=peer_info, startup=start)
 
 
 def _peer_json(args, names, skipped, sizes, peer_set) -> dict:
@@ -378,7 +395,7 @@ def _report(runs: dict, B: int, names, descs: dict, peer_names=()) -> dict:
     return out
 
 
-def _write(args, env, sizes, T, temp, reps, modes, results, device, source=None, peers=None):
+def _write(args, env, sizes, T, temp, reps, modes, results, device, source=None, peers=None, startup=None):
     env["load_average_at_end"] = os.getloadavg() if source is None else None
     out = {"benchmark": "decode_throughput", "model": args.model, "checkpoint": args.ckpt or "random weights",
            "batch_sizes": sizes, "num_iter": T, "temperature": temp, "environment": env, "repeats": reps,
@@ -386,10 +403,13 @@ def _write(args, env, sizes, T, temp, reps, modes, results, device, source=None,
            "autocast": "bf16" if device.type == "cuda" else "none (fp32)"}
     if peers is not None:
         out["peers"] = peers
+    if startup is not None:
+        out["startup"] = startup  # import and model build, apart from the generations
     if source:
         out["source"] = source
-    default = f"decode_throughput_{device_tag(device)}" + (f"_{args.only}" if args.only else "_modes") + ".json"
-    path = write_json(out, args.out, default)
+    model = os.path.splitext(os.path.basename(args.ckpt))[0] if args.ckpt else \
+        (None if args.model == "vit_base" else args.model)
+    path = write_json(out, args.out, result_name("decode_throughput", device, model, args.only))
     print(f"  wrote {path}")
 
 

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_tag, environment, print_header, time_fn, write_json  # noqa: E402
+from common import environment, print_header, result_name, time_fn, write_json  # noqa: E402
 from mage_fast.ops.dispatch import Op  # noqa: E402
 
 
@@ -136,7 +136,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--full", action="store_true", help="CPU: the issue's full sizes (slower)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels_<device>_<kind>.json, "
+                                              "<kind> the machine kind: benchmarks/results/README.md)")
     args = p.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     repeats = args.repeats or (20 if device.type == "cuda" else 3)
@@ -177,7 +178,7 @@ def main(argv=None):
                 results.append({"op": name, "case": label, "impl": impl, "time": t, "peak_extra_mib": mem,
                                 "speedup_vs_reference": speed})
     path = write_json({"benchmark": "kernels", "environment": env, "results": results}, args.out,
-                      f"kernels_{device_tag(device)}.json")
+                      result_name("kernels", device))
     print(f"\nwrote {path}")
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, print_header, summarize, write_json  # noqa: E402
+from common import environment, print_header, result_name, summarize, write_json  # noqa: E402
 
 
 def mlp(dim: int = 768, ratio: int = 4) -> nn.Module:
@@ -58,7 +58,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds (default: 7)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
-    ap.add_argument("--json", default=None, help="default: results/linear_precision_cpu.json")
+    ap.add_argument("--json", default=None, help="default: results/linear_precision_cpu_<kind>.json, <kind> the "
+                                                       "machine kind (benchmarks/results/README.md)")
     a = ap.parse_args()
     if a.batch < 1 or a.tokens < 1 or a.repeats < 1 or a.threads < 1 or a.warmup < 0:
         ap.error("--batch, --tokens, --repeats and --threads must be >= 1, --warmup >= 0")
@@ -94,7 +95,7 @@ def main():
               f"rel. error {err[k]:.4f}")
     for k, why in skipped.items():
         print(f"  {k:14s} not run: {why}")
-    print("wrote", write_json(result, a.json, "linear_precision_cpu.json"))
+    print("wrote", write_json(result, a.json, result_name("linear_precision", torch.device("cpu"))))
 
 
 if __name__ == "__main__":

@@ -52,8 +52,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="cores in use for every layout")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ckpt", default=None, help="default: the shipped model")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "parallel_sampling_cpu.json"))
+    p.add_argument("--json", default=None,
+                   help="JSON path (default: benchmarks/results/parallel_sampling_cpu_<kind>.json, <kind> the machine "
+                        "kind: benchmarks/results/README.md)")
     args = p.parse_args(argv)
+    if args.json is None:
+        sys.path.insert(0, HERE)
+        import torch
+        from common import result_name
+        args.json = os.path.join(HERE, "results", result_name("parallel_sampling", torch.device("cpu")))
     if args.threads % args.nproc:
         raise SystemExit("--threads must be a multiple of --nproc (the same cores for every layout)")
     import torch

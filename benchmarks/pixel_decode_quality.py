@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_quality as dq  # noqa: E402
-from common import write_json  # noqa: E402
+from common import result_name, write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -28,7 +28,8 @@ def main(argv=None):
     ap.add_argument("--copies", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"],
                     help="the channels-last tokenizer copies to decode with, beside the official (default: bf16 fp32)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
-    ap.add_argument("--out", default=None, help="default: results/pixel_decode_quality.json")
+    ap.add_argument("--out", default=None, help="default: results/pixel_decode_quality_<model>_cpu_<kind>.json, "
+                                                  "<kind> the machine kind (benchmarks/results/README.md)")
     a = ap.parse_args(argv)
     if a.threads < 1:
         ap.error(f"--threads must be >= 1, got {a.threads}")
@@ -58,7 +59,8 @@ def main(argv=None):
             out["decodes"][name] = {"frechet_vs_test": dq.fd(f, ref), "frechet_vs_exact_samples": dq.fd(f, ex_feat)}
             print(f"  {name:20s} Frechet to test {out['decodes'][name]['frechet_vs_test']:8.3f}, "
                   f"to the exact samples {out['decodes'][name]['frechet_vs_exact_samples']:.3f}", flush=True)
-    print("wrote", write_json(out, a.out, "pixel_decode_quality.json"))
+    print("wrote", write_json(out, a.out, result_name("pixel_decode_quality", torch.device("cpu"),
+                                                            os.path.splitext(os.path.basename(ckpt))[0])))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch_size", type=int, default=32, help="(default: %(default)s)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--window", type=int, default=25, help="moving-average window of the report (default: %(default)s)")
-    ap.add_argument("--out", default=None, help="JSON (default: benchmarks/results/train_precision_curve_cpu.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON (default: benchmarks/results/train_precision_curve_cpu_<kind>.json, "
+                         "<kind> the machine kind: benchmarks/results/README.md)")
     args = ap.parse_args(argv)
     if args.steps <= 0 or args.batch_size <= 0 or args.window <= 0 or args.threads < 0:
         ap.error("--steps, --batch_size and --window must be positive, --threads >= 0")
@@ -42,7 +44,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
     import mage_fast
-    from common import environment, print_header, write_json
+    from common import environment, print_header, result_name, write_json
     from mage_fast.training import adamw, param_groups
     from mage_fast.training.objective import MAGEObjective
     from mage_fast.training.schedule import lr_at
@@ -101,7 +103,7 @@ def main(argv=None):
     out = write_json({"env": env, "args": vars(args), "config": {k: v for k, v in cfg.items() if k != "vqgan_config"},
                       "loss": losses, "window_means": means, "gap_bf16_minus_fp32": gaps,
                       "seconds_per_step": {n: s / args.steps for n, s in seconds.items()}},
-                     args.out, "train_precision_curve_cpu.json")
+                     args.out, result_name("train_precision_curve", torch.device("cpu")))
     print(f"  s/step: fp32 {seconds['fp32'] / args.steps:.3f}, bf16 {seconds['bf16'] / args.steps:.3f}; "
           f"last window gap {gaps[-1]:+.4f}\nwrote {out}")
 

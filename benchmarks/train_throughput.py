@@ -245,7 +245,9 @@ def parse_args(argv=None):
                     help="paths to time (default: the fp32 ones, and the bf16 ones where bf16 is native)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--no_memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train_throughput_<tag>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default: benchmarks/results/train_throughput_<tag>_<device>_<kind>.json, "
+                         "<kind> the machine kind: benchmarks/results/README.md)")
     ap.add_argument("--memory_of", default=None, choices=PATHS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for flag in ("batch_size", "rounds", "img_size"):
@@ -266,7 +268,7 @@ def main(argv=None):
         return memory_only(args)
     import numpy as np
     import torch
-    from common import environment, print_header, write_json
+    from common import environment, print_header, result_name, write_json
     from mage_fast.decoding.quant import bf16_native
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -327,7 +329,7 @@ def main(argv=None):
                                                       for r in results))
     tag = args.model if args.model == "shipped" else f"{args.model}_{model_px(args)}px"
     out = write_json({"env": env, "args": vars(args), "check_fp32_vs_reference": check, "results": results},
-                     args.out, f"train_throughput_{tag}_{dev.type}.json")
+                     args.out, result_name("train_throughput", dev, tag))
     print(f"wrote {out}")
 
 

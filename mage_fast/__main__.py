@@ -51,7 +51,7 @@ def load_model(ckpt: str | None, model_name: str | None):
     """Build the model for ``ckpt``: by factory name when given, else from the checkpoint itself."""
     import mage_fast
     from mage_fast.models import MODEL_FACTORIES
-    from mage_fast.models.checkpoint import build_from_checkpoint
+    from mage_fast.models.checkpoint import build_from_checkpoint, read_state_dict
     if ckpt is None:
         if not os.path.isfile(DEFAULT_CKPT):
             raise CLIError(f"no --ckpt given and the shipped default model {DEFAULT_CKPT} is not present")
@@ -64,12 +64,15 @@ def load_model(ckpt: str | None, model_name: str | None):
         raise CLIError(f"--ckpt {ckpt} is a directory; expected a checkpoint file")
     if not os.path.isfile(ckpt):
         raise CLIError(f"checkpoint not found: {ckpt}")
+    # Built without drawing initial weights where the strict load that follows replaces them all.
     if model_name is None:
-        return build_from_checkpoint(ckpt), ckpt
+        return build_from_checkpoint(ckpt, init_weights=False), ckpt
     if model_name not in MODEL_FACTORIES:
         raise CLIError(f"--model must be one of {sorted(MODEL_FACTORIES)}, got {model_name!r}")
-    model = MODEL_FACTORIES[model_name](vqgan_ckpt_path=None)
-    mage_fast.load_checkpoint(model, ckpt)
+    sd = read_state_dict(ckpt)
+    whole = "token_emb.word_embeddings.weight" in sd  # else a tokenizer-only file: the rest stays random
+    model = MODEL_FACTORIES[model_name](vqgan_ckpt_path=None, init_weights=not whole)
+    mage_fast.load_checkpoint(model, sd)
     return model.eval(), ckpt
 
 

@@ -103,3 +103,50 @@ def test_missing_default_tokenizer_file_says_how_to_build_without(tmp_path, monk
     with pytest.raises(FileNotFoundError, match="vqgan_ckpt_path=None"):
         mage_fast.MAGE(embed_dim=64, depth=1, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
                        decoder_num_heads=2, vqgan_config=TINY_VQGAN)
+
+
+def _no_nan(model):
+    return all(not t.isnan().any() for t in model.state_dict().values() if t.is_floating_point())
+
+
+def test_from_pretrained_draws_no_initial_weights(tmp_path, tiny_sd):
+    """The strict load replaces every weight, so none is drawn first: the global RNG is untouched.
+    Fresh allocations are NaN under the test setup, so a weight the load missed would show."""
+    path = tmp_path / "tiny.pth"
+    torch.save({"model": tiny_sd}, path)
+    rng = torch.get_rng_state()
+    model = mage_fast.MAGE.from_pretrained(str(path))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert_same_params(model, tiny_sd)
+    assert _no_nan(model)
+    assert not model.pos_embed.requires_grad and not any(p.requires_grad for p in model.vqgan.parameters())
+    assert model.cls_token.requires_grad and model.blocks[0].attn.qkv.weight.requires_grad
+
+
+def test_init_weights_false_skips_the_draws_but_keeps_a_loaded_tokenizer(tmp_path, tiny_sd):
+    vq = {k[len("vqgan."):]: v for k, v in tiny_sd.items() if k.startswith("vqgan.")}
+    path = tmp_path / "vqgan.ckpt"
+    torch.save({"state_dict": vq}, path)
+    rng = torch.get_rng_state()
+    model = mage_fast.mage_vit_tiny(vqgan_ckpt_path=str(path), init_weights=False)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(model.vqgan.quantize.embedding.weight, vq["quantize.embedding.weight"])
+    assert model.blocks[0].attn.qkv.weight.isnan().all()  # allocated, never drawn
+    torch.manual_seed(0)
+    drawn = mage_fast.mage_vit_tiny()  # the default draws exactly as before: the same seed, the same weights
+    assert_same_params(drawn, tiny_sd)
+
+
+def test_cli_load_model_skips_the_draws_only_for_a_whole_checkpoint(tmp_path, tiny_sd):
+    from mage_fast.__main__ import load_model
+    whole, tok = tmp_path / "tiny.pth", tmp_path / "vqgan.ckpt"
+    torch.save({"model": tiny_sd}, whole)
+    torch.save({"state_dict": {k[len("vqgan."):]: v for k, v in tiny_sd.items() if k.startswith("vqgan.")}}, tok)
+    for name in (None, "tiny"):
+        rng = torch.get_rng_state()
+        model, _ = load_model(str(whole), name)
+        assert torch.equal(torch.get_rng_state(), rng), name
+        assert_same_params(model, tiny_sd)
+    model, _ = load_model(str(tok), "tiny")  # only the tokenizer is in the file: the rest is drawn as before
+    assert _no_nan(model)
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, tiny_sd["blocks.0.attn.qkv.weight"])

@@ -14,8 +14,15 @@ def test_decode_throughput_tiny_run_writes_every_path(tmp_path, one_thread):
     import decode_throughput as bench
     out = tmp_path / "d.json"
     bench.main(["--model", "tiny", "--num-iter", "2", "--batch-sizes", "1", "--gen-repeats", "1", "--no-warmup",
-                "--mode", "exact", "fast", "--peers", "none", "--out", str(out)])  # peers: test_peer_runtimes.py
-    res = json.loads(out.read_text())["results"]["1"]
+                "--mode", "exact", "fast", "--peers", "none", "--startup-repeats", "1",
+                "--out", str(out)])  # peers: test_peer_runtimes.py
+    written = json.loads(out.read_text())
+    start = written["startup"]  # import and model build, reported apart from the generations
+    assert set(start["import"]) >= {"torch", "mage_fast"} and start["import"]["mage_fast"]["cpu"]["median_s"] > 0
+    assert {"tiny, from a checkpoint", "tiny, random weights"} <= set(start["build"])
+    assert any(k.startswith("shipped") for k in start["build"])
+    assert all(v["cpu"]["repeats"] == 1 and v["wall"]["median_s"] > 0 for v in start["build"].values())
+    res = written["results"]["1"]
     assert set(res["paths"]) == {"official", "exact", "fast", "vqgan_decode"}
     assert {"exact", "fast"} <= set(res["speedup_images_per_s_vs_official"])
     assert all(v["median_s"] > 0 for v in res["paths"].values())

@@ -28,7 +28,7 @@ PRETRAIN = ["train/pretrain.py", "--model", "tiny", "--img_size", "32", "--max_s
 SYNTH = [*PRETRAIN, "--synthetic"]
 DECODE = ["benchmarks/decode_throughput.py", "--model", "tiny"]
 BENCHMARKS = ["ar_vs_mage", "codebook_nn_int16", "cpu_ops_quick", "kernels", "linear_precision", "parallel_sampling",
-              "train_throughput", "train_precision_curve", "class_agreement", "decode_quality"]
+              "train_throughput", "train_precision_curve", "class_agreement", "decode_quality", "startup"]
 REQUIRED = {"train_precision_curve": ["--token_cache", "x.pt"]}  # required flags show no default
 
 

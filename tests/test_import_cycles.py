@@ -19,11 +19,9 @@ import os
 PACKAGE = "mage_fast"
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
 
-# Known cycles through imports inside functions, each one strongly connected component. The models
-# circle (checkpoint.py builds the models, mage.py and vqgan.py call back into checkpoint.py to load)
-# is being removed by the models/ rework of issue 32 (a state-dict layer below the models, a loading
-# layer above them); drop this entry when that lands.
-KNOWN_DEFERRED_CYCLES = [{"mage_fast.models.checkpoint", "mage_fast.models.mage", "mage_fast.models.vqgan"}]
+# Cycles through imports inside functions that are tolerated, each one strongly connected component.
+# None: the models sit between a state-dict layer below them and a loading layer above them.
+KNOWN_DEFERRED_CYCLES: list = []
 
 
 def _modules() -> dict:

@@ -142,7 +142,8 @@ def test_cpu_instruction_sets_name_each_set_present_or_absent():
 
 
 # ------------------------------------------------------------------------- the benchmark script
-BENCH = ["--model", "tiny", "--num-iter", "2", "--batch-sizes", "1", "--gen-repeats", "1", "--no-warmup"]
+BENCH = ["--model", "tiny", "--num-iter", "2", "--batch-sizes", "1", "--gen-repeats", "1", "--no-warmup",
+         "--startup-repeats", "0"]  # start-up: test_decode_throughput_script.py
 
 
 def test_benchmark_times_the_peers_in_the_same_run(tmp_path, one_thread, capsys):

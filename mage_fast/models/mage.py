@@ -7,12 +7,15 @@ backends plug in behind the same module.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from functools import partial
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from ..modules.embeddings import BertEmbeddings, MlmLayer, fast_norm_layer
@@ -20,6 +23,8 @@ from ..modules.transformer import Block, init_linear_and_layernorm
 from ..ops.mlm_loss import masked_ce
 from ..ops.token_drop import keep_index, scatter_tokens
 from .checks import InputError, check_images, check_token_ids
+from .state_dict import (CheckpointError, check_saved_config, describe_state_dict, infer_config, load_state_dict_strict,
+                         read_checkpoint, read_model_card, read_state_dict)
 from .vqgan import OFFICIAL_VQGAN_CONFIG, VQModel
 
 NUM_LEGACY_CLASSES = 1000
@@ -69,6 +74,21 @@ def encode_kept(net, full: torch.Tensor, drop: torch.Tensor, num_keep: int, run_
     return net.norm(x), keep
 
 
+class NoRandomInit(TorchFunctionMode):
+    """Modules built inside skip the random fills of their weights' initialisation (``nn.init``'s
+    uniform, normal and Kaiming/Xavier draws): the weights keep the memory they were allocated with
+    and the global RNG is not advanced. Only for a model a strict checkpoint load fills next."""
+
+    SKIP = frozenset({torch.Tensor.uniform_, torch.Tensor.normal_, nn.init.uniform_, nn.init.normal_,
+                      nn.init.trunc_normal_, nn.init.kaiming_uniform_, nn.init.kaiming_normal_,
+                      nn.init.xavier_uniform_, nn.init.xavier_normal_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SKIP:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 class MAGE(nn.Module):
     """Masked Generative Encoder with its VQGAN tokenizer.
 
@@ -87,6 +107,12 @@ class MAGE(nn.Module):
             instead of building the MaskGIT VQGAN; it is stored as ``vqgan`` and frozen.
         dropout: residual, attention and embedding dropout in training (the official fixes 0.1;
             not part of the official constructor, no effect in eval mode or on the weights' keys).
+        init_weights: ``False`` leaves the weights as allocated (whatever the memory held) instead
+            of drawing their initial values: only for a model whose every weight a strict
+            checkpoint load replaces next, as :meth:`from_pretrained` does. It skips the random
+            initialisation, most of the time it takes to build a ViT-B, and leaves the global RNG
+            untouched. A tokenizer loaded from ``vqgan_ckpt_path`` or given as ``tokenizer`` keeps
+            its weights.
 
     Example:
         >>> m = MAGE(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=2,
@@ -101,66 +127,69 @@ class MAGE(nn.Module):
                  norm_pix_loss: bool = False, mask_ratio_min: float = 0.5, mask_ratio_max: float = 1.0,
                  mask_ratio_mu: float = 0.55, mask_ratio_std: float = 0.25,
                  vqgan_ckpt_path: Optional[str] = "vqgan_jax_strongaug.ckpt", vqgan_config: Optional[dict] = None,
-                 tokenizer: Optional[nn.Module] = None, dropout: float = DROPOUT):
+                 tokenizer: Optional[nn.Module] = None, dropout: float = DROPOUT, init_weights: bool = True):
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        norm_layer = fast_norm_layer(norm_layer)  # same parameters and keys, dispatched computation
-        if tokenizer is not None:
-            for attr in ("encode", "decode", "quantize", "n_embed", "downsample"):
-                if not hasattr(tokenizer, attr):
-                    raise TypeError(f"tokenizer lacks {attr!r}: it must offer the VQModel interface (encode, decode, "
-                                    f"quantize.get_codebook_entry, n_embed, downsample)")
-            self.vqgan = tokenizer
-        else:
-            vq_cfg = dict(OFFICIAL_VQGAN_CONFIG)
-            vq_cfg.update(vqgan_config or {})
-            vq_cfg["resolution"] = img_size
-            self.vqgan = VQModel(**vq_cfg, ckpt_path=vqgan_ckpt_path)
-        for p in self.vqgan.parameters():
-            p.requires_grad = False
+        with contextlib.nullcontext() if init_weights else NoRandomInit():
+            if not 0.0 <= dropout < 1.0:
+                raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            norm_layer = fast_norm_layer(norm_layer)  # same parameters and keys, dispatched computation
+            if tokenizer is not None:
+                for attr in ("encode", "decode", "quantize", "n_embed", "downsample"):
+                    if not hasattr(tokenizer, attr):
+                        raise TypeError(f"tokenizer lacks {attr!r}: it must offer the VQModel interface (encode, "
+                                        f"decode, quantize.get_codebook_entry, n_embed, downsample)")
+                self.vqgan = tokenizer
+            else:
+                vq_cfg = dict(OFFICIAL_VQGAN_CONFIG)
+                vq_cfg.update(vqgan_config or {})
+                vq_cfg["resolution"] = img_size
+                self.vqgan = VQModel(**vq_cfg, ckpt_path=vqgan_ckpt_path)
+            for p in self.vqgan.parameters():
+                p.requires_grad = False
 
-        self.img_size = img_size
-        self.token_grid = img_size // self.vqgan.downsample
-        self.seq_len = self.token_grid ** 2  # image tokens; the sequence has one more (class slot)
-        self.codebook_size = self.vqgan.n_embed
-        vocab_size = self.codebook_size + NUM_LEGACY_CLASSES + 1
-        self.fake_class_label = self.codebook_size + 1100 - 1024
-        self.mask_token_label = vocab_size - 1
-        self.token_emb = BertEmbeddings(vocab_size, embed_dim, self.seq_len + 1, dropout=dropout)
+            self.img_size = img_size
+            self.token_grid = img_size // self.vqgan.downsample
+            self.seq_len = self.token_grid ** 2  # image tokens; the sequence has one more (class slot)
+            self.codebook_size = self.vqgan.n_embed
+            vocab_size = self.codebook_size + NUM_LEGACY_CLASSES + 1
+            self.fake_class_label = self.codebook_size + 1100 - 1024
+            self.mask_token_label = vocab_size - 1
+            self.token_emb = BertEmbeddings(vocab_size, embed_dim, self.seq_len + 1, dropout=dropout)
 
-        if not 0.0 <= mask_ratio_min <= mask_ratio_max <= 1.0:
-            raise ValueError(f"need 0 <= mask_ratio_min <= mask_ratio_max <= 1, got {mask_ratio_min}, {mask_ratio_max}")
-        self.mask_ratio_min, self.mask_ratio_max = mask_ratio_min, mask_ratio_max
-        self.mask_ratio_mu, self.mask_ratio_std = mask_ratio_mu, mask_ratio_std
+            if not 0.0 <= mask_ratio_min <= mask_ratio_max <= 1.0:
+                raise ValueError(f"need 0 <= mask_ratio_min <= mask_ratio_max <= 1, got {mask_ratio_min}, "
+                                 f"{mask_ratio_max}")
+            self.mask_ratio_min, self.mask_ratio_max = mask_ratio_min, mask_ratio_max
+            self.mask_ratio_mu, self.mask_ratio_std = mask_ratio_mu, mask_ratio_std
 
-        self.patch_embed = _PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        n_pos = self.patch_embed.num_patches + 1
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
-                                           drop=dropout, attn_drop=dropout) for _ in range(depth)])
-        self.norm = norm_layer(embed_dim)
+            self.patch_embed = _PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+            n_pos = self.patch_embed.num_patches + 1
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim), requires_grad=False)
+            self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                                               drop=dropout, attn_drop=dropout) for _ in range(depth)])
+            self.norm = norm_layer(embed_dim)
 
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.pad_with_cls_token = True
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n_pos, decoder_embed_dim), requires_grad=False)
-        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + 1, decoder_embed_dim))
-        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
-                                                   norm_layer=norm_layer, drop=dropout, attn_drop=dropout)
-                                             for _ in range(decoder_depth)])
-        self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
-        self.mlm_layer = MlmLayer(decoder_embed_dim, embed_dim, vocab_size)
-        self.norm_pix_loss = norm_pix_loss
-        self.label_smoothing = 0.1
-        # Class-conditional training (MaskGIT style): with labels, the class token replaces the fake
-        # class token, and is dropped back to it with this probability so one model does both.
-        self.class_dropout_prob = 0.1
-        # Recompute transformer blocks in the backward pass (training memory for compute).
-        self.activation_checkpointing = False
-        self.initialize_weights()
+            self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+            self.pad_with_cls_token = True
+            self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n_pos, decoder_embed_dim), requires_grad=False)
+            self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + 1, decoder_embed_dim))
+            self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
+                                                       norm_layer=norm_layer, drop=dropout, attn_drop=dropout)
+                                                 for _ in range(decoder_depth)])
+            self.decoder_norm = norm_layer(decoder_embed_dim)
+            self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+            self.mlm_layer = MlmLayer(decoder_embed_dim, embed_dim, vocab_size)
+            self.norm_pix_loss = norm_pix_loss
+            self.label_smoothing = 0.1
+            # Class-conditional training (MaskGIT style): with labels, the class token replaces the fake
+            # class token, and is dropped back to it with this probability so one model does both.
+            self.class_dropout_prob = 0.1
+            # Recompute transformer blocks in the backward pass (training memory for compute).
+            self.activation_checkpointing = False
+        if init_weights:
+            self.initialize_weights()
 
     @property
     def check_input_range(self) -> bool:
@@ -411,9 +440,37 @@ class MAGE(nn.Module):
     def from_pretrained(cls, path: str, map_location="cpu", **overrides) -> "MAGE":
         """Build the model a checkpoint holds (ViT-B, ViT-L or a custom size), load it strictly, and
         return it in eval mode (call ``.train()`` to fine-tune). A model card ``<path>.json`` beside
-        the file, when present, gives :attr:`num_classes` and ``class_names``."""
-        from .loading import build_from_checkpoint  # the layer above the models: imported on use
-        return build_from_checkpoint(path, map_location=map_location, **overrides)
+        the file, when present, gives :attr:`num_classes` and ``class_names``. The model is built
+        without drawing initial weights (``init_weights=False``): the strict load replaces them all.
+        A ``config`` dict saved beside the weights (mage_fast's own checkpoints) gives the
+        constructor arguments; otherwise they are inferred from the tensor shapes (official ViT-B /
+        ViT-L)."""
+        raw = read_checkpoint(path, map_location)
+        sd = read_state_dict(raw)
+        cfg = infer_config(sd)
+        if isinstance(raw, Mapping) and isinstance(raw.get("config"), Mapping):
+            check_saved_config(raw["config"], cfg)
+            cfg.update(raw["config"])
+        cfg.update(overrides)
+        for k in ("num_heads", "decoder_num_heads"):
+            if k not in cfg:
+                raise CheckpointError(f"cannot infer {k} for {describe_state_dict(sd)}; pass {k}=...")
+        cfg.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+        cfg.setdefault("vqgan_ckpt_path", None)
+        cfg.setdefault("init_weights", False)
+        try:
+            model = cls(**cfg)
+        except Exception as e:  # TypeError, ValueError, ZeroDivisionError (num_heads 0), ...: a config of wrong values
+            first = (str(e).splitlines() or [""])[0][:160]
+            raise CheckpointError(f"the checkpoint's config does not build a MAGE ({type(e).__name__}: {first})") from e
+        load_state_dict_strict(model, sd)
+        if isinstance(path, (str, os.PathLike)):
+            card = read_model_card(path)
+            names = card.get("classes")
+            if names and card.get("class_conditional", True):
+                model.num_classes = len(names)
+                model.class_names = list(names)
+        return model.eval()
 
 
 def mage_vit_base_patch16(**kwargs) -> MAGE:

@@ -12,7 +12,7 @@ from typing import Mapping, Union
 import torch
 import torch.nn as nn
 
-from .checks import check_file
+from .checks import check_file, read_json_object
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -323,3 +323,12 @@ def tokenizer_export(src, img_size=None, map_location="cpu") -> dict:
 def tokenizer_checksum(vq: nn.Module) -> float:
     """The codebook fingerprint token caches record (sum of the raw codebook in float64)."""
     return float(vq.quantize.embedding.weight.double().sum())
+
+
+def read_model_card(ckpt) -> dict:
+    """The model card ``<ckpt without extension>.json`` beside a checkpoint ({} when there is none):
+    ``classes`` (names, label order), ``class_conditional``, ``sampling`` defaults."""
+    card = os.path.splitext(os.fspath(ckpt))[0] + ".json"
+    if not os.path.isfile(card):
+        return {}
+    return read_json_object(card, "the model card", CheckpointError)
