@@ -249,7 +249,13 @@ def _check_generate_args(args, dev):
     _check_sampling_args(args, "--num-images")
     _need(args.batch_size, "--batch-size", lo=1, integer=True)
     _need(args.grid, "--grid", lo=0, integer=True)
-    from mage_fast.decoding import resolve_mode
+    from mage_fast.decoding import AUTO, auto_mode, resolve_mode
+    if args.mode == AUTO:  # the preset for this device, by name, so run.json and --resume hold what ran
+        args.mode = auto_mode(dev)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"--mode auto: {args.mode} on this {dev.type} "
+                  f"({'bf16 multiplies natively' if args.mode.endswith('bf16') else 'fp32: bf16 is not native here'})",
+                  file=sys.stderr)
     resolve_mode(args.mode)  # a bad --mode or spec: one line (ValueError, exit 2) before any folder is made
     if args.rng == "official" and (args.class_id is not None or args.schedule != "cosine"
                                    or args.temperature_annealing != "linear" or args.order != "confidence"):
@@ -740,7 +746,8 @@ def mode_help() -> str:
     """--mode's help, from the registry of modes (:data:`mage_fast.decoding.MODES`)."""
     from mage_fast.decoding import MODES, SPEC_HELP
     names = "; ".join(f"{name}: {summary}" for name, summary in MODES.table())
-    return (f"decoding mode (default: exact): {names}; or {SPEC_HELP}. docs/DECODING.md; "
+    return (f"decoding mode (default: exact): {names}; auto: fast_bf16 where this device multiplies bf16 "
+            f"natively, else fast; or {SPEC_HELP}. docs/DECODING.md; "
             f"`python -m mage_fast info` lists them")
 
 

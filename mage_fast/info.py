@@ -202,7 +202,7 @@ def report() -> str:
 def decoding_modes_report(devices) -> list[str]:
     """The decoding modes of ``generate(mode=...)`` / ``--mode`` (the registry, :data:`mage_fast.decoding.MODES`),
     what each computes and where each one runs."""
-    from .decoding import MODES, DecodeMode, quant_slow_reason, quant_support
+    from .decoding import MODES, DecodeMode, auto_mode, quant_slow_reason, quant_support
     lines = ["decoding modes (generate(mode=...), --mode; 'exact' is the default):"]
     for name, summary in MODES.table():
         mode = MODES[name]
@@ -219,4 +219,6 @@ def decoding_modes_report(devices) -> list[str]:
                 continue
             where.append(f"{dev.type}: " + ("yes" if why is None else f"no ({why})"))
         lines.append(f"  {'':<18} {mode.describe()}; {'; '.join(where)}")
+    lines.append(f"  {'auto':<18} the fastest preset this device runs natively: "
+                 + "; ".join(f"{dev.type}: {auto_mode(dev)}" for dev in devices))
     return lines

@@ -85,3 +85,34 @@ def test_torchao_import_is_quiet_on_a_cpu_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "imported", r.stderr
     assert "Failed to load" not in r.stderr and "KernelPreference" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("native, want", [(True, "fast_bf16"), (False, "fast")])
+def test_auto_mode_is_bf16_only_where_bf16_is_native(native, want, monkeypatch):
+    from mage_fast.decoding import AUTO, auto_mode, modes, resolve_mode
+    monkeypatch.setattr(modes, "bf16_native", lambda dev: native)
+    assert auto_mode() == want and auto_mode("cpu") == want
+    assert resolve_mode(AUTO) is MODES[want]
+
+
+@pytest.mark.skipif(not os.path.isfile(DEFAULT_CKPT), reason="the shipped model is not present")
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_mode_from_the_api_and_the_cli_records_the_preset(native, tmp_path, capsys, monkeypatch):
+    """generate(mode="auto") is the chosen preset exactly; the CLI names it once and run.json holds
+    the preset's name (a resume on another CPU kind reruns what ran, not a new choice)."""
+    import json
+
+    import torch
+    import mage_fast
+    from mage_fast.decoding import modes
+    monkeypatch.setattr(modes, "bf16_native", lambda dev: native)
+    want = "fast_bf16" if native else "fast"
+    model = mage_fast.MAGE.from_pretrained(DEFAULT_CKPT)
+    kw = dict(num_iter=3, temperature=6.0, seed=4, rng="torch", class_ids=torch.tensor([0, 5]))
+    assert torch.equal(mage_fast.generate(model, 2, mode="auto", **kw), mage_fast.generate(model, 2, mode=want, **kw))
+    out = tmp_path / "gen"
+    assert main(["generate", "--num-images", "2", "--batch-size", "2", "--num-iter", "3", "--class-id", "all",
+                 "--mode", "auto", "--grid", "0", "--out", str(out)]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("--mode auto:")]
+    assert len(notes) == 1 and f": {want} on this cpu" in notes[0]
+    assert json.loads((out / "run.json").read_text())["settings"]["mode"] == want

@@ -14,7 +14,7 @@
 from .config import ORDERS, SAMPLERS, SamplingConfig
 from .generate import generate
 from .loop import cfg_logits, decode_run
-from .modes import DROP_KINDS, MODES, SPEC_HELP, DecodeMode, ModePass, encode_dropped, mode_name, resolve_mode
+from .modes import AUTO, DROP_KINDS, MODES, auto_mode, SPEC_HELP, DecodeMode, ModePass, encode_dropped, mode_name, resolve_mode
 from .official import official_gen_image, official_remask
 from .protocol import DecodingMode, NetworkPass
 from .quant import (QUANT_KINDS, SlowModeWarning, bf16_native, int8_native, quant_slow_reason, quant_support,
@@ -24,7 +24,7 @@ from .remask import ConfidenceRemask, HaltonRemask, OfficialRemask, Remask
 from .schedule import (GUIDANCE_SCHEDULES, SCHEDULES, TEMPERATURE_ANNEALING, MaskPlan, mask_schedule, run_counts,
                        schedule_from)
 
-__all__ = ["ConfidenceRemask", "DROP_KINDS", "DecodeMode", "DecodingMode", "FactoryMode", "GUIDANCE_SCHEDULES",
+__all__ = ["AUTO", "ConfidenceRemask", "auto_mode", "DROP_KINDS", "DecodeMode", "DecodingMode", "FactoryMode", "GUIDANCE_SCHEDULES",
            "HaltonRemask", "MODES", "MaskPlan", "ModePass", "ModeRegistry", "NetworkPass", "ORDERS", "OfficialRemask",
            "QUANT_KINDS", "Remask", "SAMPLERS", "SCHEDULES", "SPEC_HELP", "SamplingConfig", "SlowModeWarning",
            "TEMPERATURE_ANNEALING", "bf16_native", "cfg_logits", "decode_run", "encode_dropped", "generate",

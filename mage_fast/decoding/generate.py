@@ -7,6 +7,8 @@ the final ids into pixels.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 from typing import Optional
 
@@ -16,7 +18,7 @@ from ..models.checks import InputError, InputTypeError, check_model, check_numbe
 from ..ops.decode_step import halton_ranks, image_keys
 from .config import OFFICIAL_ONLY, SamplingConfig
 from .loop import decode_run
-from .modes import MODES, SPEC_HELP, DecodeMode, mode_name
+from .modes import AUTO, MODES, SPEC_HELP, DecodeMode, auto_mode, mode_name
 from .protocol import NetworkPass
 from .quant import SlowModeWarning, slow_mode_message
 from .remask import ConfidenceRemask, HaltonRemask, OfficialRemask
@@ -134,6 +136,8 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
 
 {MODES_DOC}
 
+            ``"auto"``: ``fast_bf16`` where the model's device multiplies bf16 in hardware, else
+            ``fast`` (never a precision slower than fp32 there); the run records the preset it chose.
             See docs/DECODING.md for speed and quality.
         decode_chunk: decode the tokens to pixels this many images at a time (``1``: every image's
             pixels are the same in any batch, as sharded and resumed runs need; default: at once).
@@ -161,6 +165,8 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
         also = sorted(k for k, v in given.items() if not (v is _SAMPLING_KEYWORDS[k] or v == _SAMPLING_KEYWORDS[k]))
         if also:
             raise InputError(f"generate got config= and also {', '.join(also)}: give the sampling settings one way")
+    if isinstance(config.mode, str) and config.mode == AUTO:  # the preset for the model's device, recorded by name
+        config = dataclasses.replace(config, mode=auto_mode(next(model.parameters()).device))
     return _generate(model, batch_size, config, return_ids=return_ids, first_index=first_index, progress=progress,
                      autocast_dtype=autocast_dtype, class_ids=class_ids, init_ids=init_ids,
                      return_trace=return_trace, decode_chunk=decode_chunk, cuda_graph=cuda_graph)

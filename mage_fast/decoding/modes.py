@@ -46,7 +46,7 @@ from ..ops.decode_step import counter_uniform, sample_confidence
 from ..models.mage import encode_kept
 from ..ops.token_drop import keep_index
 from .protocol import DecodingMode, NetworkPass
-from .quant import QUANT_KINDS, fast_tokenizer, quantized_weights
+from .quant import QUANT_KINDS, bf16_native, fast_tokenizer, quantized_weights
 from .registry import FactoryMode, ModeRegistry
 from .schedule import run_counts
 from .stack import gather_rows, scatter_rows, stack_full, stack_partial, to_slots
@@ -137,10 +137,25 @@ SPEC_HELP = ("a spec such as drop=all,refresh=4,focus=2,quant=int8 or refresh=2,
              "refresh, focus, focus_by, quant, and pixels: the tokenizer decode's precision)")
 
 
-def resolve_mode(mode) -> DecodingMode:
-    """A mode from a name in :data:`MODES`, a spec ``"drop=all,refresh=4,quant=int8"`` (any subset
-    of the keys drop, refresh, focus, focus_by, quant, pixels), a :class:`DecodeMode`, or any
-    :class:`.protocol.DecodingMode` (an object with ``build``)."""
+AUTO = "auto"
+
+
+def auto_mode(device=None) -> str:
+    """The preset ``mode="auto"`` stands for on ``device`` (default: the CPU): ``fast_bf16`` where the
+    device multiplies bf16 in hardware (CUDA; CPUs with AMX or AVX512-BF16), else ``fast`` (fp32), so
+    it is never a precision the device runs slower than fp32. Both compute less than ``exact``; their
+    quality cost is measured in docs/DECODING.md."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    return "fast_bf16" if bf16_native(dev) else "fast"
+
+
+def resolve_mode(mode, device=None) -> DecodingMode:
+    """A mode from a name in :data:`MODES`, ``"auto"`` (:func:`auto_mode` for ``device``), a spec
+    ``"drop=all,refresh=4,quant=int8"`` (any subset of the keys drop, refresh, focus, focus_by,
+    quant, pixels), a :class:`DecodeMode`, or any :class:`.protocol.DecodingMode` (an object with
+    ``build``)."""
+    if isinstance(mode, str) and mode == AUTO:
+        return MODES[auto_mode(device)]
     if isinstance(mode, DecodeMode) or (not isinstance(mode, str) and callable(getattr(mode, "build", None))):
         return mode
     if isinstance(mode, str) and mode in MODES:
@@ -387,5 +402,5 @@ class ModePass:
         return self._head(st, h, sel, torch.gather(pos, 1, sel) - 1, B, L)
 
 
-__all__ = ["DROP_KINDS", "MODES", "SPEC_HELP", "DecodeMode", "ModePass", "NetworkPass", "encode_dropped",
-           "mode_name", "resolve_mode", "run_counts"]
+__all__ = ["AUTO", "DROP_KINDS", "MODES", "SPEC_HELP", "DecodeMode", "ModePass", "NetworkPass", "encode_dropped",
+           "auto_mode", "mode_name", "resolve_mode", "run_counts"]
