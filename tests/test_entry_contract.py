@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSET = os.path.join(REPO, "mage_fast", "assets", "mage_fmnist.pt")
 PRETRAIN = ["train/pretrain.py", "--model", "tiny", "--img_size", "32", "--max_steps", "1"]
 SYNTH = [*PRETRAIN, "--synthetic"]
+VIM = ["train/train_vim.py", "--tokenizer", ASSET, "--img_size", "32", "--max_steps", "1"]
 DECODE = ["benchmarks/decode_throughput.py", "--model", "tiny"]
 BENCHMARKS = ["ar_vs_mage", "codebook_nn_int16", "cpu_ops_quick", "kernels", "linear_precision", "parallel_sampling",
               "train_throughput", "train_precision_curve", "class_agreement", "decode_quality"]
@@ -197,6 +198,20 @@ SCRIPT_CASES = [  # (id, argv with OUT for a path that must not be created, word
         ("sequence-length", "tc_seq.pt", ["16-token grid", "64 tokens per image"]),
         ("float-ids", "tc_float.pt", ["integer tensor", "torch.float32"]),
         ("labels-count", "tc_labels.pt", ["'labels'", "3 class ids"]))),
+    ("vim-token-cache-sequence-length", [*VIM, "--token_cache", "tc_seq.pt", "--output_dir", "OUT"],
+     ["--token_cache tc_seq.pt", "16-token grid", "64 tokens per image"]),  # the tokenizer's grid, before args.json
+    ("vim-token-cache-ids-out-of-range", [*VIM, "--token_cache", "tc_range.pt", "--output_dir", "OUT"],
+     ["--token_cache tc_range.pt", "token ids in [300, 300]"]),
+    ("vim-img-size-not-a-multiple", [*VIM, "--synthetic", "--img_size", "30", "--output_dir", "OUT"],
+     ["--img_size 30", "downsampling 4"]),
+    ("vim-heads-do-not-split", [*VIM, "--synthetic", "--embed_dim", "65", "--output_dir", "OUT"],
+     ["--embed_dim 65", "heads"]),
+    ("vim-init-from-text", [*VIM, "--synthetic", "--init_from", "afile", "--output_dir", "OUT"],
+     ["--init_from", "afile", "not a readable torch checkpoint"]),
+    ("vim-init-from-a-folder", [*VIM, "--synthetic", "--init_from", "adir", "--output_dir", "OUT"],
+     ["--init_from", "adir", "directory"]),
+    ("vim-tokenizer-truncated", [*VIM[:1], "--tokenizer", "trunc.pt", "--synthetic", "--max_steps", "1",
+                                 "--output_dir", "OUT"], ["--tokenizer trunc.pt"]),
     *((f"{b}-unknown-flag", [f"benchmarks/{b}.py", *REQUIRED.get(b, []), "--no-such-flag"],
        ["error: unrecognized arguments", "--no-such-flag"]) for b in BENCHMARKS),
     ("fid-ref-stats-a-folder", ["-m", "mage_fast", "fid", "gen", "ref", "--min-samples", "2", "--ref-stats", "adir",
