@@ -178,6 +178,24 @@ def check_run_inputs(args) -> None:
         raise InputError(f"--deepspeed_config: {e}") from None
     if args.resume:
         check_resume(args)
+    check_data_backend(args)
+
+
+def check_data_backend(args) -> None:
+    """``--data_backend dali`` asked for explicitly: nvidia-dali installed, and a source it reads
+    (an image folder; MAGE-C's two views take the PyTorch loader), else one line naming the flag."""
+    from ..data.loader import choose_backend
+    from ..models.checks import InputError
+    if getattr(args, "data_backend", "auto") != "dali":
+        return
+    source = "tokens" if getattr(args, "token_cache", None) else "synthetic" if args.synthetic else "folder"
+    try:
+        choose_backend("dali", source)
+    except (RuntimeError, ValueError) as e:
+        raise InputError(f"--data_backend dali: {e}; --data_backend torch (or auto) takes the PyTorch loader") from None
+    if getattr(args, "contrastive_weight", 0) > 0:
+        raise InputError("--data_backend dali: MAGE-C's two views (--contrastive_weight > 0) use the PyTorch loader; "
+                         "pass --data_backend torch or auto")
 
 
 def start_run(args, check=None):
