@@ -236,11 +236,11 @@ def build_from_checkpoint(path, map_location="cpu", **overrides) -> nn.Module:
 def read_model_card(ckpt) -> dict:
     """The model card ``<ckpt without extension>.json`` beside a checkpoint ({} when there is none):
     ``classes`` (names, label order), ``class_conditional``, ``sampling`` defaults."""
-    from .checks import read_json_object
+    from .checks import check_model_card, read_json_object
     card = os.path.splitext(os.fspath(ckpt))[0] + ".json"
     if not os.path.isfile(card):
         return {}
-    return read_json_object(card, "the model card", CheckpointError)
+    return check_model_card(read_json_object(card, "the model card", CheckpointError), card, CheckpointError)
 
 
 # ---------------------------------------------------------------------------------------- tokenizers
@@ -353,6 +353,8 @@ def tokenizer_export(src, img_size=None, map_location="cpu") -> dict:
             cfg.pop(k, None)
         if img_size is not None:
             cfg["resolution"] = img_size
+    from .tokenizer_fit import check_tokenizer_fits  # config against weights, before any build
+    check_tokenizer_fits({"state_dict": sd, "config": cfg, "arch": arch}, name)
     return {"state_dict": dict(sd), "config": cfg, "arch": arch}
 
 

@@ -119,7 +119,8 @@ def check_image_folder(root: str, flag: str = "--data_path") -> None:
 def check_resume(args) -> None:
     """The checkpoint ``--resume`` would load: ``latest`` names a step folder that is there, which
     holds this rank's files (its random state, its ZeRO shard), and whose files are whole torch
-    archives (a copy or save cut short has no zip central directory)."""
+    archives (a copy or save cut short has no zip central directory; a flipped byte fails its
+    member's CRC)."""
     import zipfile
 
     from ..models.checks import InputError
@@ -152,9 +153,11 @@ def check_resume(args) -> None:
     for f in files:
         path = os.path.join(tag_dir, f)
         try:
-            with zipfile.ZipFile(path):
-                pass
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            with zipfile.ZipFile(path) as z:  # every member read back against its CRC: flipped bytes too
+                broken = z.testzip()
+            if broken is not None:
+                raise zipfile.BadZipFile(f"member {broken} fails its CRC check")
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError, NotImplementedError) as e:
             raise InputError(f"--resume: {path} is not a readable checkpoint file (cut short or corrupt: {e}); "
                              f"remove {tag_dir} and write the previous step's name into "
                              f"{os.path.join(ckpt_dir, 'latest')}, or start afresh") from e
