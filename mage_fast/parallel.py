@@ -135,7 +135,7 @@ def lost_peer_line() -> Optional[str]:
     no rank claimed a report): None when no such peer."""
     import time
     lost = lost_peers()
-    for _ in range(10 if _peers else 0):  # a broken connection can come a moment before the process is gone
+    for _ in range(50 if _peers else 0):  # a broken connection can come a moment before the process is gone
         if lost:
             break
         time.sleep(0.1)

@@ -52,6 +52,7 @@ def rank_fault_exit(e: BaseException) -> None:
     """An unexpected exception on one rank of several (a crash, or a collective broken by a lost
     peer): at most one line for the job; the caller then exits with status 2."""
     from mage_fast import parallel
+    parallel._leave()  # the launcher's SIGTERM must not cut the choice of who speaks in two
     if parallel.peer_failed() is None:  # the store's host has gone: on this machine, it says why
         # on another machine, which cannot: this node says it lost it; killed here, the first to notice
         line = parallel.lost_store_line() or parallel._lost_store_host_line()

@@ -21,10 +21,11 @@ IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".ti
 def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     """``root/<class>/<image>`` -> ([(path, class_index)], classes), classes sorted by name."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder not found: {root}")
+        what = "is a file, not an image folder" if os.path.exists(root) else "not found"
+        raise ImageFolderNotFound(f"image folder {what}: {root}" if what == "not found" else f"{root} {what}")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
     if not classes:
-        raise ValueError(f"{root} has no class sub-folders; expected the ImageFolder layout root/<class>/<img>")
+        raise InputError(f"{root} has no class sub-folders; expected the ImageFolder layout root/<class>/<img>")
     samples = []
     for ci, c in enumerate(classes):
         for dirpath, _, files in sorted(os.walk(os.path.join(root, c))):
@@ -32,13 +33,18 @@ def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
                 if f.lower().endswith(IMG_EXTENSIONS):
                     samples.append((os.path.join(dirpath, f), ci))
     if not samples:
-        raise ValueError(f"no images with extensions {IMG_EXTENSIONS} under {root}")
+        raise InputError(f"no images with extensions {IMG_EXTENSIONS} under {root}")
     return samples, classes
 
 
 # What PIL raises for a file it cannot decode: truncated, unidentified or malformed files, and headers
 # that declare a size past its decompression-bomb limit (a flipped byte can).
 IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ImageFolderNotFound(InputError, FileNotFoundError):
+    """An image folder that is not there (or is a file): an :class:`InputError` (one line under the
+    scripts) and, as before, a ``FileNotFoundError``."""
 
 
 class ImageReadError(InputError):

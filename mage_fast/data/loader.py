@@ -103,7 +103,9 @@ class EpochLoader:
         self.num_samples = n
         self.batches_per_epoch = (n // world_size) // spec.batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{n} samples over {world_size} ranks give no full batch of {spec.batch_size}")
+            from ..models.checks import InputError  # a ValueError: one line under the scripts
+            raise InputError(f"{n} samples over {world_size} rank(s) give no full batch of {spec.batch_size} "
+                             f"({spec.source}{' ' + spec.path if spec.path else ''}): lower --batch_size")
         self.sampler = ResumableSampler(n, rank, world_size, shuffle=True, seed=spec.seed)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator:

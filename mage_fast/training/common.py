@@ -71,6 +71,12 @@ def check_common_args(ap: argparse.ArgumentParser, args) -> None:
         ap.error("--resume auto needs --output_dir")
     if args.batch_size <= 0 or args.accum_iter <= 0:
         ap.error("--batch_size and --accum_iter must be positive")
+    for flag, lo in (("img_size", 1), ("num_workers", 0), ("synthetic_length", 1), ("save_every", 0),
+                     ("keep_last", 0), ("log_every", 1), ("threads", 0), ("max_steps", 0)):
+        if getattr(args, flag) < lo:
+            ap.error(f"--{flag} must be >= {lo}, got {getattr(args, flag)}")
+    if not args.epochs >= 0 or not args.warmup_epochs >= 0 or not args.min_lr >= 0 or not args.weight_decay >= 0:
+        ap.error("--epochs, --warmup_epochs, --min_lr and --weight_decay must be numbers >= 0")
 
 
 def schedule_lengths(args, batches_per_epoch: int) -> tuple:
@@ -163,6 +169,11 @@ def check_resume(args) -> None:
                              f"{os.path.join(ckpt_dir, 'latest')}, or start afresh") from e
 
 
+def parallel_world() -> int:
+    from ..parallel import dist_info
+    return dist_info()[1]
+
+
 def check_run_inputs(args) -> None:
     """What a trainer reads and where it writes, checked before anything is written (args.json,
     checkpoints): ``--output_dir`` a folder that can be written, ``--data_path`` an ImageFolder
@@ -175,6 +186,9 @@ def check_run_inputs(args) -> None:
         check_output_dir(args.output_dir, "--output_dir")
     if args.data_path and not args.synthetic and not getattr(args, "token_cache", None):
         check_image_folder(args.data_path)
+    if args.synthetic and args.synthetic_length // max(1, parallel_world()) < args.batch_size:
+        raise InputError(f"--synthetic_length {args.synthetic_length} over {parallel_world()} rank(s) gives no "
+                         f"full batch of --batch_size {args.batch_size}")
     try:
         eng.ds_config(args.deepspeed_config, args.batch_size, args.accum_iter, 1, args.clip_grad, args.precision)
     except FileNotFoundError as e:
