@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSET = os.path.join(REPO, "mage_fast", "assets", "mage_fmnist.pt")
 PRETRAIN = ["train/pretrain.py", "--model", "tiny", "--img_size", "32", "--max_steps", "1"]
 SYNTH = [*PRETRAIN, "--synthetic"]
+CACHE = ["train/cache_tokens.py", "--tokenizer", ASSET, "--img_size", "32"]
 VIM = ["train/train_vim.py", "--tokenizer", ASSET, "--img_size", "32", "--max_steps", "1"]
 DECODE = ["benchmarks/decode_throughput.py", "--model", "tiny"]
 BENCHMARKS = ["ar_vs_mage", "codebook_nn_int16", "cpu_ops_quick", "kernels", "linear_precision", "parallel_sampling",
@@ -204,6 +205,31 @@ SCRIPT_CASES = [  # (id, argv with OUT for a path that must not be created, word
      ["--data_backend dali", "image folders"]),
     ("pretrain-dali-two-views", [*PRETRAIN, "--data_path", "corrupt", "--data_backend", "dali", "--contrastive_weight",
                                  "0.1", "--output_dir", "OUT"], ["--data_backend dali", "--contrastive_weight"]),
+    ("pretrain-img-size-0", [*SYNTH, "--img_size", "0", "--output_dir", "OUT"], ["--img_size", ">= 1", "got 0"]),
+    ("pretrain-num-workers-negative", [*SYNTH, "--num_workers", "-1", "--output_dir", "OUT"], ["--num_workers", ">= 0"]),
+    ("pretrain-keep-last-negative", [*SYNTH, "--keep_last", "-2", "--output_dir", "OUT"], ["--keep_last", ">= 0"]),
+    ("pretrain-synthetic-length-below-batch", [*SYNTH, "--synthetic_length", "8", "--output_dir", "OUT"],
+     ["--synthetic_length 8", "--batch_size 32"]),
+    ("pretrain-fewer-images-than-a-batch", [*PRETRAIN, "--data_path", "ref_folder", "--data_backend", "torch",
+                                            "--no_progress"], ["1 samples", "no full batch of 32", "--batch_size"]),
+    ("tokenizer-img-size-0", ["train/train_tokenizer.py", "--synthetic", "--img_size", "0", "--max_steps", "1",
+                              "--output_dir", "OUT"], ["--img_size", ">= 1"]),
+    ("cache-tokens-data-path-a-file", [*CACHE, "--data_path", "afile", "--out", "OUT"],
+     ["--data_path afile", "not a directory"]),
+    ("cache-tokens-data-path-missing", [*CACHE, "--data_path", "nope", "--out", "OUT"], ["--data_path nope"]),
+    ("cache-tokens-out-a-folder", [*CACHE, "--data_path", "ref_folder", "--out", "adir"], ["--out adir", "directory"]),
+    ("cache-tokens-out-under-a-file", [*CACHE, "--data_path", "ref_folder", "--out", "afile/x.pt"],
+     ["--out afile/x.pt", "is a file"]),
+    ("cache-tokens-img-size-not-a-multiple", [*CACHE, "--data_path", "ref_folder", "--img_size", "30", "--out", "OUT"],
+     ["--img_size 30", "downsampling 4"]),
+    ("cache-tokens-batch-size-0", [*CACHE, "--data_path", "ref_folder", "--batch_size", "0", "--out", "OUT"],
+     ["--batch_size", ">= 1"]),
+    ("cache-tokens-tokenizer-truncated", ["train/cache_tokens.py", "--tokenizer", "trunc.pt", "--img_size", "32",
+                                          "--data_path", "ref_folder", "--out", "OUT"], ["--tokenizer trunc.pt"]),
+    ("evaluate-recon-data-path-a-file", ["train/evaluate.py", "recon", "--tokenizer", ASSET, "--data_path", "afile",
+                                         "--img_size", "32"], ["afile", "not an image folder"]),
+    ("evaluate-recon-data-path-no-images", ["train/evaluate.py", "recon", "--tokenizer", ASSET, "--data_path",
+                                            "no_images", "--img_size", "32"], ["no_images", "no images"]),
     ("vim-token-cache-sequence-length", [*VIM, "--token_cache", "tc_seq.pt", "--output_dir", "OUT"],
      ["--token_cache tc_seq.pt", "16-token grid", "64 tokens per image"]),  # the tokenizer's grid, before args.json
     ("vim-token-cache-ids-out-of-range", [*VIM, "--token_cache", "tc_range.pt", "--output_dir", "OUT"],
