@@ -102,16 +102,19 @@ def record_peers() -> None:
     the ranks beside it can tell which one it was (:func:`lost_peer_line`), also once the store has
     gone with it. Ranks that share a launcher process (the same ``torchrun`` agent or ``deepspeed``
     launcher on one host) are on one node."""
-    if not active():
-        return
     import socket
 
     import torch.distributed as dist
-    store, world = _store(), dist.get_world_size()
-    store.set(_PEER_KEY.format(dist.get_rank()), f"{socket.gethostname()} {os.getppid()} {os.getpid()}")
-    for r in range(world):  # each rank set its own just now: a short wait at most
-        host, ppid, pid = store.get(_PEER_KEY.format(r)).decode().rsplit(" ", 2)
-        _peers[r] = (host, int(ppid), int(pid))
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return
+    try:
+        store, world = _store(), dist.get_world_size()
+        store.set(_PEER_KEY.format(dist.get_rank()), f"{socket.gethostname()} {os.getppid()} {os.getpid()}")
+        for r in range(world):  # each rank set its own just now: a short wait at most
+            host, ppid, pid = store.get(_PEER_KEY.format(r)).decode().rsplit(" ", 2)
+            _peers[r] = (host, int(ppid), int(pid))
+    except Exception:  # a peer gone already: the next collective fails and says so; no names then
+        pass
 
 
 def _alive(pid: int) -> bool:
