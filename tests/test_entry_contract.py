@@ -206,7 +206,8 @@ SCRIPT_CASES = [  # (id, argv with OUT for a path that must not be created, word
     ("pretrain-dali-two-views", [*PRETRAIN, "--data_path", "corrupt", "--data_backend", "dali", "--contrastive_weight",
                                  "0.1", "--output_dir", "OUT"], ["--data_backend dali", "--contrastive_weight"]),
     ("pretrain-img-size-0", [*SYNTH, "--img_size", "0", "--output_dir", "OUT"], ["--img_size", ">= 1", "got 0"]),
-    ("pretrain-num-workers-negative", [*SYNTH, "--num_workers", "-1", "--output_dir", "OUT"], ["--num_workers", ">= 0"]),
+    ("pretrain-num-workers-negative", [*SYNTH, "--num_workers", "-1", "--output_dir", "OUT"],
+     ["--num_workers", ">= 0"]),
     ("pretrain-keep-last-negative", [*SYNTH, "--keep_last", "-2", "--output_dir", "OUT"], ["--keep_last", ">= 0"]),
     ("pretrain-synthetic-length-below-batch", [*SYNTH, "--synthetic_length", "8", "--output_dir", "OUT"],
      ["--synthetic_length 8", "--batch_size 32"]),
@@ -310,7 +311,8 @@ def test_explicit_dali_without_dali_installed_is_refused_before_writing(bad_dir,
     assert _listing(bad_dir) == before, "the refused run wrote something"
 
 
-@pytest.mark.skipif(not __import__("mage_fast.data", fromlist=["x"]).dali_available(), reason="nvidia-dali not installed")
+@pytest.mark.skipif(not __import__("mage_fast.data", fromlist=["x"]).dali_available(),
+                    reason="nvidia-dali not installed")
 def test_corrupt_image_under_explicit_dali_is_named(bad_dir):
     """DALI's decoder stops its pipeline without naming the file; the file is found and named (on
     this machine DALI's CPU pipeline; a GPU's 'mixed' decoder goes through the same path)."""

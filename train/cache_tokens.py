@@ -72,7 +72,8 @@ def main(argv=None):
     check_image_folder(args.data_path)
     vq = load_tokenizer(args.tokenizer, args.img_size)
     if args.img_size % vq.downsample:
-        raise InputError(f"--img_size {args.img_size} is not a multiple of the tokenizer's downsampling {vq.downsample}")
+        raise InputError(f"--img_size {args.img_size} is not a multiple of the tokenizer's downsampling "
+                         f"{vq.downsample}")
     vq.check_input_range = False
     train = ImageFolder(args.data_path, TrainTransform(args.img_size, (args.crop_scale_min, 1.0)), seed=args.seed)
     plain = ImageFolder(args.data_path, EvalTransform(args.img_size))

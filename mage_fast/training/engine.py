@@ -143,7 +143,8 @@ def load_checkpoint(engine, ckpt_dir: str, tag: Optional[str] = None) -> Optiona
     if tag is None:
         return None
     where = os.path.join(ckpt_dir, tag)
-    advice = f"remove {where} and write the previous step's name into {os.path.join(ckpt_dir, 'latest')}, or start afresh"
+    advice = (f"remove {where} and write the previous step's name into {os.path.join(ckpt_dir, 'latest')}, or "
+              f"start afresh")
 
     def refuse(what, e):
         first = (str(e).strip().splitlines() or [""])[0][:200]
