@@ -7,6 +7,8 @@ status 2 and none hangs (each launch has a deadline); a refusal writes nothing.
 - Later faults: a corrupt image in one rank's share of the data, met in the first step while the
   other rank waits in a collective (rank 1 under torchrun; rank 0 under deepspeed, whose process
   holds the job's store).
+- A rank killed outright (SIGKILL) mid-training under the deepspeed launcher, rank 1 or rank 0 (whose
+  process holds the job's store): the rank beside it names it.
 - Sharded generation (``torchrun -m mage_fast generate``): a corrupt image in rank 1's share of the
   ``--fid-ref`` reference set (files ``rank::world``), read before the run folder is made.
 
