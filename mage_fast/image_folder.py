@@ -52,11 +52,17 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+class ImageFolderNotFound(InputError, FileNotFoundError):
+    """An image folder that is not there (or is a file): an :class:`InputError` (one line under the
+    scripts) and, as before, a ``FileNotFoundError``."""
+
+
 def class_folders(root: str) -> list[str]:
     """The class names of ``root``: its sub-folders that are not hidden, sorted;
-    ``FileNotFoundError`` when ``root`` is not a folder."""
+    :class:`ImageFolderNotFound` when ``root`` is not a folder."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise ImageFolderNotFound(f"{root} is a file, not an image folder" if os.path.exists(root)
+                                  else f"image folder not found: {root}")
     return sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
 
 

@@ -41,6 +41,8 @@ _FAILED_KEY = "mage_fast/failed_ranks"
 _leaving = False  # this process is on its way out with status 2: a launcher's SIGTERM waits for it
 _watch_pid: Optional[int] = None
 _previous_sigterm: Any = signal.SIG_DFL
+_PEER_KEY = "mage_fast/peer/{}"
+_peers: dict = {}  # rank -> (host, launcher pid, pid), recorded when the group starts (record_peers)
 
 
 def dist_info() -> tuple[int, int, int]:
@@ -91,6 +93,79 @@ def watch_peers() -> None:
         return
     _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
     _watch_pid = os.getpid()
+    record_peers()
+
+
+def record_peers() -> None:
+    """Every rank's (host, launcher's pid, pid), through the job's store, kept by each rank: when a
+    peer on this machine is killed outright (SIGKILL, the out-of-memory killer) and says nothing,
+    the ranks beside it can tell which one it was (:func:`lost_peer_line`), also once the store has
+    gone with it. Ranks that share a launcher process (the same ``torchrun`` agent or ``deepspeed``
+    launcher on one host) are on one node."""
+    import socket
+
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return
+    try:
+        store, world = _store(), dist.get_world_size()
+        store.set(_PEER_KEY.format(dist.get_rank()), f"{socket.gethostname()} {os.getppid()} {os.getpid()}")
+        for r in range(world):  # each rank set its own just now: a short wait at most
+            host, ppid, pid = store.get(_PEER_KEY.format(r)).decode().rsplit(" ", 2)
+            _peers[r] = (host, int(ppid), int(pid))
+    except Exception:  # a peer gone already: the next collective fails and says so; no names then
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie waits for its launcher to reap it
+    except (OSError, IndexError):
+        return False
+
+
+def lost_peers() -> list:
+    """The ranks beside this one (the same node: host and launcher process) whose process has ended."""
+    import socket
+    me = (socket.gethostname(), os.getppid())
+    return [r for r, (host, ppid, pid) in sorted(_peers.items())
+            if (host, ppid) == me and pid != os.getpid() and not _alive(pid)]
+
+
+def lost_peer_line() -> Optional[str]:
+    """What a rank says when a peer on its machine has ended without a word (its process is gone and
+    no rank claimed a report): None when no such peer."""
+    import time
+    lost = lost_peers()
+    for _ in range(50 if _peers else 0):  # a broken connection can come a moment before the process is gone
+        if lost:
+            break
+        time.sleep(0.1)
+        lost = lost_peers()
+    if not lost:
+        return None
+    who = ", ".join(f"rank {r} (pid {_peers[r][2]})" for r in lost)
+    return (f"{who} ended without saying why: killed outright (SIGKILL, or the out-of-memory killer: see dmesg); "
+            f"every rank stops (a training run continues from its last checkpoint with --resume auto)")
+
+
+def _marker() -> str:
+    import tempfile
+    return os.path.join(tempfile.gettempdir(), f"mage_fast-{os.getppid()}-{os.environ.get('MASTER_PORT', '0')}.said")
+
+
+def claim_locally(create: bool = True) -> bool:
+    """The report's claim among the ranks of this node, in a file beside them (the job's store may
+    have gone with the process that held it): True for the first rank to claim. ``create=False``
+    marks it claimed without asking (a rank that claimed it in the store)."""
+    try:
+        os.close(os.open(_marker(), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return create
 
 
 def _on_sigterm(signum, frame):
@@ -98,8 +173,14 @@ def _on_sigterm(signum, frame):
         if _leaving:
             return  # already leaving with status 2: finish saying why
         failed = peer_failed()
-        if failed is not False:
-            line = lost_store_line() if failed is None else None
+        line = None
+        if failed is False:  # no rank said why: a peer on this machine killed outright?
+            line = lost_peer_line()
+            if line is not None and not claim_report():
+                line = None
+        elif failed is None:
+            line = lost_store_line() or _lost_store_host_line()
+        if failed is not False or line is not None:
             for f in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):
                     f.flush()
@@ -112,6 +193,13 @@ def _on_sigterm(signum, frame):
         _previous_sigterm(signum, frame)
     else:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _lost_store_host_line() -> Optional[str]:
+    """The store has gone with a process of this machine: when that process (rank 0's, under the
+    deepspeed launcher) was killed without a word, the first of the others to notice says so."""
+    line = lost_peer_line()
+    return line if line is not None and claim_locally() else None
 
 
 def _leave() -> None:
@@ -200,9 +288,12 @@ def claim_report() -> bool:
         return True
     try:
         with _quiet_stderr():
-            return _store().add(_FAILED_KEY, 1) == 1
+            first = _store().add(_FAILED_KEY, 1) == 1
     except Exception:
         return True
+    if first:
+        claim_locally(create=False)  # the ranks beside it know it said why, even once the store has gone
+    return first
 
 
 def error_prefix() -> str:

@@ -63,6 +63,20 @@ def check_output_dir(out: str, flag: str = "--out") -> None:
         raise InputError(f"{flag} {out} is not writable ({probe}: {e.strerror or e})") from e
 
 
+def check_output_file(out: str, flag: str = "--out") -> None:
+    """Before any work: ``out`` names a file (not a folder) in a folder that exists or can be made,
+    and can be written."""
+    if os.path.isdir(out):
+        raise InputError(f"{flag} {out} is a directory; expected a file path")
+    parent = os.path.dirname(os.path.abspath(out))
+    probe = parent
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise InputError(f"{flag} {out}: {probe} is a file, so {out} cannot be written")
+    check_output_dir(parent, flag)
+
+
 def sample_name(index: int) -> str:
     return SAMPLE_PATTERN.format(index)
 

@@ -52,9 +52,11 @@ def rank_fault_exit(e: BaseException) -> None:
     """An unexpected exception on one rank of several (a crash, or a collective broken by a lost
     peer): at most one line for the job; the caller then exits with status 2."""
     from mage_fast import parallel
+    parallel._leave()  # the launcher's SIGTERM must not cut the choice of who speaks in two
     if parallel.peer_failed() is None:  # the store's host has gone: on this machine, it says why
+        # on another machine, which cannot: this node says it lost it; killed here, the first to notice
+        line = parallel.lost_store_line() or parallel._lost_store_host_line()
         parallel.claim_report()
-        line = parallel.lost_store_line()  # on another machine, which cannot: this node says it lost it
         if line:
             print(f"error: {parallel.error_prefix()}{line}", file=sys.stderr, flush=True)
     else:
@@ -72,8 +74,13 @@ def error_line(msg: str) -> None:
 def _rank_fault(e: BaseException) -> str:
     """One line for an unexpected exception on one rank of several (the peers leave with it)."""
     import torch.distributed as dist
+
+    from mage_fast import parallel
     first = (str(e).strip().splitlines() or [""])[0]
     if isinstance(e, dist.DistError) or "gloo" in first.lower() or "nccl" in first.lower():
+        lost = parallel.lost_peer_line()  # a peer on this machine killed outright: named
+        if lost:
+            return lost
         first = re.sub(r"^\[[^\]\s]+:\d+\]\s*", "", first)  # gloo's "[.../pair.cc:553] " source location
         return (f"a collective operation failed: another rank stopped or cannot be reached ({first}); the "
                 f"launcher's log says which")

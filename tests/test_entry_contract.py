@@ -26,6 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSET = os.path.join(REPO, "mage_fast", "assets", "mage_fmnist.pt")
 PRETRAIN = ["train/pretrain.py", "--model", "tiny", "--img_size", "32", "--max_steps", "1"]
 SYNTH = [*PRETRAIN, "--synthetic"]
+CACHE = ["train/cache_tokens.py", "--tokenizer", ASSET, "--img_size", "32"]
+VIM = ["train/train_vim.py", "--tokenizer", ASSET, "--img_size", "32", "--max_steps", "1"]
 DECODE = ["benchmarks/decode_throughput.py", "--model", "tiny"]
 BENCHMARKS = ["ar_vs_mage", "codebook_nn_int16", "cpu_ops_quick", "kernels", "linear_precision", "parallel_sampling",
               "train_throughput", "train_precision_curve", "class_agreement", "decode_quality", "startup"]
@@ -142,6 +144,8 @@ def _bad_files(d):
     (d / "adir").mkdir()
     (d / "corrupt" / "a").mkdir(parents=True)
     (d / "corrupt" / "a" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    (d / "ref_folder" / "a").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / "ref_folder" / "a" / "0.png")
 
 
 SCRIPT_CASES = [  # (id, argv with OUT for a path that must not be created, words of the error line)
@@ -197,6 +201,50 @@ SCRIPT_CASES = [  # (id, argv with OUT for a path that must not be created, word
         ("sequence-length", "tc_seq.pt", ["16-token grid", "64 tokens per image"]),
         ("float-ids", "tc_float.pt", ["integer tensor", "torch.float32"]),
         ("labels-count", "tc_labels.pt", ["'labels'", "3 class ids"]))),
+    ("pretrain-dali-synthetic", [*SYNTH, "--data_backend", "dali", "--output_dir", "OUT"],
+     ["--data_backend dali", "image folders"]),
+    ("pretrain-dali-two-views", [*PRETRAIN, "--data_path", "corrupt", "--data_backend", "dali", "--contrastive_weight",
+                                 "0.1", "--output_dir", "OUT"], ["--data_backend dali", "--contrastive_weight"]),
+    ("pretrain-img-size-0", [*SYNTH, "--img_size", "0", "--output_dir", "OUT"], ["--img_size", ">= 1", "got 0"]),
+    ("pretrain-num-workers-negative", [*SYNTH, "--num_workers", "-1", "--output_dir", "OUT"],
+     ["--num_workers", ">= 0"]),
+    ("pretrain-keep-last-negative", [*SYNTH, "--keep_last", "-2", "--output_dir", "OUT"], ["--keep_last", ">= 0"]),
+    ("pretrain-synthetic-length-below-batch", [*SYNTH, "--synthetic_length", "8", "--output_dir", "OUT"],
+     ["--synthetic_length 8", "--batch_size 32"]),
+    ("pretrain-fewer-images-than-a-batch", [*PRETRAIN, "--data_path", "ref_folder", "--data_backend", "torch",
+                                            "--no_progress"], ["1 samples", "no full batch of 32", "--batch_size"]),
+    ("tokenizer-img-size-0", ["train/train_tokenizer.py", "--synthetic", "--img_size", "0", "--max_steps", "1",
+                              "--output_dir", "OUT"], ["--img_size", ">= 1"]),
+    ("cache-tokens-data-path-a-file", [*CACHE, "--data_path", "afile", "--out", "OUT"],
+     ["--data_path afile", "not a directory"]),
+    ("cache-tokens-data-path-missing", [*CACHE, "--data_path", "nope", "--out", "OUT"], ["--data_path nope"]),
+    ("cache-tokens-out-a-folder", [*CACHE, "--data_path", "ref_folder", "--out", "adir"], ["--out adir", "directory"]),
+    ("cache-tokens-out-under-a-file", [*CACHE, "--data_path", "ref_folder", "--out", "afile/x.pt"],
+     ["--out afile/x.pt", "is a file"]),
+    ("cache-tokens-img-size-not-a-multiple", [*CACHE, "--data_path", "ref_folder", "--img_size", "30", "--out", "OUT"],
+     ["--img_size 30", "downsampling 4"]),
+    ("cache-tokens-batch-size-0", [*CACHE, "--data_path", "ref_folder", "--batch_size", "0", "--out", "OUT"],
+     ["--batch_size", ">= 1"]),
+    ("cache-tokens-tokenizer-truncated", ["train/cache_tokens.py", "--tokenizer", "trunc.pt", "--img_size", "32",
+                                          "--data_path", "ref_folder", "--out", "OUT"], ["--tokenizer trunc.pt"]),
+    ("evaluate-recon-data-path-a-file", ["train/evaluate.py", "recon", "--tokenizer", ASSET, "--data_path", "afile",
+                                         "--img_size", "32"], ["afile", "not an image folder"]),
+    ("evaluate-recon-data-path-no-images", ["train/evaluate.py", "recon", "--tokenizer", ASSET, "--data_path",
+                                            "no_images", "--img_size", "32"], ["no_images", "no images"]),
+    ("vim-token-cache-sequence-length", [*VIM, "--token_cache", "tc_seq.pt", "--output_dir", "OUT"],
+     ["--token_cache tc_seq.pt", "16-token grid", "64 tokens per image"]),  # the tokenizer's grid, before args.json
+    ("vim-token-cache-ids-out-of-range", [*VIM, "--token_cache", "tc_range.pt", "--output_dir", "OUT"],
+     ["--token_cache tc_range.pt", "token ids in [300, 300]"]),
+    ("vim-img-size-not-a-multiple", [*VIM, "--synthetic", "--img_size", "30", "--output_dir", "OUT"],
+     ["--img_size 30", "downsampling 4"]),
+    ("vim-heads-do-not-split", [*VIM, "--synthetic", "--embed_dim", "65", "--output_dir", "OUT"],
+     ["--embed_dim 65", "heads"]),
+    ("vim-init-from-text", [*VIM, "--synthetic", "--init_from", "afile", "--output_dir", "OUT"],
+     ["--init_from", "afile", "not a readable torch checkpoint"]),
+    ("vim-init-from-a-folder", [*VIM, "--synthetic", "--init_from", "adir", "--output_dir", "OUT"],
+     ["--init_from", "adir", "directory"]),
+    ("vim-tokenizer-truncated", [*VIM[:1], "--tokenizer", "trunc.pt", "--synthetic", "--max_steps", "1",
+                                 "--output_dir", "OUT"], ["--tokenizer trunc.pt"]),
     *((f"{b}-unknown-flag", [f"benchmarks/{b}.py", *REQUIRED.get(b, []), "--no-such-flag"],
        ["error: unrecognized arguments", "--no-such-flag"]) for b in BENCHMARKS),
     ("fid-ref-stats-a-folder", ["-m", "mage_fast", "fid", "gen", "ref", "--min-samples", "2", "--ref-stats", "adir",
@@ -204,8 +252,9 @@ SCRIPT_CASES = [  # (id, argv with OUT for a path that must not be created, word
 ]
 
 
-def _script(cwd, argv, debug=False):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def _script(cwd, argv, debug=False, path_first=None):
+    env = dict(os.environ, PYTHONPATH=REPO if path_first is None else os.pathsep.join([path_first, REPO]),
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("MAGE_FAST_DEBUG", None)
     if debug:
         env["MAGE_FAST_DEBUG"] = "1"
@@ -239,6 +288,37 @@ def test_script_refuses_bad_input_with_one_line_and_status_2(bad_dir, argv, word
     for w in words:
         assert w in lines[-1], f"{w!r} not in {lines[-1]!r}"
     assert _listing(bad_dir) == before, "the refused run wrote something"  # no args.json, no output folder
+
+
+def _check_one_line(proc, words):
+    both = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in both, f"exit {proc.returncode}\n{both[-3000:]}"
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert [ln for ln in lines if "error" in ln] == lines[-1:], proc.stderr[-2000:]
+    for w in words:
+        assert w in lines[-1], f"{w!r} not in {lines[-1]!r}"
+
+
+def test_explicit_dali_without_dali_installed_is_refused_before_writing(bad_dir, tmp_path):
+    """``--data_backend dali`` where nvidia-dali is not installed (hidden here behind an ``nvidia``
+    package without it): one line before args.json, whatever this machine has."""
+    (tmp_path / "nvidia").mkdir()
+    (tmp_path / "nvidia" / "__init__.py").write_text("")
+    before = _listing(bad_dir)
+    proc = _script(bad_dir, [*PRETRAIN, "--data_path", "ref_folder", "--data_backend", "dali", "--output_dir",
+                             "out_nodali"], path_first=str(tmp_path))
+    _check_one_line(proc, ["--data_backend dali", "nvidia-dali is not installed", "--data_backend torch"])
+    assert _listing(bad_dir) == before, "the refused run wrote something"
+
+
+@pytest.mark.skipif(not __import__("mage_fast.data", fromlist=["x"]).dali_available(),
+                    reason="nvidia-dali not installed")
+def test_corrupt_image_under_explicit_dali_is_named(bad_dir):
+    """DALI's decoder stops its pipeline without naming the file; the file is found and named (on
+    this machine DALI's CPU pipeline; a GPU's 'mixed' decoder goes through the same path)."""
+    proc = _script(bad_dir, [*PRETRAIN, "--data_path", "corrupt", "--data_backend", "dali", "--batch_size", "1",
+                             "--num_workers", "1", "--no_progress"])
+    _check_one_line(proc, ["corrupt/a/0.png", "not a readable image", "DALI's decoder"])
 
 
 def test_debug_shows_the_traceback(bad_dir):

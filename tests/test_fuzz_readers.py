@@ -1,15 +1,23 @@
 """Fuzzing the readers users feed (issue 30, part 4), with hypothesis: images (the CLI's loader for
-inpaint / outpaint, the training ImageFolder), checkpoints (``MAGE.from_pretrained``,
-``build_from_checkpoint``, the CLI's ``load_model``), run manifests (``run.json``, as ``--resume`` and
-``fid`` read them), token caches and ``--ref-stats`` statistics caches.
+inpaint / outpaint, the training ImageFolder), ``--mask`` images (the CLI's mask reader), checkpoints
+(``MAGE.from_pretrained``, ``build_from_checkpoint``, the CLI's ``load_model``), model cards (the JSON
+beside a checkpoint: the model's class names, the CLI's sampling defaults and ``--class-id``), tokenizer
+exports (``--tokenizer`` as train/pretrain.py and train/cache_tokens.py read it), resume checkpoints
+(the files of ``checkpoints/stepN/`` and ``latest`` that ``--resume auto`` checks and loads into a
+DeepSpeed engine), run manifests (``run.json``, as ``--resume`` and ``fid`` read them), token caches and
+``--ref-stats`` statistics caches.
 
 Inputs: valid files truncated, with bytes flipped or overwritten, random bytes, valid archives with
-wrong contents (wrong types, missing or mis-shaped tensors, configs of wrong types), JSON of wrong
-types. Each reader must succeed or raise its documented exception: ``InputError`` (images, run
-manifests, token caches), ``CheckpointError`` (checkpoints; the CLI's ``CLIError`` for paths), and a
-statistics cache is recomputed (the reader returns None), never another exception type; and no example
-may hang: each has a hard deadline of :data:`DEADLINE_S` seconds (SIGALRM). The number of examples per
-reader is stated in each test's ``settings`` (``max_examples``); the file runs in about 20 s on one thread.
+wrong contents (wrong types, missing or mis-shaped tensors, configs of wrong types or sizes), JSON of
+wrong types. Each reader must succeed or raise its documented exception: ``InputError`` (images, masks,
+run manifests, token caches, resume checkpoints), ``CheckpointError`` (checkpoints, model cards,
+tokenizer exports; the CLI's ``CLIError`` for paths and masks), and a statistics cache is recomputed
+(the reader returns None), never another exception type; and no example may hang: each has a hard
+deadline of :data:`DEADLINE_S` seconds (SIGALRM). Examples are derandomized; their number per reader
+is stated in each test's ``settings`` (``max_examples``): 150 images, 100 training images, 100 masks,
+30 + 50 checkpoints, 80 model cards, 30 + 60 tokenizer exports, 40 resume checkpoints, 80 run
+manifests, 80 token caches, 80 statistics caches. The resume test makes its checkpoint with one
+train/pretrain.py step first; the file takes a few minutes on one thread.
 """
 import io
 import json
@@ -335,3 +343,233 @@ def test_the_valid_inputs_are_read():
             Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(os.path.join(d, f"{i:05d}.png"))
         assert len(run_samples(d)) == 2
     assert zipfile.is_zipfile(ASSET)
+
+
+# ------------------------------------------------------------------------------- inpaint/edit masks
+@settings(max_examples=100, **FUZZ)
+@given(data=st.sampled_from(IMAGES).flatmap(mutated))
+def test_cli_mask_reader(data):
+    """``inpaint`` / ``edit --mask``: a region, or the CLI's one line (CLIError) / InputError."""
+    from mage_fast.__main__ import CLIError, _read_mask
+    with tempfile.TemporaryDirectory() as d:
+        region = _expect((CLIError, InputError), _read_mask, _write(d, "mask.png", data), 16)
+    if region is not None:
+        assert region.shape == (16, 16) and region.dtype == torch.bool and bool(region.any())
+
+
+# -------------------------------------------------------------------------------------- model cards
+CARD = {"description": "x", "class_conditional": True, "classes": ["a", "b", "c"],
+        "sampling": {"num_iter": 4, "temperature": 1.0, "guidance": 2.0}}
+
+
+def _read_card_all_ways(ckpt, card_path):
+    """Every reader of ``<ckpt>.json``: the model's build (class names), the CLI's sampling defaults
+    (with and without a class asked for), --class-id by number, name and 'all', the grid's names."""
+    import argparse
+
+    import mage_fast
+    from mage_fast.__main__ import CLIError, class_names, resolve_class, sampling_defaults
+    from mage_fast.models.checkpoint import build_from_checkpoint
+    allowed = (CheckpointError, InputError, CLIError)
+    model = _expect(allowed, build_from_checkpoint, ckpt)
+    if model is None:
+        return
+    assert isinstance(model, mage_fast.MAGE)
+    for class_id in (None, "1"):
+        args = argparse.Namespace(num_iter=None, temperature=None, guidance=None, class_id=class_id)
+        if _expect(allowed, sampling_defaults, ckpt, args) is None and args.num_iter is None:
+            continue  # refused
+        assert type(args.num_iter) is int and args.num_iter >= 1, card_path
+        assert isinstance(args.temperature, (int, float)) and np.isfinite(args.temperature)
+        assert isinstance(args.guidance, (int, float)) and np.isfinite(args.guidance)
+    for spec in ("0", "b", "all"):
+        _expect(allowed, resolve_class, spec, ckpt, model)
+    names = _expect(allowed, class_names, model, ckpt)
+    assert names is None or all(isinstance(n, str) for n in names)
+
+
+@pytest.fixture(scope="module")
+def card_dir():
+    with tempfile.TemporaryDirectory() as d:
+        os.symlink(ASSET, os.path.join(d, "m.pt"))  # the card is <ckpt without extension>.json
+        yield d
+
+
+@settings(max_examples=80, **FUZZ)
+@given(st.data())
+def test_model_card(card_dir, data):
+    how = data.draw(st.sampled_from(["bytes", "value", "sampling-value", "document"]))
+    if how == "bytes":
+        text = data.draw(mutated(json.dumps(CARD).encode()))
+    else:
+        card = json.loads(json.dumps(CARD))
+        if how == "value":
+            card[data.draw(st.sampled_from(sorted(card)))] = data.draw(JSONISH)
+        elif how == "sampling-value":
+            card["sampling"][data.draw(st.sampled_from(sorted(card["sampling"])))] = data.draw(JSONISH)
+        else:
+            card = data.draw(JSONISH)
+        text = json.dumps(card).encode()
+    card_path = _write(card_dir, "m.json", text)
+    _read_card_all_ways(os.path.join(card_dir, "m.pt"), card_path)
+
+
+# --------------------------------------------------------------------------------- tokenizer exports
+@pytest.fixture(scope="module")
+def tokenizer_blob(asset_blob):
+    from mage_fast.models.checkpoint import tokenizer_export
+    return tokenizer_export(asset_blob)  # {'state_dict', 'config', 'arch'}: what train_tokenizer.py writes
+
+
+def _read_tokenizer_all_ways(path):
+    """``--tokenizer`` as train/pretrain.py (the model's config, before args.json) and
+    train/cache_tokens.py (the tokenizer built) read it."""
+    import argparse
+    pretrain, cache_tokens = _train_module("pretrain"), _train_module("cache_tokens")
+    args = argparse.Namespace(model="tiny", tokenizer=path, vqgan_config=None, img_size=28, mlp_ratio=4.0,
+                              mask_ratio_min=0.5, mask_ratio_max=1.0, mask_ratio_mu=0.55, mask_ratio_std=0.25,
+                              dropout=0.1, **{k: None for k in pretrain.SIZE_KEYS})
+    cfg = _expect((CheckpointError, InputError, SystemExit), pretrain.model_config, args)
+    if cfg is not None:
+        assert isinstance(cfg["vqgan_config"], dict)
+    vq = _expect((CheckpointError, InputError, SystemExit), cache_tokens.load_tokenizer, path, 28)
+    if vq is not None:
+        assert vq.quantize.embedding.weight.dim() == 2
+
+
+_MODULES = {}
+
+
+def _train_module(name):
+    """A script under train/ imported as a module (each once)."""
+    if name not in _MODULES:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(f"_fuzz_{name}", os.path.join(REPO, "train", f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _MODULES[name] = mod
+    return _MODULES[name]
+
+
+@settings(max_examples=30, **FUZZ)
+@given(st.data())
+def test_tokenizer_export_bytes(tokenizer_blob, data):
+    blob = data.draw(mutated(_save(tokenizer_blob)))
+    with tempfile.TemporaryDirectory() as d:
+        _read_tokenizer_all_ways(_write(d, "tok.pt", blob))
+
+
+@settings(max_examples=60, **FUZZ)
+@given(st.data())
+def test_tokenizer_export_wrong_contents(tokenizer_blob, data):
+    sd, cfg = dict(tokenizer_blob["state_dict"]), dict(tokenizer_blob["config"])
+    obj = {"state_dict": sd, "config": cfg, "arch": tokenizer_blob["arch"]}
+    kind = data.draw(st.sampled_from(["config-value", "config-size", "arch", "drop-tensor", "reshape-tensor",
+                                      "tensor-to-other", "top-level"]))
+    if kind == "config-value":
+        cfg[data.draw(st.sampled_from(sorted(cfg)))] = data.draw(JSONISH)
+    elif kind == "config-size":
+        cfg[data.draw(st.sampled_from(sorted(cfg)))] = data.draw(st.integers(-2, 2 ** 31))
+    elif kind == "arch":
+        obj["arch"] = data.draw(st.sampled_from(["vit_vqgan", "vqgan"]) | JSONISH)
+    elif kind == "drop-tensor":
+        for k in data.draw(st.lists(st.sampled_from(sorted(sd)), min_size=1, max_size=3)):
+            sd.pop(k, None)
+    elif kind == "reshape-tensor":
+        sd[data.draw(st.sampled_from(sorted(sd)))] = torch.zeros(data.draw(st.lists(st.integers(0, 5), max_size=3)))
+    elif kind == "tensor-to-other":
+        sd[data.draw(st.sampled_from(sorted(sd)))] = data.draw(JSONISH)
+    if kind == "top-level":
+        obj = data.draw(JSONISH)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "tok.pt")
+        torch.save(obj, path)
+        _read_tokenizer_all_ways(path)
+
+
+# ------------------------------------------------------------------------------ resume checkpoints
+RESUME_ARGV = ["--model", "tiny", "--img_size", "32", "--vqgan_config", '{"ch_mult": [1, 2, 2], "n_embed": 64}',
+               "--synthetic", "--synthetic_length", "8", "--max_steps", "1", "--batch_size", "2", "--save_every",
+               "1", "--deepspeed_config", "zero1", "--no_progress", "--data_backend", "torch"]
+
+
+@pytest.fixture(scope="module")
+def resume_setup(tmp_path_factory):
+    """A real checkpoint (``checkpoints/step1`` of a one-step train/pretrain.py run) and, in this
+    process, the DeepSpeed engine ``--resume auto`` loads it into (a one-rank gloo group, removed
+    with the environment it set when the module's tests end)."""
+    import subprocess
+    import sys
+    pytest.importorskip("deepspeed", reason="resume checkpoints are DeepSpeed's")
+    run = tmp_path_factory.mktemp("resume") / "run"
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train", "pretrain.py"), *RESUME_ARGV, "--output_dir",
+                           str(run)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved_env = dict(os.environ)
+    import torch.distributed as dist
+    pretrain = _train_module("pretrain")
+    args = pretrain.parse_args([*RESUME_ARGV, "--output_dir", str(run), "--resume", "auto"])
+    from mage_fast.training.common import build_engine
+    from mage_fast.training.engine import setup_distributed
+    from mage_fast.training.objective import MAGEObjective
+    deepspeed = setup_distributed()
+    try:
+        model = pretrain.build_model(pretrain.model_config(args), args)
+        engine, _, _ = build_engine(deepspeed, MAGEObjective(model), args, 1, 1e-3)
+        yield str(run / "checkpoints"), args, engine
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def _expect_flag(allowed, fn, *args):
+    try:
+        _within_deadline(fn, *args)
+        return False
+    except allowed:
+        return True
+
+
+def _load_any(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@settings(max_examples=40, **FUZZ)
+@given(st.data())
+def test_resume_checkpoint(resume_setup, data):
+    import argparse
+    import shutil
+    from mage_fast.training.common import check_resume
+    from mage_fast.training.engine import load_checkpoint
+    good, args, engine = resume_setup
+    files = sorted(f for f in os.listdir(os.path.join(good, "step1")) if f.endswith(".pt"))
+    name = data.draw(st.sampled_from(files))
+    with open(os.path.join(good, "step1", name), "rb") as f:
+        raw = f.read()
+    how = data.draw(st.sampled_from(["bytes", "value", "document", "latest"]))
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = os.path.join(d, "run", "checkpoints")
+        shutil.copytree(good, ckpt)
+        path = os.path.join(ckpt, "step1", name)
+        if how == "bytes":
+            _write(os.path.dirname(path), name, data.draw(mutated(raw)))
+        elif how == "value":
+            obj = _load_any(path)
+            if isinstance(obj, dict) and obj:
+                obj[data.draw(st.sampled_from(sorted(obj, key=str)))] = data.draw(JSONISH | st.builds(
+                    torch.zeros, st.lists(st.integers(0, 4), max_size=3)))
+            torch.save(obj, path)
+        elif how == "document":
+            torch.save(data.draw(JSONISH), path)
+        else:  # the pointer to the step folder
+            _write(ckpt, "latest", data.draw(st.sampled_from([b"step1", b"step2", b"", b"../step1", b"\xff\xfe"])
+                                             | st.binary(max_size=16)))
+        a = argparse.Namespace(**dict(vars(args), output_dir=os.path.dirname(ckpt)))
+        if _expect_flag(InputError, check_resume, a):
+            return  # refused before anything is written
+        client = _expect(InputError, load_checkpoint, engine, ckpt)
+    if client is not None:
+        assert all(type(client[k]) is int and client[k] >= 0 for k in ("step", "epoch", "batch"))

@@ -7,14 +7,18 @@ status 2 and none hangs (each launch has a deadline); a refusal writes nothing.
 - Later faults: a corrupt image in one rank's share of the data, met in the first step while the
   other rank waits in a collective (rank 1 under torchrun; rank 0 under deepspeed, whose process
   holds the job's store).
+- A rank killed outright (SIGKILL) mid-training under the deepspeed launcher, rank 1 or rank 0 (whose
+  process holds the job's store): the rank beside it names it.
 - Sharded generation (``torchrun -m mage_fast generate``): a corrupt image in rank 1's share of the
   ``--fid-ref`` reference set (files ``rank::world``), read before the run folder is made.
 
 torchrun itself always ends with status 1 and its own ChildFailedError report when a worker fails; the
 workers' statuses are read from that report.
 """
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -121,3 +125,51 @@ def test_generate_corrupt_reference_image_in_rank_1s_share_writes_nothing(tmp_pa
                                 "ref", "--ref-stats", "ref_stats.pt", "--out", "gen"], tmp_path)
     _one_error_line(proc, "torchrun", ["rank 1:", os.path.relpath(bad, tmp_path), "not a readable image"])
     assert _listing(tmp_path) == before, "the refused run wrote something"
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("victim", [1, 0])
+def test_rank_killed_outright_under_deepspeed_is_named(tmp_path, victim):
+    """SIGKILL of one rank mid-training (rank 1; or rank 0, whose process holds the job's store): the
+    survivor says which rank it lost in one ``error:`` line, every process exits non-zero (the
+    survivor 2, the killed rank -9, the launcher with the first failure it saw), within DEADLINE_S."""
+    import psutil
+    import threading
+    import time
+    cmd = [*deepspeed_launcher(), "--num_gpus", "2", "--master_port", _port(), os.path.join(REPO, TINY[0]),
+           *TINY[1:], "--max_steps", "100000", "--synthetic", "--num_workers", "0", "--log_every", "1"]
+    e = env()
+    e.pop("MAGE_FAST_DEBUG", None)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, started = [], threading.Event()
+
+    def read():
+        for ln in proc.stdout:
+            lines.append(ln)
+            if "total batch" in ln:  # rank 0's header: both engines are built, the steps begin
+                started.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert started.wait(DEADLINE_S), "".join(lines)[-4000:]
+        time.sleep(2)  # into the steps' collectives
+        ranks = {}
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "pretrain.py" in " ".join(p.cmdline()) and "RANK" in p.environ():
+                    ranks.setdefault(int(p.environ()["RANK"]), p)
+        assert sorted(ranks) == [0, 1], "".join(lines)[-4000:]
+        survivor = ranks[1 - victim]
+        os.kill(ranks[victim].pid, signal.SIGKILL)
+        code = proc.wait(timeout=DEADLINE_S)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines)
+    errors = [ln for ln in out.splitlines() if "error: " in ln]
+    assert len(errors) == 1, out[-4000:]
+    assert f"rank {1 - victim}: rank {victim} (pid {ranks[victim].pid})" in errors[0], errors[0]
+    assert "killed outright" in errors[0] and "Traceback" not in out, out[-4000:]
+    assert code != 0, out[-4000:]  # the launcher; the survivor left with status 2 after its line (os._exit(2))
+    assert not survivor.is_running(), "the surviving rank outlived the launcher"

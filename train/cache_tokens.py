@@ -59,9 +59,21 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if args.views < 1:
-        ap.error("--views must be >= 1")
+    for flag, v, lo in (("--views", args.views, 1), ("--img_size", args.img_size, 1),
+                        ("--batch_size", args.batch_size, 1), ("--num_workers", args.num_workers, 0)):
+        if v < lo:
+            ap.error(f"{flag} must be >= {lo}, got {v}")
+    if not 0 < args.crop_scale_min <= 1:
+        ap.error(f"--crop_scale_min must be in (0, 1], got {args.crop_scale_min}")
+    from mage_fast.models.checks import InputError
+    from mage_fast.runs import check_output_file
+    from mage_fast.training.common import check_image_folder
+    check_output_file(args.out)  # before the tokenizing, not after it
+    check_image_folder(args.data_path)
     vq = load_tokenizer(args.tokenizer, args.img_size)
+    if args.img_size % vq.downsample:
+        raise InputError(f"--img_size {args.img_size} is not a multiple of the tokenizer's downsampling "
+                         f"{vq.downsample}")
     vq.check_input_range = False
     train = ImageFolder(args.data_path, TrainTransform(args.img_size, (args.crop_scale_min, 1.0)), seed=args.seed)
     plain = ImageFolder(args.data_path, EvalTransform(args.img_size))

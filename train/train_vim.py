@@ -96,24 +96,25 @@ def vim_config(args, seq_len: int, codebook_size: int, num_classes: int) -> dict
     for k in SIZE_KEYS:
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
-    if cfg["embed_dim"] % cfg["num_heads"]:
-        raise SystemExit(f"--embed_dim {cfg['embed_dim']} does not split into {cfg['num_heads']} heads")
+    if min(cfg.values()) <= 0 or cfg["embed_dim"] % cfg["num_heads"]:
+        from mage_fast.models.checks import InputError
+        raise InputError(f"--embed_dim {cfg['embed_dim']}, --depth {cfg['depth']}, --num_heads {cfg['num_heads']}: "
+                         f"each must be positive and the width must split into the heads")
     cfg.update(seq_len=seq_len, codebook_size=codebook_size, num_classes=num_classes, mlp_ratio=args.mlp_ratio,
                dropout=args.dropout, class_dropout_prob=args.class_dropout_prob,
                label_smoothing=args.label_smoothing)
     return cfg
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    meta = {}  # --token_cache read whole and checked before args.json; its sizes once the tokenizer is built
-    deepspeed, rank, world, dev = start_run(
-        args, check=(lambda: meta.update(check_token_cache(args.token_cache))) if args.token_cache else None)
-
-    # the tokenizer fixes the image size (ViT-VQGAN) or takes the cache's / --img_size (VQGAN)
+def prepare(args) -> dict:
+    """Before args.json, on every rank: the tokenizer (it fixes the image size for a ViT-VQGAN, else
+    the cache's / --img_size), the token cache against its token grid, codebook and checksum, the
+    VIM's sizes and ``--init_from``. Returns what ``main`` builds from (tokenizer, its export, image
+    size, grid, sequence length, codebook size)."""
+    from mage_fast.models.checks import InputError
     img_size = args.img_size
-    if args.token_cache:
-        img_size = meta.get("img_size", img_size)
+    if args.token_cache:  # read whole and checked; its sizes once the tokenizer is known
+        img_size = check_token_cache(args.token_cache).get("img_size", img_size)
     try:
         tok_exp = tokenizer_export(args.tokenizer)
         if tok_exp["arch"] == "vit_vqgan":
@@ -121,12 +122,33 @@ def main(argv=None):
         tok_exp = tokenizer_export(tok_exp, img_size)
         tokenizer = build_tokenizer(tok_exp)
     except CheckpointError as e:
-        raise SystemExit(f"--tokenizer {args.tokenizer}: {e}")
+        raise CheckpointError(f"--tokenizer {args.tokenizer}: {e}") from None
+    if not isinstance(img_size, int) or img_size < tokenizer.downsample or img_size % tokenizer.downsample:
+        raise InputError(f"--img_size {img_size} is not a positive multiple of the tokenizer's downsampling "
+                         f"{tokenizer.downsample}")
     tokenizer.check_input_range = False
     grid = img_size // tokenizer.downsample
     seq_len, codebook_size = grid * grid, tokenizer.n_embed
     if args.token_cache:
         check_token_cache(args.token_cache, seq_len, codebook_size, tokenizer_checksum(tokenizer))
+    vim_config(args, seq_len, codebook_size, 1)  # the sizes (heads dividing the width) refused here
+    if args.init_from:
+        from mage_fast.models.checkpoint import load_torch_file
+        try:
+            read_state_dict(load_torch_file(args.init_from))
+        except CheckpointError as e:
+            raise CheckpointError(f"--init_from: {e}") from None
+    return dict(tokenizer=tokenizer, tok_exp=tok_exp, img_size=img_size, grid=grid, seq_len=seq_len,
+                codebook_size=codebook_size)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    got = {}
+    deepspeed, rank, world, dev = start_run(args, check=lambda: got.update(prepare(args)))
+    tokenizer, tok_exp, img_size, grid = got["tokenizer"], got["tok_exp"], got["img_size"], got["grid"]
+    seq_len, codebook_size = got["seq_len"], got["codebook_size"]
+    if args.token_cache:
         spec = LoaderSpec(source="tokens", path=args.token_cache, batch_size=args.batch_size, num_workers=0,
                           seed=args.seed)
     else:

@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..image_folder import ImageReadError, list_image_folder, open_image  # noqa: F401 (ImageReadError re-exported)
+from ..image_folder import (IMAGE_READ_ERRORS, ImageFolderNotFound, ImageReadError, list_image_folder,  # noqa: F401
+                            open_image)  # (IMAGE_READ_ERRORS, ImageFolderNotFound, ImageReadError re-exported)
 from ..models.checks import InputError
 from .transforms import sample_rng
 

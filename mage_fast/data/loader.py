@@ -43,8 +43,7 @@ def choose_backend(requested: str, source: str) -> Tuple[str, str]:
         return "torch", "requested"
     if not dali_available():
         if requested == "dali":
-            raise RuntimeError("--data_backend dali was requested but nvidia-dali is not installed "
-                               "(pip install nvidia-dali-cuda130)")
+            raise RuntimeError("nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
         return "torch", "nvidia-dali is not installed"
     if requested == "auto" and not torch.cuda.is_available():
         # DALI decodes with nvImageCodec, which needs a CUDA device: without one it fails on the first
@@ -106,7 +105,9 @@ class EpochLoader:
         self.num_samples = n
         self.batches_per_epoch = (n // world_size) // spec.batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{n} samples over {world_size} ranks give no full batch of {spec.batch_size}")
+            from ..models.checks import InputError  # a ValueError: one line under the scripts
+            raise InputError(f"{n} samples over {world_size} rank(s) give no full batch of {spec.batch_size} "
+                             f"({spec.source}{' ' + spec.path if spec.path else ''}): lower --batch_size")
         self.sampler = ResumableSampler(n, rank, world_size, shuffle=True, seed=spec.seed)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator:
@@ -143,16 +144,48 @@ def _dali_batches(spec: LoaderSpec, items: list, rank: int, world_size: int, epo
                                         std=[255.0] * 3, mirror=fn.random.coin_flip(probability=0.5))
         return imgs, labels
 
-    p = pipe()
-    p.build()
-    it = DALIGenericIterator([p], ["images", "labels"], reader_name="reader",
-                             last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
-    for b, out in enumerate(it):
+    try:  # the iterator decodes its first batches when it is made
+        p = pipe()
+        p.build()
+        it = DALIGenericIterator([p], ["images", "labels"], reader_name="reader",
+                                 last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        batches = enumerate(it)
+    except RuntimeError as e:  # DALI's decoder names no file ("nvImageCodec failure: '#3'")
+        raise _dali_decode_error(spec.path, e) from e
+    while True:
+        try:
+            b, out = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            raise _dali_decode_error(spec.path, e) from e
         if b >= per_epoch:
             break
         if b < start:
             continue
         yield out[0]["images"].clamp_(0, 1), out[0]["labels"].view(-1).long()
+
+
+def _dali_decode_error(root: str, e: RuntimeError) -> Exception:
+    """The image DALI could not decode, named: DALI reports a failed pipeline without the file, so
+    the folder's images are opened with PIL (only on this failure) to find the first unreadable
+    one. Returns an :class:`ImageReadError` naming it (or saying that PIL opens them all), or ``e``
+    itself when the failure was not the decoder's."""
+    from .datasets import IMAGE_READ_ERRORS, ImageReadError
+    from PIL import Image
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    why = next((ln for ln in lines if "failure" in ln.lower()), "it stopped the pipeline")
+    if "decoders.image" not in str(e) and "nvImageCodec" not in str(e):
+        return e
+    for path, _ in scan_image_folder(root)[0]:
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except IMAGE_READ_ERRORS as pil:
+            return ImageReadError(f"{path}: not a readable image (DALI's decoder: {why}; PIL: {type(pil).__name__}: "
+                                  f"{pil}); remove or replace it")
+    return ImageReadError(f"DALI's decoder failed on an image under {root} ({why}), and every image there opens "
+                          f"with PIL; --data_backend torch reads them")
 
 
 def eval_images(root: str, img_size: int) -> ImageFolder:

@@ -115,3 +115,33 @@ def read_json_object(path, what: str, error=InputError) -> dict:
         raise error(f"{what} {path} must hold a JSON object, got {type(obj).__name__}")
     return obj
 
+
+
+def check_model_card(card: dict, path, error=InputError) -> dict:
+    """The fields of a model card (the JSON beside a checkpoint) that the readers use, checked:
+    ``classes`` a list of distinct names, ``class_conditional`` true or false, ``sampling`` an object
+    whose ``num_iter`` is an integer 1..10000 and whose ``temperature`` / ``guidance`` are finite
+    numbers >= 0. Other keys (description, measurements) are free. Returns ``card``; raises
+    ``error`` naming the file and the field otherwise."""
+    import math
+
+    def bad(field, want, got):
+        return error(f"the model card {path}: {field} must be {want}, got {got!r:.80}")
+
+    names = card.get("classes")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
+                              or len(set(names)) != len(names)):
+        raise bad("'classes'", "a list of distinct class names", names)
+    if "class_conditional" in card and not isinstance(card["class_conditional"], bool):
+        raise bad("'class_conditional'", "true or false", card["class_conditional"])
+    rec = card.get("sampling", {})
+    if not isinstance(rec, dict):
+        raise bad("'sampling'", "an object", rec)
+    n = rec.get("num_iter", 1)
+    if type(n) is not int or not 1 <= n <= 10_000:
+        raise bad("'sampling.num_iter'", "an integer from 1 to 10000", n)
+    for key in ("temperature", "guidance"):
+        v = rec.get(key, 0.0)
+        if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
+            raise bad(f"'sampling.{key}'", "a finite number >= 0", v)
+    return card

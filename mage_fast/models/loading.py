@@ -10,7 +10,9 @@ import torch.nn as nn
 
 from .mage import MAGE
 from .state_dict import (CheckpointError, describe_state_dict, load_state_dict_strict, read_checkpoint,
-                         read_model_card, read_state_dict, tokenizer_export)
+                         read_model_card, read_state_dict)
+from .state_dict import tokenizer_export as read_tokenizer_export
+from .tokenizer_fit import check_tokenizer_fits
 from .vim import VIM
 from .vit_vqgan import ViTVQGAN
 from .vqgan import VQModel
@@ -20,6 +22,16 @@ def build_from_checkpoint(path, map_location="cpu", **overrides) -> nn.Module:
     """Build and strictly load the MAGE a checkpoint holds (:meth:`MAGE.from_pretrained`: the model
     builds itself from the state-dict layer, without drawing initial weights)."""
     return MAGE.from_pretrained(path, map_location=map_location, **overrides)
+
+
+def tokenizer_export(src, img_size=None, map_location="cpu") -> dict:
+    """:func:`mage_fast.models.state_dict.tokenizer_export` (``{'state_dict', 'config', 'arch'}`` from
+    any tokenizer file), with its config checked against its weights on the meta device before
+    anything is built: a config of sizes the weights do not have is a :class:`CheckpointError`
+    naming the file, not a model of any size."""
+    exp = read_tokenizer_export(src, img_size, map_location)
+    check_tokenizer_fits(exp, src if isinstance(src, (str, os.PathLike)) else "the tokenizer")
+    return exp
 
 
 def build_tokenizer(src, img_size=None, map_location="cpu") -> nn.Module:
@@ -73,4 +85,4 @@ def load_vim(src, map_location="cpu") -> nn.Module:
     load_state_dict_strict(model, sd)
     return model.eval()
 
-__all__ = ["build_from_checkpoint", "build_tokenizer", "load_vim", "read_model_card"]
+__all__ = ["build_from_checkpoint", "build_tokenizer", "load_vim", "read_model_card", "tokenizer_export"]

@@ -12,7 +12,7 @@ from typing import Mapping, Union
 import torch
 import torch.nn as nn
 
-from .checks import check_file, read_json_object
+from .checks import check_file, check_model_card, read_json_object
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -331,4 +331,4 @@ def read_model_card(ckpt) -> dict:
     card = os.path.splitext(os.fspath(ckpt))[0] + ".json"
     if not os.path.isfile(card):
         return {}
-    return read_json_object(card, "the model card", CheckpointError)
+    return check_model_card(read_json_object(card, "the model card", CheckpointError), card, CheckpointError)

@@ -71,6 +71,12 @@ def check_common_args(ap: argparse.ArgumentParser, args) -> None:
         ap.error("--resume auto needs --output_dir")
     if args.batch_size <= 0 or args.accum_iter <= 0:
         ap.error("--batch_size and --accum_iter must be positive")
+    for flag, lo in (("img_size", 1), ("num_workers", 0), ("synthetic_length", 1), ("save_every", 0),
+                     ("keep_last", 0), ("log_every", 1), ("threads", 0), ("max_steps", 0)):
+        if getattr(args, flag) < lo:
+            ap.error(f"--{flag} must be >= {lo}, got {getattr(args, flag)}")
+    if not args.epochs >= 0 or not args.warmup_epochs >= 0 or not args.min_lr >= 0 or not args.weight_decay >= 0:
+        ap.error("--epochs, --warmup_epochs, --min_lr and --weight_decay must be numbers >= 0")
 
 
 def schedule_lengths(args, batches_per_epoch: int) -> tuple:
@@ -119,7 +125,8 @@ def check_image_folder(root: str, flag: str = "--data_path") -> None:
 def check_resume(args) -> None:
     """The checkpoint ``--resume`` would load: ``latest`` names a step folder that is there, which
     holds this rank's files (its random state, its ZeRO shard), and whose files are whole torch
-    archives (a copy or save cut short has no zip central directory)."""
+    archives (a copy or save cut short has no zip central directory; a flipped byte fails its
+    member's CRC)."""
     import zipfile
 
     from ..models.checks import InputError
@@ -152,12 +159,19 @@ def check_resume(args) -> None:
     for f in files:
         path = os.path.join(tag_dir, f)
         try:
-            with zipfile.ZipFile(path):
-                pass
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            with zipfile.ZipFile(path) as z:  # every member read back against its CRC: flipped bytes too
+                broken = z.testzip()
+            if broken is not None:
+                raise zipfile.BadZipFile(f"member {broken} fails its CRC check")
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError, NotImplementedError) as e:
             raise InputError(f"--resume: {path} is not a readable checkpoint file (cut short or corrupt: {e}); "
                              f"remove {tag_dir} and write the previous step's name into "
                              f"{os.path.join(ckpt_dir, 'latest')}, or start afresh") from e
+
+
+def parallel_world() -> int:
+    from ..parallel import dist_info
+    return dist_info()[1]
 
 
 def check_run_inputs(args) -> None:
@@ -172,12 +186,33 @@ def check_run_inputs(args) -> None:
         check_output_dir(args.output_dir, "--output_dir")
     if args.data_path and not args.synthetic and not getattr(args, "token_cache", None):
         check_image_folder(args.data_path)
+    if args.synthetic and args.synthetic_length // max(1, parallel_world()) < args.batch_size:
+        raise InputError(f"--synthetic_length {args.synthetic_length} over {parallel_world()} rank(s) gives no "
+                         f"full batch of --batch_size {args.batch_size}")
     try:
         eng.ds_config(args.deepspeed_config, args.batch_size, args.accum_iter, 1, args.clip_grad, args.precision)
     except FileNotFoundError as e:
         raise InputError(f"--deepspeed_config: {e}") from None
     if args.resume:
         check_resume(args)
+    check_data_backend(args)
+
+
+def check_data_backend(args) -> None:
+    """``--data_backend dali`` asked for explicitly: nvidia-dali installed, and a source it reads
+    (an image folder; MAGE-C's two views take the PyTorch loader), else one line naming the flag."""
+    from ..data.loader import choose_backend
+    from ..models.checks import InputError
+    if getattr(args, "data_backend", "auto") != "dali":
+        return
+    source = "tokens" if getattr(args, "token_cache", None) else "synthetic" if args.synthetic else "folder"
+    try:
+        choose_backend("dali", source)
+    except (RuntimeError, ValueError) as e:
+        raise InputError(f"--data_backend dali: {e}; --data_backend torch (or auto) takes the PyTorch loader") from None
+    if getattr(args, "contrastive_weight", 0) > 0:
+        raise InputError("--data_backend dali: MAGE-C's two views (--contrastive_weight > 0) use the PyTorch loader; "
+                         "pass --data_backend torch or auto")
 
 
 def start_run(args, check=None):

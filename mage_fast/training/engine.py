@@ -136,20 +136,40 @@ def _prune(ckpt_dir: str, keep: int, current: str) -> None:
 
 def load_checkpoint(engine, ckpt_dir: str, tag: Optional[str] = None) -> Optional[dict]:
     """Restore engine, optimizer and this rank's random state; returns the client state, or None
-    when ``ckpt_dir`` holds no checkpoint."""
+    when ``ckpt_dir`` holds no checkpoint. A checkpoint that cannot be loaded (files whole, as
+    ``--resume``'s checks found them, but of the wrong contents) is an :class:`InputError` naming it."""
+    from ..models.checks import InputError
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         return None
-    path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    where = os.path.join(ckpt_dir, tag)
+    advice = (f"remove {where} and write the previous step's name into {os.path.join(ckpt_dir, 'latest')}, or "
+              f"start afresh")
+
+    def refuse(what, e):
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return InputError(f"--resume: {what} cannot be loaded ({type(e).__name__}: {first}); {advice}")
+
+    try:
+        path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    except Exception as e:  # a file of the wrong contents: DeepSpeed's KeyError, size mismatch, unpickling error
+        raise refuse(f"checkpoint {where}", e) from e
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r} from {ckpt_dir}")
-    rng_file = os.path.join(ckpt_dir, tag, f"rng_state_rank{dist.get_rank()}.pt")
+        raise InputError(f"--resume: DeepSpeed found no loadable checkpoint in {where}; {advice}")
+    rng_file = os.path.join(where, f"rng_state_rank{dist.get_rank()}.pt")
     if not os.path.isfile(rng_file):
-        raise RuntimeError(f"{rng_file} is missing: checkpoint {tag} was written with a different world size "
-                           f"or is incomplete; exact resume needs the same number of ranks")
-    set_rng_state(torch.load(rng_file, weights_only=False))
-    client = dict(client or {})
+        raise InputError(f"--resume: {rng_file} is missing: checkpoint {tag} was written with a different world "
+                         f"size or is incomplete; exact resume needs the same number of ranks")
+    try:
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    except Exception as e:  # not the random state this project saves
+        raise refuse(rng_file, e) from e
+    client = dict(client) if isinstance(client, dict) else {}
+    bad = [k for k in ("step", "epoch", "batch") if type(client.get(k)) is not int or client[k] < 0]
+    if bad:
+        raise InputError(f"--resume: checkpoint {where} does not hold the loop's position ({', '.join(bad)} must be "
+                         f"integers >= 0); {advice}")
     client["tag"] = tag
     return client
 
