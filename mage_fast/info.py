@@ -33,6 +33,7 @@ def _example_args(device: torch.device) -> dict:
                                                              requires_grad=True) for _ in range(3)),),
                                               dict(dropout_p=0.1, causal=False, scale=None)),
         "dropout": ((torch.randn(2, L, 3072, device=device, dtype=half), 0.1), {}),
+        "linear": ((torch.randn(2, L, 768, **f32), torch.randn(3072, 768, **f32), torch.randn(3072, **f32)), {}),
         "masked_ce": ((torch.randn(2, 256, 1024, **f32), torch.zeros(2, 256, dtype=torch.long, device=device),
                        torch.ones(2, 256, **f32), 0.1), {}),
     }
