@@ -71,6 +71,8 @@ def packed_weight(weight: torch.Tensor, rows: int):
 def _mkl_packed_supports(x, weight, bias=None) -> Optional[str]:
     if not mkl_packed_available():
         return "torch was built without MKL's packed linear"
+    if torch.compiler.is_compiling():
+        return "under torch.compile (the traced graph keeps F.linear; inductor packs weights itself)"
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return "records a gradient (training keeps F.linear)"
     plain = (torch.Tensor, torch.nn.Parameter)
