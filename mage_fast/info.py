@@ -38,6 +38,7 @@ def _example_args(device: torch.device) -> dict:
                              torch.zeros(128, **f32), 1e-6), {}),
         "winograd_conv3x3": ((torch.randn(1, 128, 64, 64, **f32), torch.randn(128, 128, 3, 3, **f32),
                               torch.zeros(128, **f32), True), {}),
+        "linear": ((torch.randn(2, L, 768, **f32), torch.randn(3072, 768, **f32), torch.randn(3072, **f32)), {}),
         "masked_ce": ((torch.randn(2, 256, 1024, **f32), torch.zeros(2, 256, dtype=torch.long, device=device),
                        torch.ones(2, 256, **f32), 0.1), {}),
     }

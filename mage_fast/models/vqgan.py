@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.codebook import codebook_nn
+from ..ops.dispatch import Op
+from ..ops.group_norm import available as group_norm_silu_available
 from ..ops.group_norm import norm_silu
 from .checks import check_images, check_token_ids
 from .state_dict import load_tokenizer
@@ -30,6 +32,21 @@ OFFICIAL_VQGAN_CONFIG = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, 
 
 def _norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=c, eps=1e-6, affine=True)
+
+
+def _norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``silu(norm(x))``. A plain GroupNorm on channels-last fp32 CPU input that records no gradient
+    (the channels-last decode, :func:`decode_channels_last`) runs as the compiled GroupNorm + SiLU of
+    :mod:`mage_fast.ops.group_norm` (closer to a float64 reference than torch's two ops); anything
+    else as :func:`mage_fast.ops.group_norm.norm_silu`."""
+    if (type(norm) is nn.GroupNorm and norm.affine and x.dim() == 4 and x.device.type == "cpu"
+            and x.dtype == torch.float32 and norm.weight.dtype == torch.float32
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
+            and group_norm_silu_available()):
+        return torch.ops.mage_fast.group_norm_silu(x, norm.num_groups, norm.weight.detach(), norm.bias.detach(),
+                                                   norm.eps, True)
+    return norm_silu(norm, x)
 
 
 class ResnetBlock(nn.Module):
@@ -43,9 +60,11 @@ class ResnetBlock(nn.Module):
                              if in_channels != out_channels else None)
 
     def forward(self, x):
-        h = self.conv1(norm_silu(self.norm1, x))
-        h = self.conv2(norm_silu(self.norm2, h))
+        h = self.conv1(_norm_silu(self.norm1, x))
+        h = self.conv2(_norm_silu(self.norm2, h))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(h)
+        if not torch.is_grad_enabled() or not (h.requires_grad or skip.requires_grad):
+            return h.add_(skip)  # h is this block's own fresh tensor: no new one (the same sums)
         return skip + h
 
 
@@ -124,7 +143,82 @@ class Decoder(nn.Module):
                     h = conv(h, upsample=True)
                 else:
                     h = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(norm_silu(self.norm_out, h))
+        return self.conv_out(_norm_silu(self.norm_out, h))
+
+
+def decode_reference(decoder: Decoder, z: torch.Tensor) -> torch.Tensor:
+    """The decoder as the official code runs it: (B, z_channels, h, w) -> images, in ``z``'s layout."""
+    return decoder(z)
+
+
+def decode_channels_last(decoder: Decoder, z: torch.Tensor) -> torch.Tensor:
+    """The same decoder on channels-last activations: torch's direct (oneDNN) convolutions, no
+    Winograd, each plain GroupNorm + SiLU as one compiled op; images come back contiguous (NCHW).
+    fp32 throughout; the convolutions sum in another order than on NCHW input, so pixels differ
+    from :func:`decode_reference`'s by fp32 rounding (tests/test_vqgan_decode.py states the bound)."""
+    with _reuse_freed_memory():
+        return decoder(z.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_LIBC = []  # [ctypes handle or None], looked up once
+
+
+def _glibc():
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+        import platform
+        lib = None
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                lib.mallopt  # noqa: B018  (present in every glibc; checked, not assumed)
+            except (OSError, AttributeError):
+                lib = None
+        _LIBC.append(lib)
+    return _LIBC[0]
+
+
+class _reuse_freed_memory:
+    """During the decode, glibc's malloc keeps the activations it frees and hands them to the next
+    ones, where by default each allocation above its mmap threshold (at most 32 MiB) is a fresh
+    mapping that the kernel zero-fills page by page (a (4, 128, 256, 256) fp32 activation is 128
+    MiB; the page faults were a sixth of the decode's CPU time). On exit the thresholds are set to
+    32 MiB (mmap) and 64 MiB (trim), the values glibc's own adjustment rises to, so memory freed later
+    goes back to the system as before; glibc's adjustment itself stays off from then on. Not glibc:
+    nothing changes."""
+
+    def __enter__(self):
+        lib = _glibc()
+        if lib is not None:
+            lib.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+            lib.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+        return self
+
+    def __exit__(self, *exc):
+        lib = _glibc()
+        if lib is not None:
+            lib.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            lib.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+
+
+def _channels_last_supports(decoder, z) -> Optional[str]:
+    if z.device.type != "cpu":
+        return "not on the CPU"
+    if z.dtype != torch.float32 or next(decoder.parameters()).dtype != torch.float32:
+        return "not fp32"
+    if torch.is_grad_enabled() and (z.requires_grad or any(p.requires_grad for p in decoder.parameters())):
+        return "records a gradient"
+    if z.dim() != 4:
+        return "not a (B, C, h, w) input"
+    if not group_norm_silu_available():
+        return "the compiled group_norm_silu op is not built"
+    return None
+
+
+decode_op = Op("vqgan_decode", decode_reference)
+decode_op.register("channels_last", decode_channels_last, _channels_last_supports)
 
 
 class VectorQuantizer(nn.Module):
@@ -214,7 +308,10 @@ class VQModel(nn.Module):
         return self.encoder(x)
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
-        out = self.decoder(quant)
+        """(B, embed_dim, h, w) quantized codes -> images (B, out_ch, h*f, w*f). At inference on a CPU in
+        fp32 the decoder runs channels-last (:func:`decode_channels_last`); ``force_backend("torch")``
+        (op ``vqgan_decode``) runs it as the official code does."""
+        out = decode_op(self.decoder, quant)
         if self.grayscale:  # one painted channel, shown as out_ch identical ones
             out = out.repeat(1, self.config["out_ch"], 1, 1)
         return out

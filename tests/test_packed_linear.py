@@ -1,0 +1,73 @@
+"""The linear op's MKL packed backend (mage_fast.ops.linear) against its plain-torch reference, and the
+exact network pass through it against the pass with every op on its reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mage_fast
+from mage_fast.ops import force_backend
+from mage_fast.ops.linear import MIN_ROWS, linear, linear_op, mkl_packed_available, packed_weight
+
+needs_mkl = pytest.mark.skipif(not mkl_packed_available(), reason="torch built without MKL's packed linear")
+
+
+def _backend(*args):
+    return linear_op.select(*args).name
+
+
+@needs_mkl
+@pytest.mark.parametrize("shape,out,bias", [((1028, 768), 3072, True), ((4, 257, 768), 2304, False),
+                                            ((2, 129, 64), 48, True), ((3, 200, 96), 96, True)], ids=str)
+def test_packed_linear_equals_f_linear(shape, out, bias):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    w = torch.randn(out, shape[-1]) * 0.05
+    b = torch.randn(out) if bias else None
+    with torch.no_grad():
+        assert _backend(x, w, b) == "mkl_packed"
+        got = linear(x, w, b)
+    assert got.shape == (*shape[:-1], out)
+    assert torch.equal(got, F.linear(x, w, b))  # the same kernel and summation order: bit for bit
+
+
+@needs_mkl
+def test_packed_copy_follows_in_place_changes_and_row_counts():
+    torch.manual_seed(1)
+    w, b = torch.randn(64, 32), torch.randn(64)
+    x = torch.randn(MIN_ROWS, 32)
+    with torch.no_grad():
+        first = packed_weight(w, MIN_ROWS)
+        assert packed_weight(w, MIN_ROWS) is first  # cached
+        w.mul_(2)  # e.g. an optimizer step or load_state_dict
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+        assert packed_weight(w, MIN_ROWS) is not first
+        x2 = torch.randn(2 * MIN_ROWS, 32)
+        assert torch.equal(linear(x2, w, b), F.linear(x2, w, b))
+
+
+def test_declines_training_small_and_other_dtypes():
+    w = torch.randn(16, 8, requires_grad=True)
+    x = torch.randn(MIN_ROWS, 8)
+    assert _backend(x, w, None) == "torch"  # records a gradient
+    with torch.no_grad():
+        assert _backend(torch.randn(MIN_ROWS - 1, 8), w, None) == "torch"  # a matrix-vector path could round differently
+        assert _backend(x.double(), w.double(), None) == "torch"
+        assert _backend(x.bfloat16(), w.bfloat16(), None) == "torch"
+    y = linear(x, w, None)
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, x.sum(0).expand(16, 8))  # the gradient flows through F.linear
+
+
+def test_network_pass_equals_the_reference_pass():
+    """The exact pass with the packed linears gives the logits of the same pass with every op forced
+    to its plain-torch reference, within fp32 rounding of the other ops' backends (LOGIT_TOL)."""
+    torch.manual_seed(0)
+    model = mage_fast.mage_vit_tiny().eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.codebook_size, (8, model.seq_len), generator=g)
+    ids[:, ::3] = model.mask_token_label
+    with torch.inference_mode():
+        got = model.code_logits(ids, None)
+        with force_backend("torch"):
+            ref = model.code_logits(ids, None)
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
