@@ -171,13 +171,13 @@ def _dali_decode_error(root: str, e: RuntimeError) -> Exception:
     the folder's images are opened with PIL (only on this failure) to find the first unreadable
     one. Returns an :class:`ImageReadError` naming it (or saying that PIL opens them all), or ``e``
     itself when the failure was not the decoder's."""
-    from .datasets import IMAGE_READ_ERRORS, ImageReadError
+    from ..image_folder import IMAGE_READ_ERRORS, ImageReadError
     from PIL import Image
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     why = next((ln for ln in lines if "failure" in ln.lower()), "it stopped the pipeline")
     if "decoders.image" not in str(e) and "nvImageCodec" not in str(e):
         return e
-    for path, _ in scan_image_folder(root)[0]:
+    for path, _ in list_image_folder(root)[0]:
         try:
             with Image.open(path) as img:
                 img.load()
