@@ -6,7 +6,7 @@ Two parts of a generation, each on the same inputs in every path:
 
 - the network pass: ``model.code_logits`` on a half-masked (B, L) state -> (B, L, codebook) logits;
 - the pixel decode: (B, L) code ids -> (B, 3, S, S) images, the call the ``exact`` mode's sampler makes
-  (``mage_fast.sampling._decode_images``).
+  (``MAGE.decode_tokens``).
 
 Paths: ``mage_fast`` (the exact mode, its ops on their default backends), ``torch_reference`` (every op
 forced to its plain-torch reference, ``force_backend("torch")``: the pass as it was before the exact
@@ -85,7 +85,6 @@ def inputs(model, batch: int, seed: int):
 def paths(model, runtimes, peer_names):
     """name -> {part: fn(ids) -> tensor}."""
     from mage_fast.ops import force_backend
-    from mage_fast.sampling import _decode_images
 
     def reference(fn):
         def run(ids):
@@ -97,7 +96,7 @@ def paths(model, runtimes, peer_names):
         return model.code_logits(ids, None, check=False)
 
     def pix(ids):
-        return _decode_images(model, ids)
+        return model.decode_tokens(ids)
 
     out = {"mage_fast": {"net": net, "pix": pix},
            "torch_reference": {"net": reference(net), "pix": reference(pix)}}
