@@ -132,7 +132,7 @@ def test_reference_images_take_the_models_geometry():
 
 
 def test_quality_rows_find_their_speed_by_what_the_mode_computes(tmp_path):
-    """A throughput run names modes as they were then ("fast" was refresh=4 until stop 28); a quality
+    """A throughput run names modes as they were when it ran (an older JSON's "fast" is refresh=4); a quality
     row of spec drop=train,refresh=4,focus=2 takes that speed, and a row of the current fast preset
     (refresh=10) does not, although both are called "fast" somewhere."""
     import decode_quality
