@@ -155,10 +155,28 @@ def _marker() -> str:
     return os.path.join(tempfile.gettempdir(), f"mage_fast-{os.getppid()}-{os.environ.get('MASTER_PORT', '0')}.said")
 
 
+def _sweep_markers() -> None:
+    """Remove the claim files of jobs whose launcher has ended: the claim must outlive the rank that
+    made it (the others read it as they leave), so no rank can remove its own job's file."""
+    import glob
+    import tempfile
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "mage_fast-*-*.said")):
+        try:
+            pid = int(os.path.basename(path).split("-")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        except (ValueError, OSError):  # not ours to judge (another user's launcher, a foreign name)
+            continue
+
+
 def claim_locally(create: bool = True) -> bool:
     """The report's claim among the ranks of this node, in a file beside them (the job's store may
     have gone with the process that held it): True for the first rank to claim. ``create=False``
-    marks it claimed without asking (a rank that claimed it in the store)."""
+    marks it claimed without asking (a rank that claimed it in the store). Files of ended jobs are
+    swept first."""
+    _sweep_markers()
     try:
         os.close(os.open(_marker(), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         return True

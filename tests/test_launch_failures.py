@@ -173,3 +173,25 @@ def test_rank_killed_outright_under_deepspeed_is_named(tmp_path, victim):
     assert "killed outright" in errors[0] and "Traceback" not in out, out[-4000:]
     assert code != 0, out[-4000:]  # the launcher; the survivor left with status 2 after its line (os._exit(2))
     assert not survivor.is_running(), "the surviving rank outlived the launcher"
+
+
+def test_claim_files_of_ended_jobs_are_swept(tmp_path, monkeypatch):
+    """The node-local claim file outlives its job (no rank may remove it while the others read it);
+    the next claim removes those whose launcher has ended and leaves a living launcher's alone."""
+    import tempfile
+
+    from mage_fast import parallel
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    stale = tmp_path / f"mage_fast-{ended.pid}-29500.said"
+    alive = tmp_path / f"mage_fast-{os.getpid()}-29501.said"
+    foreign = tmp_path / "mage_fast-notapid-1.said"
+    for f in (stale, alive, foreign):
+        f.write_bytes(b"")
+    monkeypatch.setenv("MASTER_PORT", "29502")
+    assert parallel.claim_locally() is True
+    assert not stale.exists()
+    assert alive.exists() and foreign.exists()
+    assert (tmp_path / f"mage_fast-{os.getppid()}-29502.said").exists()
+    assert parallel.claim_locally() is False  # claimed already: a second rank stays quiet
