@@ -2,7 +2,7 @@
 backward, through the dispatcher and under torch.compile."""
 import pytest
 import torch
-from op_backends import DEV, backend_fn, check_strided, device, run, triton_kernels
+from op_backends import DEV, backend_fn, check_strided, device, triton_kernels
 from tolerances import F32, backends, tol
 
 from mage_fast.ops.layer_norm import layer_norm, layer_norm_op, layer_norm_ref

@@ -88,7 +88,7 @@ TOLERANCES: dict[tuple, Tol] = {
     ("decode_step", "cpp", F32, "strided"): STRIDED,
 
     # ---- gather_tokens / scatter_tokens (reference: *_ref; copies and one add)
-    ("gather_tokens", "torch", F32): EXACT,  # against the official nonzero() formulation
+    ("gather_tokens", "torch", F32, "official"): EXACT,  # the reference vs the official nonzero() formulation
     ("gather_tokens", "cpp", F32): EXACT,    # output and gradient
     ("gather_tokens", "cpp", BF16): EXACT,
     ("gather_tokens", "cpp", I64): EXACT,
@@ -99,7 +99,7 @@ TOLERANCES: dict[tuple, Tol] = {
     ("gather_tokens", "cpp", F32, "repeated index grad"): Tol(atol=1e-6, rtol=1e-6),
     ("gather_tokens", "triton", F32, "strided"): STRIDED,
     ("gather_tokens", "cpp", F32, "strided"): STRIDED,
-    ("scatter_tokens", "torch", F32): EXACT,  # against the official nonzero() formulation
+    ("scatter_tokens", "torch", F32, "official"): EXACT,
     ("scatter_tokens", "cpp", F32): EXACT,
     ("scatter_tokens", "cpp", F32, "grad"): Tol(atol=1e-6, rtol=1e-6),
     # "fwd+bwd": output atol = rtol = t; dx atol t * max(1, max|dx|); dpos atol t * B; rtol t
@@ -131,7 +131,7 @@ TOLERANCES: dict[tuple, Tol] = {
     ("linear", "mkl_packed", F32, "logits"): Tol(rtol=1e-5),  # max |logits - ref| <= rtol * max|ref|
 
     # ---- masked_ce (reference: masked_ce_ref)
-    ("masked_ce", "torch", F32): FP32_DEFAULT,  # against the official label smoothing, written out
+    ("masked_ce", "torch", F32, "official"): FP32_DEFAULT,  # the reference vs the official label smoothing
     ("masked_ce", "triton", F32, "lowp"): Tol(atol=1e-5),  # strided logits view; atol * max|ref|
     ("masked_ce", "triton", F16, "lowp"): Tol(atol=2e-3),
     ("masked_ce", "triton", BF16, "lowp"): Tol(atol=1.5e-2),
