@@ -1,18 +1,22 @@
 """attention (mage_fast.ops.attention): the backends against the official fp32 arithmetic
-(``attention_official``), forward and backward, and the reasons the attention libraries decline.
+(``attention_official``) or float64, forward and backward: SDPA, Triton's kernels, the CPU training
+backend (``cpu_train``) and its compiled elementwise passes; the reasons the attention libraries decline.
 
 A low-precision result may differ from the fp32 reference by at most twice what torch's own
 attention (SDPA) in that precision differs by, plus the table's atol ("lowp")."""
 import importlib.util
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from op_backends import DEV, backend_fn, check_strided, device, run, triton_kernels
-from tolerances import F32, backends, tol
+from tolerances import F32, backends, cases, tol
 
-from mage_fast.ops.attention import attention_official, attention_op
+import mage_fast
+from mage_fast.ops.attention import attention_cpu_train, attention_official, attention_op
 from mage_fast.ops.dispatch import Op
+from mage_fast.ops.dropout import dropout_hashed_ref, new_seed
 
 OP = "attention"
 F16, BF16 = torch.float16, torch.bfloat16
@@ -183,3 +187,124 @@ def test_triton_attention_defers_to_sdpa_on_padded_shapes():
     assert tb._attention_defer(fake(256, 64), fake(256, 64), fake(256, 64)) is None
     q = torch.randn(1, 2, 257, 64)
     assert tb._attention_defer(q, q, q) is None  # CPU / interpreter calls keep the registered order
+
+
+# ---------------------------------------------------------------- cpu_train: the CPU training backend
+# (torch's CPU flash forward, a backward of batched matrix products; the hashed dropout's mask)
+
+att = sys.modules["mage_fast.ops.attention"]  # the module (mage_fast.ops.attention is also a function's name)
+needs_dropout_op = pytest.mark.skipif(not mage_fast._ext.has_op("dropout"),
+                                      reason=f"compiled ops unavailable: {mage_fast._ext.status}")
+
+
+def _grads_of(fn, q, k, v, g):
+    x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    o = fn(*x)
+    o.backward(g.to(o.dtype))
+    return [o.detach()] + [t.grad for t in x]
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def _backend(target):
+    return lambda *a, **k: run(attention_op, target, *a, **k)
+
+
+@pytest.mark.parametrize("target", backends(OP, "float64", F32))
+@pytest.mark.parametrize("shape", [(2, 3, 37, 16), (1, 2, 129, 32), (3, 1, 5, 8)])
+def test_fp32_is_the_exact_gradient(shape, target):
+    rtol = tol(OP, target, F32, "float64").rtol
+    torch.manual_seed(0)
+    q, k, v, g = (torch.randn(shape) * 1.5 for _ in range(4))
+    ref = _grads_of(attention_official, *(t.double() for t in (q, k, v)), g.double())
+    got = _grads_of(_backend(target), q, k, v, g)
+    for a, b in zip(got, ref):
+        assert _rel(a, b) < rtol
+
+
+@pytest.mark.parametrize("target", backends(OP, "float64", BF16))
+def test_bf16_within_its_stated_tolerance(target):
+    """bf16 inputs: the output is sdpa's; the gradients within the table's rtol of the float64 ones
+    (largest element error over the largest element), the order of bf16 rounding of the products."""
+    rtol = tol(OP, target, BF16, "float64").rtol
+    torch.manual_seed(1)
+    q, k, v, g = (torch.randn(2, 4, 65, 32) for _ in range(4))
+    ref = _grads_of(attention_official, *(t.double() for t in (q, k, v)), g.double())
+    got = _grads_of(_backend(target), *(t.bfloat16() for t in (q, k, v)), g.bfloat16())
+    sdpa = _grads_of(att.attention_sdpa, *(t.bfloat16() for t in (q, k, v)), g.bfloat16())
+    assert torch.equal(got[0], sdpa[0])
+    for a, b in zip(got[1:], ref[1:]):
+        assert a.dtype == torch.bfloat16 and _rel(a, b) < rtol
+
+
+def test_cpu_train_chunks_give_the_same_gradients(monkeypatch):
+    t = tol(OP, "cpu_train", F32, "chunks")
+    torch.manual_seed(2)
+    q, k, v, g = (torch.randn(3, 2, 20, 8) for _ in range(4))
+    whole = _grads_of(attention_cpu_train, q, k, v, g)
+    monkeypatch.setattr(att, "_CHUNK_ELEMENTS", 20 * 20 * 2)  # two (batch, head) pairs per chunk: 3 chunks
+    chunked = _grads_of(attention_cpu_train, q, k, v, g)
+    for a, b in zip(chunked, whole):
+        assert torch.allclose(a, b, rtol=t.rtol, atol=t.atol)
+
+
+def test_dispatch_takes_cpu_train_only_where_it_applies():
+    q = torch.randn(1, 2, 9, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    assert dict(attention_op.explain(q, k, v))["cpu_train"] == "selected"
+    with torch.no_grad():
+        assert "no gradient" in dict(attention_op.explain(q, k, v))["cpu_train"]
+    assert "causal" in dict(attention_op.explain(q, k, v, causal=True))["cpu_train"]
+    assert dict(attention_op.explain(q, k, v, causal=True))["sdpa"] == "selected"
+    assert "fp32 or all bf16" in dict(attention_op.explain(q.double(), k.double(), v.double()))["cpu_train"]
+    if mage_fast._ext.has_op("dropout"):  # dropout through the hashed dropout
+        assert dict(attention_op.explain(q, k, v, dropout_p=0.1))["cpu_train"] == "selected"
+
+
+@needs_dropout_op
+@pytest.mark.parametrize("target,dtype", cases(OP, [F32, BF16], "dropout float64"))
+def test_with_dropout_is_the_gradient_of_the_dropped_weights(target, dtype):
+    rtol = tol(OP, target, dtype, "dropout float64").rtol
+    torch.manual_seed(0)
+    B, H, N, d = 2, 3, 37, 16
+    q, k, v, g = (torch.randn(B, H, N, d) for _ in range(4))
+    x = [t.clone().to(dtype).requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(7)
+    o = run(attention_op, target, *x, dropout_p=0.2)
+    o.backward(g.to(dtype))
+    torch.manual_seed(7)
+    seed = new_seed()
+    r = [t.to(dtype).double().requires_grad_() for t in (q, k, v)]
+    p = torch.softmax(r[0] @ r[1].transpose(-1, -2) * d ** -0.5, -1)
+    keep = dropout_hashed_ref(torch.ones(B * H, N, N, dtype=torch.float64), 0.2, seed).view(B, H, N, N)
+    ro = (p * keep) @ r[2]
+    ro.backward(g.to(dtype).double())
+    assert _rel(o.detach(), ro.detach()) < rtol
+    for a, b in zip(x, r):
+        assert _rel(a.grad, b.grad) < rtol
+
+
+@needs_dropout_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p_drop", [0.0, 0.3])
+def test_cpu_train_elementwise_ops_equal_their_torch_form(monkeypatch, dtype, p_drop):
+    """attn_probs / attn_dscores (compiled, one pass each) against the torch passes they replace,
+    on rows that start mid-stream (offset) and scores down to where exp underflows."""
+    tp, tpd, tds = (tol(OP, "cpu_train", dtype, c) for c in ("probs", "dropped probs", "dscores"))
+    torch.manual_seed(0)
+    s = (torch.randn(3, 7, 33) * 30).to(dtype)
+    lse = torch.logsumexp(s.float() * 0.2, -1, keepdim=True)
+    dp, delta = torch.randn(3, 7, 33).to(dtype), torch.randn(3, 7, 1)
+    got_p, got_pd = att._probs(s, lse, 0.2, p_drop, 11, 500, True, dtype)
+    got_ds = att._dscores(dp, got_p, delta, 0.2, p_drop, 11, 500, dtype).clone()
+    got_p, got_pd = got_p.clone(), got_pd.clone()
+    real = mage_fast._ext.has_op
+    monkeypatch.setattr(mage_fast._ext, "has_op", lambda name: name not in ("attn_probs", "attn_dscores") and real(name))
+    want_p, want_pd = att._probs(s, lse, 0.2, p_drop, 11, 500, True, dtype)
+    want_ds = att._dscores(dp, want_p, delta, 0.2, p_drop, 11, 500, dtype)
+    assert torch.allclose(got_p, want_p, rtol=tp.rtol, atol=tp.atol)
+    assert torch.allclose(got_pd.float(), want_pd.float(), rtol=tpd.rtol, atol=tpd.atol)
+    assert torch.equal(got_pd == 0, want_pd == 0)
+    assert torch.allclose(got_ds.float(), want_ds.float(), rtol=tds.rtol, atol=tds.atol)
