@@ -43,8 +43,8 @@ def test_explain_force_and_errors():
 
 
 def test_a_deferring_backend_yields_to_the_next_but_beats_the_reference(monkeypatch):
+    monkeypatch.setattr(Op, "registry", dict(Op.registry))  # the demo op registers in a copy, dropped after
     op = Op("defer_demo", lambda x: "torch")
-    monkeypatch.setitem(Op.registry, "defer_demo", op)
     mid_ok = {"v": True}
     op.register("mid", lambda x: "mid", lambda x: None if mid_ok["v"] else "mid declines")
     op.register("fast", lambda x: "fast", lambda x: None, defer=lambda x: "cost model says slower")
@@ -239,3 +239,21 @@ def test_triton_interpreter_dispatch_needs_both_switches(monkeypatch):
     if DEV == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert "CPU" in dict(op.explain(z, e, "l2"))["triton"]
+
+
+# ---------------------------------------------------------------- the tolerance table against the registry
+
+def test_tolerance_table_covers_every_op_and_names_only_registered_backends():
+    """Each registered op has its bounds in tests/ops/tolerances.py, and each row names an op and a
+    backend that exist (a misspelt row would leave its check with no backend to run)."""
+    import mage_fast.models.vqgan  # noqa: F401  (registers vqgan_decode)
+    import mage_fast.ops.dropout  # noqa: F401
+    import mage_fast.ops.linear  # noqa: F401
+    from op_backends import backend_name
+    from tolerances import TOLERANCES
+    ops = {name for name in Op.registry if not name.startswith("_")}
+    assert ops <= {key[0] for key in TOLERANCES}, sorted(ops - {key[0] for key in TOLERANCES})
+    for key in TOLERANCES:
+        assert key[0] in Op.registry, f"{key}: no op {key[0]!r}"
+        names = [b.name for b in Op.registry[key[0]].backends]
+        assert backend_name(key[1]) in names, f"{key}: {key[0]} has no backend {key[1]!r} ({names})"
