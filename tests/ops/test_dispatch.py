@@ -1,6 +1,7 @@
 """The dispatcher (mage_fast.ops.dispatch) as every op sees it: backend order, forcing, deferral, the
 reasons a backend declines, ``info``'s table, tracing through the public ops, and a missing or stale
 compiled extension. What one op's backends compute is in that op's file."""
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -246,9 +247,8 @@ def test_triton_interpreter_dispatch_needs_both_switches(monkeypatch):
 def test_tolerance_table_covers_every_op_and_names_only_registered_backends():
     """Each registered op has its bounds in tests/ops/tolerances.py, and each row names an op and a
     backend that exist (a misspelt row would leave its check with no backend to run)."""
-    import mage_fast.models.vqgan  # noqa: F401  (registers vqgan_decode)
-    import mage_fast.ops.dropout  # noqa: F401
-    import mage_fast.ops.linear  # noqa: F401
+    for module in ("mage_fast.models.vqgan", "mage_fast.ops.dropout", "mage_fast.ops.linear"):
+        importlib.import_module(module)  # each registers its op
     from op_backends import backend_name
     from tolerances import TOLERANCES
     ops = {name for name in Op.registry if not name.startswith("_")}
