@@ -155,7 +155,7 @@ def decode_channels_last(decoder: Decoder, z: torch.Tensor) -> torch.Tensor:
     """The same decoder on channels-last activations: torch's direct (oneDNN) convolutions, no
     Winograd, each plain GroupNorm + SiLU as one compiled op; images come back contiguous (NCHW).
     fp32 throughout; the convolutions sum in another order than on NCHW input, so pixels differ
-    from :func:`decode_reference`'s by fp32 rounding (tests/test_vqgan_decode.py states the bound)."""
+    from :func:`decode_reference`'s by fp32 rounding (tests/ops/tolerances.py states the bound)."""
     with _reuse_freed_memory():
         return decoder(z.contiguous(memory_format=torch.channels_last)).contiguous()
 

@@ -14,8 +14,8 @@ reference takes the rest. The backend keeps the transformed weight in the ``pack
 caller owns (:class:`WinogradConv2d` holds one), remade when the weight changes in place.
 
 fp32 only: the transforms' coefficients (up to 8 and 1/24) make its rounding error about 10x
-that of a direct fp32 convolution (measured ~1e-5 of the output's largest magnitude; tests/
-test_winograd.py). The reference is ``F.conv2d`` on the same weights.
+that of a direct fp32 convolution (measured ~1e-5 of the output's largest magnitude; tests/ops/
+test_winograd_conv3x3.py). The reference is ``F.conv2d`` on the same weights.
 """
 from __future__ import annotations
 

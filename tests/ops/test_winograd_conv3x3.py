@@ -1,12 +1,17 @@
-"""Winograd F(4x4, 3x3) convolutions (mage_fast.ops.winograd, csrc/cpu/winograd.cpp) against F.conv2d."""
+"""winograd_conv3x3 (mage_fast.ops.winograd, csrc/cpu/winograd.cpp): Winograd F(4x4, 3x3)
+convolutions against F.conv2d; the WinogradConv2d module and the fast tokenizer that uses it. The
+dispatcher's handling of the op (force_backend, reasons, info) is in test_dispatch.py."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from op_backends import run
+from tolerances import F32, F64, backends, tol
 
 from mage_fast.ops import winograd
-from mage_fast.ops.winograd import WinogradConv2d, conv3x3_ref, winograd_convs
+from mage_fast.ops.winograd import WinogradConv2d, conv3x3_op, conv3x3_ref, winograd_convs
 
+OP = "winograd_conv3x3"
 needs_op = pytest.mark.skipif(not winograd.available(), reason="mage_fast._C is not built (make setup builds it)")
 
 
@@ -19,36 +24,39 @@ def _case(N, C, Co, H, W, seed, bias=True):
 
 
 @needs_op
+@pytest.mark.parametrize("target", backends(OP, "float64", F32))
 @pytest.mark.parametrize("N,C,Co,H,W,bias", [(2, 8, 5, 9, 6, True), (1, 16, 12, 7, 7, False), (3, 64, 32, 16, 12, True),
                                              (1, 3, 7, 4, 4, True), (2, 33, 40, 1, 5, True)])
 @pytest.mark.parametrize("upsample", [False, True])
-def test_winograd_conv_matches_the_direct_convolution(N, C, Co, H, W, bias, upsample):
+def test_conv_matches_the_direct_convolution(N, C, Co, H, W, bias, upsample, target):
     """Sizes that are not multiples of the 4x4 tile, a 1-pixel-high image, with and without bias and
-    the in-place 2x upsampling; the error is within 1e-5 of the output's scale (a direct fp32
-    convolution: ~1e-6), in channels-last and in contiguous inputs."""
+    the in-place 2x upsampling; the error is within the table's rtol of the output's scale (a direct
+    fp32 convolution: ~1e-6), in channels-last and in contiguous inputs."""
+    rtol = tol(OP, target, F32, "float64").rtol
     x, w, b = _case(N, C, Co, H, W, seed=C + Co + H)
-    U = torch.ops.mage_fast.winograd_weight(w)
+    U = torch.ops.mage_fast.winograd_weight(w)  # the compiled op's transformed weight
     assert U.shape == (36, C, Co)
     ref = conv3x3_ref(x.double(), w.double(), None if b is None else b.double(), upsample)
     for xin in (x, x.to(memory_format=torch.channels_last)):
-        y = torch.ops.mage_fast.winograd_conv3x3(xin, U, b, upsample)
+        y = run(conv3x3_op, target, xin, w, b, upsample)
         assert y.shape == ref.shape and y.dtype == torch.float32
         assert y.is_contiguous(memory_format=torch.channels_last)
         err = (y.double() - ref).abs().max() / ref.abs().max()
-        assert err < 1e-5, float(err)
+        assert err < rtol, float(err)
 
 
 @needs_op
-def test_winograd_conv_spans_several_chunks():
+@pytest.mark.parametrize("target", backends(OP, "float64", F32))
+def test_conv_spans_several_chunks(target):
     """More tiles than one cache-sized chunk (the last chunk shorter): every tile is written once, right."""
     x, w, b = _case(2, 32, 32, 100, 70, seed=3)  # 2 * 25 * 18 = 900 tiles; chunks of 455
-    y = torch.ops.mage_fast.winograd_conv3x3(x, torch.ops.mage_fast.winograd_weight(w), b, False)
+    y = run(conv3x3_op, target, x, w, b, False)
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
-    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < tol(OP, target, F32, "float64").rtol
 
 
 @needs_op
-def test_winograd_op_refuses_bad_arguments():
+def test_op_refuses_bad_arguments():
     x, w, b = _case(1, 8, 4, 6, 6, seed=0)
     U = torch.ops.mage_fast.winograd_weight(w)
     with pytest.raises(RuntimeError, match="U must be float32 \\(36, 4, Cout\\)"):
@@ -61,20 +69,23 @@ def test_winograd_op_refuses_bad_arguments():
         torch.ops.mage_fast.winograd_weight(w[..., :2])
 
 
-def test_winograd_module_falls_back_off_fp32_and_follows_weight_changes():
+def test_module_falls_back_off_fp32_and_follows_weight_changes():
     """Off fp32 (or without the compiled op) the module is the reference convolution; an in-place
     weight change is seen by the next call (the transformed weight is rebuilt)."""
+    t64, t, ts = tol(OP, "torch", F64, "module"), tol(OP, "cpp", F32, "module"), tol(OP, "cpp", F32, "scaled weight")
     conv = nn.Conv2d(8, 6, 3, padding=1)
     m = WinogradConv2d(conv)
     x = torch.randn(2, 8, 10, 10)
     with torch.no_grad():
         m64 = WinogradConv2d(conv).double()
-        torch.testing.assert_close(m64(x.double()), conv3x3_ref(x.double(), m64.weight, m64.bias, False), atol=0, rtol=0)
-        torch.testing.assert_close(m(x), conv(x), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(m(x, upsample=True), conv(F.interpolate(x, scale_factor=2.0)), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(m64(x.double()), conv3x3_ref(x.double(), m64.weight, m64.bias, False),
+                                   atol=t64.atol, rtol=t64.rtol)
+        torch.testing.assert_close(m(x), conv(x), atol=t.atol, rtol=t.rtol)
+        torch.testing.assert_close(m(x, upsample=True), conv(F.interpolate(x, scale_factor=2.0)), atol=t.atol,
+                                   rtol=t.rtol)
         m.weight.mul_(-2.0)
         torch.testing.assert_close(m(x), -2.0 * (conv(x) - conv.bias.view(1, -1, 1, 1)) + conv.bias.view(1, -1, 1, 1),
-                                   atol=1e-4, rtol=1e-4)
+                                   atol=ts.atol, rtol=ts.rtol)
     with pytest.raises(ValueError, match="3x3 convolution with stride 1"):
         WinogradConv2d(nn.Conv2d(8, 6, 3, padding=1, stride=2))
 
@@ -103,44 +114,14 @@ def test_fast_tokenizer_uses_winograd_in_fp32_on_the_cpu():
 
 
 @needs_op
-def test_winograd_module_runs_on_inference_tensors():
+def test_module_runs_on_inference_tensors():
     """A copy made under torch.inference_mode (as the CLI's generate makes the pixel decoder) has
     weights without a version counter; the module still runs and matches the convolution."""
+    t = tol(OP, "cpp", F32, "module")
     conv = nn.Conv2d(32, 32, 3, padding=1)
     x = torch.randn(1, 32, 8, 8)
     with torch.inference_mode():
         m = WinogradConv2d(conv)
         y = m(x, upsample=True)
         ref = conv(F.interpolate(x, scale_factor=2.0))
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)
-
-
-def test_winograd_goes_through_the_dispatcher(monkeypatch):
-    """WinogradConv2d calls the ``winograd_conv3x3`` Op: force_backend reaches it (a spy backend runs
-    only when forced; forcing ``torch`` gives the reference bit for bit), the cpp backend names why
-    it declines a call, and ``info`` lists the op."""
-    from mage_fast.info import backend_table
-    from mage_fast.ops.dispatch import Backend, Op, force_backend
-    from mage_fast.ops.winograd import conv3x3_op
-    assert Op.registry["winograd_conv3x3"] is conv3x3_op
-    monkeypatch.setattr(conv3x3_op, "backends", list(conv3x3_op.backends))
-    calls = []
-
-    def spy(x, weight, bias, upsample, packed=None):
-        calls.append(upsample)
-        return conv3x3_ref(x, weight, bias, upsample)
-    conv3x3_op.backends.append(Backend("spy", spy, lambda *a: None))  # after the reference: runs only when forced
-    conv = nn.Conv2d(8, 6, 3, padding=1)
-    m, x = WinogradConv2d(conv), torch.randn(2, 8, 10, 10)
-    with torch.no_grad():
-        m(x)
-        assert calls == []
-        with force_backend("spy"):
-            m(x, upsample=True)
-        assert calls == [True]
-        with force_backend("torch"):
-            assert torch.equal(m(x), conv3x3_ref(x, m.weight, m.bias, False))
-            assert dict(conv3x3_op.explain(x, m.weight, m.bias, False))["torch"] == "selected"
-    assert "float32" in dict(conv3x3_op.explain(x.double(), m.weight.double(), None, False))["cpp"]
-    rows = {name: chosen for name, chosen, _ in backend_table(torch.device("cpu"))}
-    assert rows["winograd_conv3x3"] == ("cpp" if winograd.available() else "torch")
+    torch.testing.assert_close(y, ref, atol=t.atol, rtol=t.rtol)
