@@ -14,7 +14,11 @@ sequences, H heads, S slots, head width d. Rows are written in two ways:
 ``0 .. length-1`` (and to the slots its own pass appends). A pass that appends advances
 ``length`` once, after every layer has written (:meth:`KVCache.advance`). ``key_mask`` (B, S) bool,
 when set, hides the slots that are False from every query (slots reserved for rows not computed
-yet); it is shared by the layers and updated once per pass (:meth:`KVCache.reveal`).
+yet); it is shared by the layers and updated once per pass (:meth:`KVCache.reveal`). Hidden
+slots must still hold finite numbers (a masked NaN key still makes the softmax NaN):
+:meth:`KVCache.at_slots` and :meth:`KVCache.grow` fill them with zeros, whereas a preallocated
+cache's unwritten slots hold whatever ``torch.empty`` left, so such a cache is filled by appends
+and never reads past ``length``.
 
 The cache only stores. The attention that reads it is the attention module's own
 (:meth:`mage_fast.modules.transformer.Attention.attend_cached`), and a block runs its attention,
