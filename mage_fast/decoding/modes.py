@@ -44,12 +44,13 @@ import torch
 
 from ..ops.decode_step import counter_uniform, sample_confidence
 from ..models.mage import encode_kept
+from ..modules.kv_cache import KVCache
 from ..ops.token_drop import keep_index
 from .protocol import DecodingMode, NetworkPass
 from .quant import QUANT_KINDS, bf16_native, fast_tokenizer, quantized_weights
 from .registry import FactoryMode, ModeRegistry
 from .schedule import run_counts
-from .stack import KVCache, gather_rows, scatter_rows, stack_full, stack_partial
+from .stack import gather_rows, scatter_rows, stack_full, stack_partial
 
 DROP_KINDS = ("none", "train", "all")
 FOCUS_KINDS = ("sampler", "max")
@@ -212,7 +213,7 @@ def encode_dropped(weights, full: torch.Tensor, drop: torch.Tensor, num_keep: in
     (the model or its weight copy), its blocks run by :func:`.stack.stack_full` so that each layer's
     keys/values can be kept. Returns (latent (B, num_keep, D) after the final norm, keep
     (B, num_keep), ks, vs): ks, vs the per-layer keys and values (B, H, num_keep, d) of the kept
-    rows with ``keep_kv`` (a :class:`.stack.KVCache`'s ``k`` and ``v``), else empty lists."""
+    rows with ``keep_kv`` (a :class:`~mage_fast.modules.kv_cache.KVCache`'s ``k`` and ``v``), else empty lists."""
     kv = []
 
     def run_blocks(blocks, x):

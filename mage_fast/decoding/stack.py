@@ -47,4 +47,4 @@ def scatter_rows(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> to
     return x.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), rows)
 
 
-__all__ = ["KVCache", "gather_rows", "scatter_rows", "stack_full", "stack_partial"]
+__all__ = ["gather_rows", "scatter_rows", "stack_full", "stack_partial"]
