@@ -62,6 +62,8 @@ class Attention(nn.Module):
         B, N, C = x.shape
         q, k, v = self._qkv(x)
         o = attention(q, k, v, dropout_p=0.0, scale=self.scale)  # (B, H, N, d)
+        # the cached passes call proj as a module (F.linear for a plain Linear), here and in
+        # attend_cached; forward's apply_linear may take MKL's packed product (equal where it runs)
         return self.proj(o.transpose(1, 2).reshape(B, N, C)), k, v
 
     def attend_cached(self, x: torch.Tensor, cache, layer: int, slots: Optional[torch.Tensor] = None,
