@@ -44,12 +44,13 @@ import torch
 
 from ..ops.decode_step import counter_uniform, sample_confidence
 from ..models.mage import encode_kept
+from ..modules.kv_cache import KVCache
 from ..ops.token_drop import keep_index
 from .protocol import DecodingMode, NetworkPass
 from .quant import QUANT_KINDS, bf16_native, fast_tokenizer, quantized_weights
 from .registry import FactoryMode, ModeRegistry
 from .schedule import run_counts
-from .stack import gather_rows, scatter_rows, stack_full, stack_partial, to_slots
+from .stack import gather_rows, scatter_rows, stack_full, stack_partial
 
 DROP_KINDS = ("none", "train", "all")
 FOCUS_KINDS = ("sampler", "max")
@@ -211,20 +212,24 @@ def encode_dropped(weights, full: torch.Tensor, drop: torch.Tensor, num_keep: in
     """The model's token-dropping encoder (:func:`mage_fast.models.mage.encode_kept`) on ``weights``
     (the model or its weight copy), its blocks run by :func:`.stack.stack_full` so that each layer's
     keys/values can be kept. Returns (latent (B, num_keep, D) after the final norm, keep
-    (B, num_keep), ks, vs)."""
+    (B, num_keep), ks, vs): ks, vs the per-layer keys and values (B, H, num_keep, d) of the kept
+    rows with ``keep_kv`` (a :class:`~mage_fast.modules.kv_cache.KVCache`'s ``k`` and ``v``), else empty lists."""
     kv = []
 
     def run_blocks(blocks, x):
-        h, ks, vs = stack_full(blocks, x, keep_kv)
-        kv.extend((ks, vs))
+        h, cache = stack_full(blocks, x, keep_kv)
+        kv.append(cache)
         return h
 
     latent, keep = encode_kept(weights, full, drop, num_keep, run_blocks)
-    return latent, keep, kv[0], kv[1]
+    return latent, keep, (kv[0].k if keep_kv else []), (kv[0].v if keep_kv else [])
 
 
 class _State:
-    __slots__ = ("batch", "E", "enc_ks", "enc_vs", "enc_len", "enc_seen", "dec_ks", "dec_vs", "prev_masked", "logits", "conf")
+    __slots__ = ("batch", "E", "enc", "dec", "prev_masked", "logits", "conf")
+    # enc, dec: the encoder's and decoder's KVCache (None without a cache). The encoder cache's
+    # slots: sequence positions (drop='none'; drop='train', dropped slots hidden by its key_mask),
+    # or the class slot and the known tokens in keep order, new tokens appended (drop='all').
 
 
 class ModePass:
@@ -301,21 +306,22 @@ class ModePass:
         m = self.masked_before[i]
         num_drop = {"none": 0, "all": m, "train": min(m, math.ceil(self.model.mask_ratio_min * L))}[mode.drop]
         if num_drop == 0:
-            h, st.enc_ks, st.enc_vs = stack_full(net.blocks, net.token_emb(full), cache)
+            h, st.enc = stack_full(net.blocks, net.token_emb(full), cache)
             st.E = net.decoder_embed(net.norm(h))  # (B, L+1, Dd)
-            if cache and mode.drop == "train":
-                st.enc_seen = torch.ones_like(full, dtype=torch.bool)
+            if cache and mode.drop == "train":  # every slot seen, kept as a mask the cached passes update
+                st.enc.key_mask = torch.ones_like(full, dtype=torch.bool)
         else:
             drop = drop_mask_for(masked, num_drop, self._row_keys(masked.shape[0], masked.device), i)
             drop = torch.cat([torch.zeros_like(drop[:, :1]), drop], 1)  # the class slot is never dropped
-            h, keep, st.enc_ks, st.enc_vs = encode_dropped(net, full, drop, L + 1 - num_drop, cache)
+            h, keep, ks, vs = encode_dropped(net, full, drop, L + 1 - num_drop, cache)
             e = net.decoder_embed(h)  # (B, K, Dd)
             st.E = scatter_rows(e.new_zeros(e.shape[0], L + 1, e.shape[2]), keep, e)
             if cache and mode.drop == "train":  # slot = position, the dropped slots hidden from the queries
-                st.enc_ks = [to_slots(c, keep, L + 1) for c in st.enc_ks]
-                st.enc_vs = [to_slots(c, keep, L + 1) for c in st.enc_vs]
-                st.enc_seen = ~drop
-        st.enc_len = L + 1 - num_drop  # cache slots in use (drop='all': class slot + known, in keep order)
+                st.enc = KVCache.at_slots(ks, vs, keep, L + 1, key_mask=~drop)
+            elif cache:  # drop='all': class slot + known tokens, in keep order
+                st.enc = KVCache.from_layers(ks, vs)
+            else:
+                st.enc = None
 
     def _encode_cached(self, st: _State, full, masked, i: int):
         net = self.weights
@@ -323,20 +329,17 @@ class ModePass:
         n_new = self.masked_before[i - 1] - self.masked_before[i]
         new = first_true(st.prev_masked & ~masked, n_new) + 1  # (B, n_new) sequence positions fixed last step
         pos = torch.cat([torch.zeros_like(new[:, :1]), new], 1)  # (B, 1 + n_new): class slot + new
-        seen = None
         if self.mode.drop == "none":
             slots = pos
         elif self.mode.drop == "train":  # a new token replaces its masked slot or fills its dropped one
             slots = pos
-            seen = st.enc_seen = st.enc_seen.scatter(1, pos, True)
+            st.enc.reveal(pos)
         else:  # drop='all': the new tokens join the cache at its end
-            S = st.enc_len
-            st.enc_ks = [torch.cat([c, c.new_zeros(*c.shape[:2], n_new, c.shape[3])], 2) for c in st.enc_ks]
-            st.enc_vs = [torch.cat([c, c.new_zeros(*c.shape[:2], n_new, c.shape[3])], 2) for c in st.enc_vs]
+            S = st.enc.length
+            st.enc.grow(n_new)
             slots = torch.cat([torch.zeros_like(new[:, :1]), S + torch.arange(n_new, device=new.device).expand(B, -1)], 1)
-            st.enc_len = S + n_new
         x = net.token_emb(torch.gather(full, 1, pos), positions=pos)
-        h = stack_partial(net.blocks, x, slots, st.enc_ks, st.enc_vs, seen)
+        h = stack_partial(net.blocks, x, slots, st.enc)
         st.E = scatter_rows(st.E, pos, net.decoder_embed(net.norm(h)))
 
     # ------------------------------------------------------------------ decoder
@@ -362,7 +365,7 @@ class ModePass:
         B, L = masked.shape
         allm = torch.cat([torch.zeros_like(masked[:, :1]), masked], 1)  # (B, L+1)
         x = torch.where(allm.unsqueeze(-1), st.E[:, :1], st.E) + net.decoder_pos_embed_learned
-        h, st.dec_ks, st.dec_vs = stack_full(net.decoder_blocks, x, self.mode.refresh_every > 0)
+        h, st.dec = stack_full(net.decoder_blocks, x, self.mode.refresh_every > 0)
         h = net.decoder_norm(h)
         rows = first_true(masked, self.masked_before[i])  # (B, m) image positions still masked
         if self.mode.focus:
@@ -396,7 +399,7 @@ class ModePass:
         e = gather_rows(st.E, pos)
         pe = net.decoder_pos_embed_learned[0][pos]  # (B, 1 + F, Dd)
         x = torch.where(now_masked.unsqueeze(-1), st.E[:, :1], e) + pe
-        h = net.decoder_norm(stack_partial(net.decoder_blocks, x, pos, st.dec_ks, st.dec_vs))
+        h = net.decoder_norm(stack_partial(net.decoder_blocks, x, pos, st.dec))
         n_out = r if self.mode.focus and not last else m
         sel = first_true(now_masked, n_out)  # (B, n_out) rows of h still masked
         return self._head(st, h, sel, torch.gather(pos, 1, sel) - 1, B, L)

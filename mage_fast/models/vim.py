@@ -7,8 +7,9 @@ vocabulary, and one more id, ``uncond_id``, means "no class" (unconditional samp
 the label-dropout target for classifier-free use).
 
 Attention goes through :func:`mage_fast.ops.attention` (``causal=True`` for full sequences;
-one query against a key/value cache for sampling, where no mask is needed). Sampling lives in
-:mod:`mage_fast.vim_sampling`.
+one query against a key/value cache for sampling, where no mask is needed). The cache is the
+project's one :class:`~mage_fast.modules.kv_cache.KVCache` (MAGE's cached decoding passes use the
+same class), appended to one position per step. Sampling lives in :mod:`mage_fast.vim_sampling`.
 """
 from __future__ import annotations
 
@@ -19,53 +20,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..modules.kv_cache import KVCache
 from ..modules.transformer import Attention, Mlp, init_linear_and_layernorm
 from ..ops.attention import attention
 from .checks import check_token_ids
 from .vit_vqgan import count_parameters
 
 
-class KVCache:
-    """Per-layer key/value tensors, preallocated to the full length and filled step by step.
-
-    ``k[l]``, ``v[l]``: (B, H, max_len, d) each; ``length`` is how many positions are written.
-
-    Example:
-        >>> cache = model.new_cache(4)  # doctest: +SKIP
-    """
-
-    def __init__(self, depth: int, batch_size: int, num_heads: int, max_len: int, head_dim: int,
-                 device=None, dtype: torch.dtype = torch.float32):
-        shape = (batch_size, num_heads, max_len, head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)]
-        self.max_len = max_len
-        self.length = 0
-
-
 class CausalSelfAttention(Attention):
     """Multi-head self-attention, causal; parameter names as :class:`Attention` (qkv, proj)."""
 
+    causal = True
+
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
         """x: (B, N, C) -> (B, N, C). Without ``cache``: causal over the N positions. With
-        ``cache``: the N new positions are written at ``cache.length`` onwards and attend to
-        every written position; N > 1 only when the cache is empty (a prefill)."""
+        ``cache`` (a :class:`~mage_fast.modules.kv_cache.KVCache`): the N new positions are
+        appended at ``cache.length`` onwards and attend to every written position
+        (:meth:`Attention.attend_cached`); N > 1 only when the cache is empty (a prefill)."""
+        if cache is not None:
+            return self.attend_cached(x, cache, layer, dropout=True)
         B, N, C = x.shape
         q, k, v = self._qkv(x)  # 3 x (B, H, N, d)
         p = self.attn_drop.p if self.training else 0.0
-        if cache is None:
-            o = attention(q, k, v, dropout_p=p, causal=True, scale=self.scale)
-        else:
-            start = cache.length
-            if N > 1 and start:
-                raise ValueError("a cached pass takes one new position, or several only on an empty cache")
-            if start + N > cache.max_len:
-                raise ValueError(f"cache holds {cache.max_len} positions, {start + N} requested")
-            cache.k[layer][:, :, start:start + N] = k
-            cache.v[layer][:, :, start:start + N] = v
-            kk = cache.k[layer][:, :, :start + N]  # (B, H, start+N, d)
-            vv = cache.v[layer][:, :, :start + N]
-            o = attention(q, kk, vv, dropout_p=p, causal=N > 1, scale=self.scale)
+        o = attention(q, k, v, dropout_p=p, causal=True, scale=self.scale)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -219,7 +196,8 @@ class VIM(nn.Module):
         return self.head(self.hidden_states(ids))
 
     def new_cache(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None) -> KVCache:
-        """An empty :class:`KVCache` for ``batch_size`` sequences of the full length L."""
+        """An empty :class:`~mage_fast.modules.kv_cache.KVCache` for ``batch_size`` sequences of the
+        full length L: per-layer (B, H, L, d) keys and values, ``torch.empty``, ``length`` 0."""
         w = self.head.weight
         return KVCache(self.depth, batch_size, self.num_heads, self.seq_len, self.embed_dim // self.num_heads,
                        device=w.device if device is None else device, dtype=dtype or w.dtype)
@@ -233,7 +211,7 @@ class VIM(nn.Module):
         h = self._embed(ids, start)
         for i, blk in enumerate(self.blocks):
             h = blk(h, cache, i)
-        cache.length = start + n
+        cache.advance(n)
         return self.head(self.norm(h[:, -1]))
 
     def inputs(self, tokens: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,8 +1,18 @@
-"""Pre-norm ViT block with the official parameter names (norm1, attn.qkv, attn.proj, norm2, mlp.fc1/fc2)."""
+"""Pre-norm ViT block with the official parameter names (norm1, attn.qkv, attn.proj, norm2, mlp.fc1/fc2).
+
+Besides ``forward``, a block runs the cached passes of :mod:`mage_fast.modules.kv_cache`:
+``forward_kv`` (every row, returning this layer's keys and values for a cache) and
+``forward_cached`` (fresh rows only, written into a :class:`~mage_fast.modules.kv_cache.KVCache`
+and attending to it). The attention module owns the attend-against-cache arithmetic
+(:meth:`Attention.attend_cached`); nothing outside it splits the qkv projection.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..ops.attention import attention
 from ..ops.dropout import Dropout
@@ -19,6 +29,8 @@ def apply_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    causal = False  # CausalSelfAttention (VIM) sets it: its cached passes append, one query per step
+
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
                  proj_drop: float = 0.0):
         super().__init__()
@@ -42,6 +54,58 @@ class Attention(nn.Module):
         p = self.attn_drop.p if self.training else 0.0
         o = attention(q, k, v, dropout_p=p, scale=self.scale)  # (B, H, N, d)
         return self.proj_drop(apply_linear(self.proj, o.transpose(1, 2).reshape(B, N, C)))
+
+    def forward_kv(self, x: torch.Tensor):
+        """x (B, N, C) -> (out (B, N, C), k, v (B, H, N, d)): the output of ``forward`` in eval, with
+        the keys and values kept for a :class:`~mage_fast.modules.kv_cache.KVCache`. No dropout,
+        whatever the module's mode (the cached decoding passes are inference)."""
+        B, N, C = x.shape
+        q, k, v = self._qkv(x)
+        o = attention(q, k, v, dropout_p=0.0, scale=self.scale)  # (B, H, N, d)
+        # the cached passes call proj as a module (F.linear for a plain Linear), here and in
+        # attend_cached; forward's apply_linear may take MKL's packed product (equal where it runs)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C)), k, v
+
+    def attend_cached(self, x: torch.Tensor, cache, layer: int, slots: Optional[torch.Tensor] = None,
+                      dropout: bool = False) -> torch.Tensor:
+        """Fresh rows x (B, N, C) of a cached pass -> (B, N, C): their keys and values are written
+        into ``cache`` (a :class:`~mage_fast.modules.kv_cache.KVCache`) for ``layer``, and their
+        queries attend to the cache's slots in use.
+
+        ``slots`` (B, N) int64: write at these slots (they must be in use, below ``cache.length``);
+        None: append after the slots in use (``cache.append``; the caller advances ``cache.length``
+        once the pass is done), and the queries also attend to the appended rows. A causal module
+        appends only, and several rows (a causal prefill) only on an empty cache.
+
+        The cache's ``key_mask``, when set, hides its False slots: the product then runs as torch's
+        ``scaled_dot_product_attention`` with that mask; without one, through
+        :func:`mage_fast.ops.attention` (non-causal, or causal for a prefill).
+        ``dropout``: apply the module's attention and output dropout when it is training (VIM's
+        cached steps do, as its ``forward``); off, the pass is the eval arithmetic in any mode
+        (MAGE's cached decoding passes)."""
+        B, N, C = x.shape
+        causal = False
+        if self.causal:
+            if slots is not None:
+                raise ValueError("a causal attention's cached pass appends; it takes no slots")
+            if N > 1 and cache.length:
+                raise ValueError("a cached pass takes one new position, or several only on an empty cache")
+            causal = N > 1
+        q, k, v = self._qkv(x)  # 3 x (B, H, N, d)
+        if slots is None:
+            end = cache.append(layer, k, v)
+        else:
+            cache.write(layer, slots, k, v)
+            end = cache.length
+        kk, vv, key_mask = cache.visible(layer, end)  # (B, H, S, d), (B, S) bool or None
+        p = self.attn_drop.p if dropout and self.training else 0.0
+        if key_mask is None:
+            o = attention(q, kk, vv, dropout_p=p, causal=causal, scale=self.scale)  # (B, H, N, d)
+        else:  # False = a slot no query may see (reserved for a row not computed yet)
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=key_mask[:, None, None, :], dropout_p=p,
+                                               scale=self.scale)
+        o = self.proj(o.transpose(1, 2).reshape(B, N, C))
+        return self.proj_drop(o) if dropout else o
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, N, N) softmax weights, as the official ``return_attention`` gives them."""
@@ -76,6 +140,21 @@ class Block(nn.Module):
         if return_attention:
             return self.attn.attention_weights(self.norm1(x))
         x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+    def forward_kv(self, x: torch.Tensor):
+        """x (B, N, C) -> (x', k, v): ``forward`` in eval, keeping this layer's keys and values
+        (B, H, N, d) for a :class:`~mage_fast.modules.kv_cache.KVCache`."""
+        a, k, v = self.attn.forward_kv(self.norm1(x))
+        x = x + a
+        return x + self.mlp(self.norm2(x)), k, v
+
+    def forward_cached(self, x: torch.Tensor, cache, layer: int, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Fresh rows x (B, F, C) at ``slots`` (B, F) of ``cache`` (layer ``layer``): their keys and
+        values replace those slots and their queries attend to the cache (eval arithmetic, see
+        :meth:`Attention.attend_cached`). With caches from ``forward_kv`` on the same input, the
+        rows equal ``forward_kv``'s up to rounding."""
+        x = x + self.attn.attend_cached(self.norm1(x), cache, layer, slots)
         return x + self.mlp(self.norm2(x))
 
 
