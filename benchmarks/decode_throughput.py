@@ -361,6 +361,8 @@ def _run_rounds(model, names, modes, peer_set, peer_sizes, sizes, reps, T, temp,
             descs.update({n: peer_set.mode(n).describe() for n in here if n in peer_names})
             results[str(B)] = _report(runs, B, here, descs, peer_names)
             results[str(B)]["process_cpu_s"] = cpu  # less sensitive to other jobs than wall time
+            if not cuda:
+                results[str(B)].update(_cpu_report(cpu, B, peer_names))
             if parts:
                 results[str(B)]["parts_s"] = {n: {k: {"median": statistics.median(v), "per_round": v}
                                                   for k, v in p.items()} for n, p in parts.items()}
@@ -392,6 +394,25 @@ def _report(runs: dict, B: int, names, descs: dict, peer_names=()) -> dict:
     out = {"paths": res, "speedup_images_per_s_vs_official": ratios, "rounds": reps}
     if vs_exact:
         out["peer_speedup_images_per_s_vs_exact"] = vs_exact  # > 1: the peer generates faster than exact
+    return out
+
+
+def _cpu_report(cpu: dict, B: int, peer_names=()) -> dict:
+    """The same ratios by process CPU time: the ranking to read where other jobs share the cores
+    (wall time then counts their turns too). One thread: CPU time is the time a path computes."""
+    reps = min(len(v) for v in cpu.values())
+    ratios = _ratios(cpu, reps)
+    vs_exact = _ratios(cpu, reps, base="exact", only=peer_names)
+    if not ratios:
+        return {}
+    print(f"  B={B} by process CPU time (median [min, max] of the per-round ratios):")
+    for n, r in ratios.items():
+        extra = f" | {vs_exact[n]['median']:.2f}x exact" if n in vs_exact else ""
+        print(f"  B={B} {n:<16} {statistics.median(cpu[n][:reps]):8.2f} CPU s | {r['median']:.2f}x official "
+              f"[{r['min']:.2f}, {r['max']:.2f}]{extra}")
+    out = {"speedup_process_cpu_vs_official": ratios}
+    if vs_exact:
+        out["peer_speedup_process_cpu_vs_exact"] = vs_exact
     return out
 
 

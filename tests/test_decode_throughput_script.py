@@ -26,6 +26,10 @@ def test_decode_throughput_tiny_run_writes_every_path(tmp_path, one_thread):
     assert set(res["paths"]) == {"official", "exact", "fast", "vqgan_decode"}
     assert {"exact", "fast"} <= set(res["speedup_images_per_s_vs_official"])
     assert all(v["median_s"] > 0 for v in res["paths"].values())
+    cpu_ratios = res["speedup_process_cpu_vs_official"]  # the ranking to read on a shared machine
+    assert set(cpu_ratios) == {"exact", "fast"}
+    for name, r in cpu_ratios.items():
+        assert r["median"] == res["process_cpu_s"]["official"][0] / res["process_cpu_s"][name][0]
     from mage_fast.decoding import MODES, bf16_native
     cpu = bench.default_modes(torch.device("cpu"))
     assert cpu[0] == "exact" and "fast" in cpu and set(cpu) <= set(MODES)
