@@ -125,8 +125,8 @@ def run(args, mode: str) -> int:
     else:
         res_fn = lambda: inpaint(model, img, region if region is not None else box_to_pixel_mask(box, S),  # noqa: E731
                                  grow=args.grow, **kw)
-    prepare_run(args.out, manifest, overwrite=args.overwrite, resume=False)
     slow_mode_note(args.mode, dev)
+    prepare_run(args.out, manifest, overwrite=args.overwrite, resume=False)
     with slow_mode_said_once():
         res = res_fn()
     for i, arr in enumerate(to_uint8(res["images"])):

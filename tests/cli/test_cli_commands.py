@@ -232,3 +232,19 @@ def test_editing_refuses_a_value_outside_the_choices(command, flag, extra, tmp_p
     errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
     assert len(errors) == 1 and f"argument --{flag}: invalid choice" in errors[0], errors
     assert not out.exists()
+
+
+@needs_model
+def test_editing_says_once_when_a_mode_is_slower_than_fp32_here(image, tmp_path, capsys, monkeypatch, one_thread):
+    """As generate: one note, and no SlowModeWarning from the sampler on top of it."""
+    import warnings
+
+    from mage_fast.decoding import SlowModeWarning, quant
+    monkeypatch.setattr(quant, "bf16_native", lambda dev: False)  # a CPU without AMX or AVX512-BF16
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["inpaint", "--image", image, "--box", "0,0,16,16", "--num-samples", "1", "--num-iter", "2",
+                     "--mode", "cached_bf16", "--out", str(tmp_path / "run")]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note: --mode cached_bf16: bf16 runs")]
+    assert len(notes) == 1, notes
+    assert not [w for w in caught if issubclass(w.category, SlowModeWarning)]
