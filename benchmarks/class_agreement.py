@@ -60,7 +60,7 @@ def main(argv=None):
 
     import mage_fast
     from common import environment, print_header, result_name, write_json
-    from mage_fast.__main__ import CLIError, load_model, model_card, sampling_defaults
+    from mage_fast.cli import CLIError, load_model, model_card, sampling_defaults
     from mage_fast.eval import agreement
     from mage_fast.eval.agreement import FMNIST_CLASSES, agreement_summary, sample_agreement
     if args.threads:

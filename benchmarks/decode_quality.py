@@ -340,7 +340,7 @@ def main(argv=None):
         return merge(args.merge, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from mage_fast.__main__ import load_model, model_card, sampling_defaults
+    from mage_fast.cli import load_model, model_card, sampling_defaults
     model, ckpt = load_model(args.ckpt, None)
     model.eval()
     num_classes = len(model_card(ckpt).get("classes", [])) or 1

@@ -33,7 +33,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.threads < 1:
         ap.error(f"--threads must be >= 1, got {a.threads}")
-    from mage_fast.__main__ import load_model
+    from mage_fast.cli import load_model
     from mage_fast.decoding.quant import fast_tokenizer
     torch.set_num_threads(a.threads)
     ys = dq.read_yardstick(dq.YARDSTICK)

@@ -90,7 +90,7 @@ def build_times(builders: dict, repeats: int, warmup: bool = True) -> dict:
 
 
 def shipped_checkpoint() -> str:
-    from mage_fast.__main__ import DEFAULT_CKPT
+    from mage_fast.cli import DEFAULT_CKPT
     return DEFAULT_CKPT
 
 

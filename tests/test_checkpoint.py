@@ -138,7 +138,7 @@ def test_init_weights_false_skips_the_draws_but_keeps_a_loaded_tokenizer(tmp_pat
 
 
 def test_cli_load_model_skips_the_draws_only_for_a_whole_checkpoint(tmp_path, tiny_sd):
-    from mage_fast.__main__ import load_model
+    from mage_fast.cli import load_model
     whole, tok = tmp_path / "tiny.pth", tmp_path / "vqgan.ckpt"
     torch.save({"model": tiny_sd}, whole)
     torch.save({"state_dict": {k[len("vqgan."):]: v for k, v in tiny_sd.items() if k.startswith("vqgan.")}}, tok)

@@ -66,7 +66,7 @@ def test_partial_starts_replay_with_their_known_tokens(tiny, rerun):
 
 
 def test_class_conditional_guided_replays_take_the_new_labels(rerun):
-    from mage_fast.__main__ import load_model
+    from mage_fast.cli import load_model
     model, _ = load_model(None, None)
     model.eval()
     kw = dict(num_iter=6, temperature=1.0, rng="torch", guidance_scale=1.5, mode="cached_bf16", return_ids=True)

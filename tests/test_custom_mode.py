@@ -60,7 +60,7 @@ def test_a_registered_mode_runs_through_generate(tiny, toy_mode):
 
 
 def test_a_registered_mode_is_listed_everywhere(toy_mode):
-    from mage_fast.__main__ import build_parser
+    from mage_fast.cli import build_parser
     from mage_fast.info import decoding_modes_report
     gen = build_parser()._subparsers._group_actions[0].choices["generate"]
     mode_help = next(a.help for a in gen._actions if a.dest == "mode")
@@ -71,7 +71,7 @@ def test_a_registered_mode_is_listed_everywhere(toy_mode):
 
 
 def test_a_registered_mode_runs_through_the_cli(tmp_path, toy_mode):
-    from mage_fast.__main__ import main
+    from mage_fast.cli import main
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.pth"
     torch.save({"model": mage_fast.mage_vit_tiny().state_dict()}, ckpt)

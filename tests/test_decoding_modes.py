@@ -202,7 +202,7 @@ SHIPPED = ["mage_fmnist256", "mage_fmnist"]
 def _shipped_pass(*modes, name=None):
     """A shipped model's (default: the CLI's) exact code logits on partly known ids and those of
     ``modes``, with the masked positions: (ref, [logits per mode], masked)."""
-    from mage_fast.__main__ import load_model
+    from mage_fast.cli import load_model
     model, _ = load_model(name, None)
     model.eval()
     ids = _partly_known(model, 4, 20, seed=4)
@@ -378,7 +378,7 @@ def test_mode_pixel_decode_matches_the_exact_tokenizer_decode():
     """The non-exact modes decode through a channels-last copy of the tokenizer: fp32 gives the
     exact decode's pixels to rounding, bf16 (quant='bf16') within 35 dB PSNR of them, and the
     model's own tokenizer is untouched."""
-    from mage_fast.__main__ import load_model
+    from mage_fast.cli import load_model
     model, _ = load_model(None, None)
     model.eval()
     ids = torch.randint(0, model.codebook_size, (3, model.seq_len), generator=torch.Generator().manual_seed(0))

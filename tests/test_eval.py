@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import mage_fast
-from mage_fast.__main__ import main
+from mage_fast.cli import main
 from mage_fast.eval import (LARS, few_shot, fid_inception, frechet_distance, gaussian_stats, linear_probe,
                             param_groups_lrd)
 

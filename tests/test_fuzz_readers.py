@@ -146,7 +146,7 @@ def asset_bytes():
 def _load_checkpoint_all_ways(path):
     """Every way a user loads a checkpoint: the API (both names) and the CLI's loader."""
     import mage_fast
-    from mage_fast.__main__ import CLIError, load_model
+    from mage_fast.cli import CLIError, load_model
     from mage_fast.models.checkpoint import build_from_checkpoint
     allowed = (CheckpointError, InputError, CLIError)  # CLIError: the CLI's path checks
     for fn in (mage_fast.MAGE.from_pretrained, build_from_checkpoint, lambda p: load_model(p, None)[0]):
@@ -350,7 +350,8 @@ def test_the_valid_inputs_are_read():
 @given(data=st.sampled_from(IMAGES).flatmap(mutated))
 def test_cli_mask_reader(data):
     """``inpaint`` / ``edit --mask``: a region, or the CLI's one line (CLIError) / InputError."""
-    from mage_fast.__main__ import CLIError, _read_mask
+    from mage_fast.cli import CLIError
+    from mage_fast.cli._editing import _read_mask
     with tempfile.TemporaryDirectory() as d:
         region = _expect((CLIError, InputError), _read_mask, _write(d, "mask.png", data), 16)
     if region is not None:
@@ -368,7 +369,7 @@ def _read_card_all_ways(ckpt, card_path):
     import argparse
 
     import mage_fast
-    from mage_fast.__main__ import CLIError, class_names, resolve_class, sampling_defaults
+    from mage_fast.cli import CLIError, class_names, resolve_class, sampling_defaults
     from mage_fast.models.checkpoint import build_from_checkpoint
     allowed = (CheckpointError, InputError, CLIError)
     model = _expect(allowed, build_from_checkpoint, ckpt)

@@ -35,7 +35,7 @@ def test_import_mage_fast_leaves_the_heavy_modules_out():
 def test_building_the_shipped_model_leaves_the_heavy_modules_out():
     """The model for `generate` is built without drawing weights; that must not pull in what the meta
     device would (its normal_ imports torch._dynamo, and with it sympy and triton)."""
-    mods = _modules_after("from mage_fast.__main__ import load_model\nmodel, _ = load_model(None, None)")
+    mods = _modules_after("from mage_fast.cli import load_model\nmodel, _ = load_model(None, None)")
     assert not [m for m in HEAVY if m in mods and m != "PIL"]  # PIL: the CLI's images need it
 
 

@@ -21,7 +21,7 @@ def asset(request):
 
 
 def test_the_default_is_the_256_token_model():
-    import mage_fast.__main__ as cli
+    import mage_fast.cli as cli
     assert cli.DEFAULT_CKPT == os.path.join(ASSETS, "mage_fmnist256.pt")
 
 
@@ -51,7 +51,7 @@ def test_asset_generates_and_reconstructs(asset):
 def test_asset_model_card_and_class_conditioning(asset):
     import json
     path = asset[0]
-    from mage_fast.__main__ import resolve_class
+    from mage_fast.cli import resolve_class
     with open(os.path.splitext(path)[0] + ".json") as f:
         card = json.load(f)
     assert card["class_conditional"] is True and len(card["classes"]) == 10

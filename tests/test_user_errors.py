@@ -388,7 +388,7 @@ def test_generate_cli_run_folder_grid_and_resume(tmp_path):
     """--class-id all: one labelled column per class; a second run into the folder is refused; a run
     whose images were partly deleted is completed by --resume with the same images; fid reads only
     the manifest's samples (not process.png or grid.png)."""
-    from mage_fast.__main__ import main
+    from mage_fast.cli import main
     from mage_fast.eval.frechet import sample_files
     out = tmp_path / "classes"
     args = ["generate", "--class-id", "all", "--num-images", "20", "--batch-size", "8", "--num-iter", "3",
@@ -413,7 +413,7 @@ def test_generate_cli_run_folder_grid_and_resume(tmp_path):
 
 
 def test_process_picture_has_step_labels_and_a_legend(tmp_path):
-    from mage_fast.__main__ import main
+    from mage_fast.cli import main
     assert main(["generate", "--num-images", "2", "--num-iter", "4", "--process", "--grid", "0",
                  "--out", str(tmp_path / "p")]) == 0
     assert not (tmp_path / "p" / "grid.png").exists()  # --grid 0: no grid
@@ -426,13 +426,13 @@ def test_process_picture_has_step_labels_and_a_legend(tmp_path):
 
 def test_default_rng_is_per_image(tmp_path):
     """The CLI's default sampling keys each image by its index: batch size does not change it."""
-    from mage_fast.__main__ import build_parser
+    from mage_fast.cli import build_parser
     assert build_parser().parse_args(["generate"]).rng == "torch"
 
 
 def test_eval_cache_is_keyed_by_the_data(tmp_path):
     """Two datasets, one checkpoint, one cache folder: each run reports its own data's accuracy."""
-    from mage_fast.__main__ import main
+    from mage_fast.cli import main
     rng = np.random.default_rng(0)
 
     def folder(name, classes):
@@ -457,7 +457,8 @@ def test_eval_cache_is_keyed_by_the_data(tmp_path):
 
 
 def test_eval_limit_and_probe_lr_warning(tmp_path, capsys):
-    from mage_fast.__main__ import _subset, main
+    from mage_fast.cli import main
+    from mage_fast.cli.evaluate import _subset
     items = [(f"{i}.png", i % 2) for i in range(100)]
     a, b = _subset(items, 10, 0), _subset(items, 10, 0)
     assert a == b and len(a) == 10 and a == sorted(a, key=lambda t: int(t[0][:-4]))
@@ -482,7 +483,7 @@ def test_eval_limit_and_probe_lr_warning(tmp_path, capsys):
 def test_fid_reports_how_it_chose_the_files_and_warns_on_small_sets(tmp_path, capsys):
     pytest.importorskip("efficientnet_lite_pytorch", reason="offline Frechet needs efficientnet-lite-pytorch "
                                                             "(a [test] extra)")
-    from mage_fast.__main__ import main
+    from mage_fast.cli import main
     rng = np.random.default_rng(0)
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
@@ -505,7 +506,7 @@ def test_help_lists_every_command_and_default():
     assert "unconditional, or class-conditional" in top.stdout
     ver = subprocess.run([sys.executable, "-m", "mage_fast", "--version"], capture_output=True, text=True, env=env)
     assert ver.returncode == 0 and mage_fast.__version__ in ver.stdout and "torch" in ver.stdout
-    from mage_fast.__main__ import build_parser
+    from mage_fast.cli import build_parser
     p = build_parser()
     sub = next(a for a in p._actions if a.dest == "cmd")
     for name, sp in sub.choices.items():

@@ -102,7 +102,7 @@ def test_winograd_convs_replaces_only_what_it_can_compute():
 def test_fast_tokenizer_uses_winograd_in_fp32_on_the_cpu():
     """The fp32 pixel decode of the non-exact modes runs its decoder's wide 3x3 convolutions (the
     upsampling ones included) by Winograd; the bf16 copy does not."""
-    from mage_fast.__main__ import load_model
+    from mage_fast.cli import load_model
     from mage_fast.decoding.quant import fast_tokenizer
     model, _ = load_model(None, None)
     fp = fast_tokenizer(model, torch.float32)

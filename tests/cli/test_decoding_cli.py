@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from mage_fast.__main__ import DEFAULT_CKPT, main
+from mage_fast.cli import DEFAULT_CKPT, main
 from mage_fast.decoding import MODES
 
 

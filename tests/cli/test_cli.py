@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 import mage_fast
-from mage_fast.__main__ import CLIError, main
+from mage_fast.cli import CLIError, main
 from mage_fast.images import make_grid, to_uint8
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/cli/ -> the repository
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_sampling_defaults_from_model_card(tmp_path):
     import argparse
     import json
 
-    from mage_fast.__main__ import sampling_defaults
+    from mage_fast.cli import sampling_defaults
     ckpt = tmp_path / "m.pt"
     ckpt.write_bytes(b"")
     args = argparse.Namespace(num_iter=None, temperature=None)
@@ -103,7 +103,7 @@ def test_class_id_by_name_number_and_all(tiny_ckpt, tmp_path):
     import json
     import shutil
 
-    from mage_fast.__main__ import resolve_class
+    from mage_fast.cli import resolve_class
     ckpt = tmp_path / "cond.pth"
     shutil.copy(tiny_ckpt, ckpt)
     names = ["shirt", "bag", "boot"]
@@ -192,7 +192,7 @@ def test_cpu_description_names_the_model_and_its_vector_units():
 
 def test_shipped_models_load_by_name(tmp_path, capsys, monkeypatch):
     """--ckpt NAME picks a shipped model from mage_fast/assets; an absent one is one clear line."""
-    import mage_fast.__main__ as cli
+    import mage_fast.cli.common as cli
     model, path = cli.load_model("mage_fmnist", None)
     assert path == cli.shipped_path("mage_fmnist") and model.seq_len == 49
     assert cli.DEFAULT_CKPT == next(cli.shipped_path(n) for n in cli.SHIPPED if os.path.isfile(cli.shipped_path(n)))
