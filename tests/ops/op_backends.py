@@ -153,3 +153,13 @@ def check_strided(fn, args: list, strided_positions: Sequence[int], t, grad_of=(
             for k, (g, w) in enumerate(zip(got, want)):
                 assert torch.equal(g, w) or torch.allclose(g, w, rtol=t.rtol, atol=t.atol, equal_nan=False), \
                     f"{make.__name__}(arg {i}) changes output {k}: max diff {(g.float() - w.float()).abs().max()}"
+
+
+def assert_close_to_lowp_reference(names: Sequence[str], got, ref, torch_lowp, atol: float) -> None:
+    """Low-precision outputs against the fp32 reference ``ref``: each within twice torch's own error
+    in that precision (``torch_lowp``, the reference run without upcasting) plus ``atol`` relative
+    to the reference's scale."""
+    for name, a, r, t in zip(names, got, ref, torch_lowp):
+        err = (a.float() - r).abs().max().item()
+        bound = 2 * (t.float() - r).abs().max().item() + atol * max(1.0, r.abs().max().item())
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"

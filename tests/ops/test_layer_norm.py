@@ -2,7 +2,7 @@
 backward, through the dispatcher and under torch.compile."""
 import pytest
 import torch
-from op_backends import DEV, backend_fn, check_strided, device, triton_kernels
+from op_backends import DEV, assert_close_to_lowp_reference, backend_fn, check_strided, device, triton_kernels
 from tolerances import F32, backends, tol
 
 from mage_fast.ops.layer_norm import layer_norm, layer_norm_op, layer_norm_ref
@@ -44,10 +44,7 @@ def test_forward_backward(shape, dtype, target):
     ref = _run(layer_norm_ref, *leaves, dy.float(), 1e-6)
     lowp = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
     torch_lowp = _run(lambda *a: layer_norm_ref(*a, upcast=False), *lowp, dy, 1e-6)  # torch's own, in dtype
-    for name, a, r, t in zip(["y", "dx", "dw", "db"], got, ref, torch_lowp):
-        err = (a.float() - r).abs().max().item()
-        bound = 2 * (t.float() - r).abs().max().item() + atol * max(1.0, r.abs().max().item())
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+    assert_close_to_lowp_reference(["y", "dx", "dw", "db"], got, ref, torch_lowp, atol)
 
 
 @pytest.mark.parametrize("target", backends(OP, "strided", F32))

@@ -4,7 +4,7 @@ import functools
 
 import pytest
 import torch
-from op_backends import DEV, backend_fn, check_strided, device, triton_kernels
+from op_backends import DEV, assert_close_to_lowp_reference, backend_fn, check_strided, device, triton_kernels
 from tolerances import F32, backends, tol
 
 from mage_fast.ops.mlm_head_loss import mlm_head_loss, mlm_head_loss_op, mlm_head_loss_ref
@@ -56,10 +56,7 @@ def test_loss_and_gradients(case, dtype, target):
     ref = _loss_and_grads(mlm_head_loss_ref, [t.detach().float().requires_grad_(True) for t in floats], tgt, mask, C)
     lowp = [t.detach().clone().requires_grad_(True) for t in floats]
     torch_lowp = _loss_and_grads(lambda *a: mlm_head_loss_ref(*a, upcast=False), lowp, tgt, mask, C)
-    for name, a, r, t in zip(NAMES, got, ref, torch_lowp):
-        err = (a.float() - r).abs().max().item()
-        bound = 2 * (t.float() - r).abs().max().item() + atol * max(1.0, r.abs().max().item())
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+    assert_close_to_lowp_reference(NAMES, got, ref, torch_lowp, atol)
 
 
 @pytest.mark.parametrize("target", backends(OP, "strided", F32))

@@ -2,7 +2,7 @@
 reference, forward and all gradients."""
 import pytest
 import torch
-from op_backends import DEV, backend_fn, check_strided, device, triton_kernels
+from op_backends import DEV, assert_close_to_lowp_reference, backend_fn, check_strided, device, triton_kernels
 from tolerances import F32, backends, tol
 
 from mage_fast.ops.token_drop import keep_index
@@ -46,10 +46,7 @@ def test_forward_backward(case, dtype, target):
     ref = _run(token_embed_ref, ids, positions, [t.detach().float().requires_grad_(True) for t in floats], dy.float())
     lowp = [t.detach().clone().requires_grad_(True) for t in floats]
     torch_lowp = _run(lambda *a: token_embed_ref(*a, upcast=False), ids, positions, lowp, dy)
-    for name, a, r, t in zip(NAMES, got, ref, torch_lowp):
-        err = (a.float() - r).abs().max().item()
-        bound = 2 * (t.float() - r).abs().max().item() + atol * max(1.0, r.abs().max().item())
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+    assert_close_to_lowp_reference(NAMES, got, ref, torch_lowp, atol)
 
 
 @pytest.mark.parametrize("target", backends(OP, "strided", F32))
