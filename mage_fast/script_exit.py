@@ -31,21 +31,40 @@ def run_script(main: Callable[[], object]) -> None:
         if os.environ.get("MAGE_FAST_DEBUG"):
             raise
         error_line(" ".join(str(e).split()) or type(e).__name__)  # one line, as the CLI prints it
-        sys.exit(2)
+        leave_rank(2)
     except SystemExit as e:
         if isinstance(e.code, str):
             if e.code.startswith("error: "):
                 error_line(e.code[len("error: "):])
             elif parallel.claim_report():
                 print(e.code, file=sys.stderr)
-            sys.exit(2)
+            leave_rank(2)
+        if parallel.active() and e.code not in (0, None):
+            leave_rank(e.code if isinstance(e.code, int) else 2)
         raise
     except Exception as e:
         if not parallel.active() or os.environ.get("MAGE_FAST_DEBUG"):
             raise  # one process: a crash keeps its traceback
         rank_fault_exit(e)
-        sys.exit(2)
+        leave_rank(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def leave_rank(code: int = 2) -> None:
+    """End a rank of several that is failing, now: flush what it printed, then ``os._exit``. Python's
+    own exit would run the process group's C++ destructors while gloo's threads still serve a
+    connection that a failed peer broke, and ``std::terminate`` (SIGABRT) could replace status 2.
+    Everything the rank must undo (partial outputs) is undone before it gets here. One process:
+    ``sys.exit``."""
+    from mage_fast import parallel
+    if not parallel.active():
+        sys.exit(code)
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # a closed or broken stream: nothing more can be said through it
+            pass
+    os._exit(code)
 
 
 def rank_fault_exit(e: BaseException) -> None:

@@ -391,6 +391,7 @@ def main(argv=None) -> int:
         line = msg.splitlines()[0] if msg else type(e).__name__
         if parallel.active():  # a rank of several: the first to fail says it, naming itself
             script_exit.error_line(line)
+            script_exit.leave_rank(2)
         elif os.environ.get("RANK", "0") == "0":  # before the process group, every rank fails alike
             print(f"error: {line}", file=sys.stderr)
         return 2
@@ -398,4 +399,5 @@ def main(argv=None) -> int:
         if not parallel.active() or os.environ.get("MAGE_FAST_DEBUG"):
             raise  # one process: a crash keeps its traceback
         script_exit.rank_fault_exit(e)  # a crash on one rank, or a collective broken by a failed peer
-        return 2
+        script_exit.leave_rank(2)
+        return 2  # not reached
