@@ -452,6 +452,9 @@ def main(argv=None):
                    token_diff=float((ids != ex_ids).float().mean()), kl_per_step=kl,
                    kl_mean=float(np.mean(list(kl.values()))) if kl else 0.0, kl_fixed_per_step=kl_fixed,
                    kl_fixed_mean=float(np.mean(list(kl_fixed.values()))) if kl_fixed else 0.0, images_per_s=speed)
+        mode = resolve_mode(name)
+        if hasattr(mode, "describe"):  # what the mode computed, whatever its name means later
+            row["computes"] = mode.describe()
         row["vitb_speedup"] = _speed_of(row, speedup)
         agree = agreement(calls(imgs))
         if agree is not None:
@@ -512,6 +515,8 @@ def _speed_of(row: dict, speedup: dict):
     """A quality row's ViT-B speed-up: by what its spec computes where the throughput run recorded
     that (names of presets change meaning between stops: no match, no speed), else by name or spec."""
     described = any(isinstance(k, tuple) for k in speedup)
+    if described and row.get("computes"):  # recorded when the row was measured
+        return speedup.get(("described", row["computes"]))
     if described and row.get("spec"):
         try:  # a spec that names no mode ("seed 1", the exact mode's second seed set) falls through
             return speedup.get(("described", resolve_mode(row["spec"]).describe()))

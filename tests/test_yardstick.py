@@ -132,9 +132,9 @@ def test_reference_images_take_the_models_geometry():
 
 
 def test_quality_rows_find_their_speed_by_what_the_mode_computes(tmp_path):
-    """A throughput run names modes as they were when it ran (an older JSON's "fast" is refresh=4); a quality
-    row of spec drop=train,refresh=4,focus=2 takes that speed, and a row of the current fast preset
-    (refresh=10) does not, although both are called "fast" somewhere."""
+    """A throughput run names modes as they were when it ran (a JSON's "fast" may be refresh=4 or refresh=10,
+    the preset's definitions at different times); a quality row of spec drop=train,refresh=4,focus=2 takes
+    that speed, and a row of spec refresh=10 does not, although both are called "fast" somewhere."""
     import decode_quality
     from mage_fast.decoding import DecodeMode
     old_fast = DecodeMode(drop="train", refresh_every=4, focus=2)

@@ -121,17 +121,17 @@ MODES.register("int8", DecodeMode(quant="int8"),
 MODES.register("cached_int8", DecodeMode(refresh_every=4, quant="int8"), "cached, with int8 Linear layers")
 MODES.register("cached_focus", DecodeMode(refresh_every=4, focus=2),
                "cached, the decoder recomputing only the masked rows the sampler would fix first")
-MODES.register("fast", DecodeMode(drop="train", refresh_every=10, focus=2),
-               "the fast preset: cached_focus with the training-matched encoder drop, refreshed every 10 steps")
-MODES.register("fast_close", DecodeMode(drop="train", refresh_every=4, focus=2),
-               "fast refreshed every 4 steps: closer to exact, slower")
+MODES.register("fast", DecodeMode(drop="train", refresh_every=4, focus=2),
+               "the fast preset: cached_focus with the training-matched encoder drop")
+MODES.register("fast_close", DecodeMode(drop="train", refresh_every=2, focus=2),
+               "fast refreshed every 2 steps: closer to exact, slower")
 MODES.register("fast_all", DecodeMode(drop="all", refresh_every=4, focus=2),
-               "fast_close dropping every masked token")
+               "fast dropping every masked token")
 MODES.register("bf16", DecodeMode(quant="bf16"),
                "the whole pass in bfloat16 (fast on GPUs and on CPUs with AMX or AVX512-BF16)")
 MODES.register("cached_bf16", DecodeMode(refresh_every=4, quant="bf16"), "cached, in bfloat16")
 MODES.register("cached_focus_bf16", DecodeMode(refresh_every=4, focus=2, quant="bf16"), "cached_focus, in bfloat16")
-MODES.register("fast_bf16", DecodeMode(drop="train", refresh_every=4, focus=2, quant="bf16"), "fast_close, in bfloat16")
+MODES.register("fast_bf16", DecodeMode(drop="train", refresh_every=4, focus=2, quant="bf16"), "fast, in bfloat16")
 MODES.register("fast_all_bf16", DecodeMode(drop="all", refresh_every=4, focus=2, quant="bf16"), "fast_all, in bfloat16")
 
 SPEC_HELP = ("a spec such as drop=all,refresh=4,focus=2,quant=int8 or refresh=2,quant=bf16,pixels=fp32 (keys drop, "
