@@ -18,7 +18,7 @@ import argparse
 import os
 import re
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 
 def run_script(main: Callable[[], object]) -> None:
@@ -46,11 +46,10 @@ def run_script(main: Callable[[], object]) -> None:
         if not parallel.active() or os.environ.get("MAGE_FAST_DEBUG"):
             raise  # one process: a crash keeps its traceback
         rank_fault_exit(e)
-        leave_rank(2)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def leave_rank(code: int = 2) -> None:
+def leave_rank(code: int = 2) -> NoReturn:
     """End a rank of several that is failing, now: flush what it printed, then ``os._exit``. Python's
     own exit would run the process group's C++ destructors while gloo's threads still serve a
     connection that a failed peer broke, and ``std::terminate`` (SIGABRT) could replace status 2.
@@ -67,9 +66,9 @@ def leave_rank(code: int = 2) -> None:
     os._exit(code)
 
 
-def rank_fault_exit(e: BaseException) -> None:
+def rank_fault_exit(e: BaseException) -> NoReturn:
     """An unexpected exception on one rank of several (a crash, or a collective broken by a lost
-    peer): at most one line for the job; the caller then exits with status 2."""
+    peer): at most one line for the job, then the rank leaves with status 2 (:func:`leave_rank`)."""
     from mage_fast import parallel
     parallel._leave()  # the launcher's SIGTERM must not cut the choice of who speaks in two
     if parallel.peer_failed() is None:  # the store's host has gone: on this machine, it says why
@@ -80,6 +79,7 @@ def rank_fault_exit(e: BaseException) -> None:
             print(f"error: {parallel.error_prefix()}{line}", file=sys.stderr, flush=True)
     else:
         error_line(_rank_fault(e))
+    leave_rank(2)
 
 
 def error_line(msg: str) -> None:

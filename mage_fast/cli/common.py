@@ -398,6 +398,4 @@ def main(argv=None) -> int:
     except Exception as e:
         if not parallel.active() or os.environ.get("MAGE_FAST_DEBUG"):
             raise  # one process: a crash keeps its traceback
-        script_exit.rank_fault_exit(e)  # a crash on one rank, or a collective broken by a failed peer
-        script_exit.leave_rank(2)
-        return 2  # not reached
+        script_exit.rank_fault_exit(e)  # a crash on one rank, or a collective broken by a failed peer (never returns)
