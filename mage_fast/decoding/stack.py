@@ -11,7 +11,6 @@ quantized copy of the model (int8 Linear layers) runs through the same functions
 """
 from __future__ import annotations
 
-
 import torch
 
 from ..modules.kv_cache import KVCache

@@ -158,7 +158,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-
 def init_linear_and_layernorm(module: nn.Module, skip_prefix: str = "") -> None:
     """The ViT/MAE initialisation: xavier-uniform Linear weights, zero biases, unit LayerNorms;
     submodules whose name starts with ``skip_prefix`` (e.g. a frozen tokenizer) are left alone."""
