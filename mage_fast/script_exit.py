@@ -22,21 +22,34 @@ from typing import Callable, NoReturn
 
 
 def run_script(main: Callable[[], object]) -> None:
-    from mage_fast import parallel
+    """Run a script's ``main()`` under the contract (:func:`guarded`) and exit with its status."""
     from mage_fast.models.checks import InputError
     from mage_fast.models.state_dict import CheckpointError
+    sys.exit(guarded(main, (InputError, CheckpointError)))
+
+
+def guarded(call: Callable[[], object], bad_input: tuple[type[BaseException], ...]) -> int:
+    """Call ``call()`` and return its status: the int it returns, else 0. The one home of the error
+    contract, for the CLI (:func:`mage_fast.cli.main`) and every script (:func:`run_script`):
+
+    - an exception of a ``bad_input`` type, or ``SystemExit("error: ...")``: one ``error: ...`` line
+      (:func:`refuse`) and status 2; ``MAGE_FAST_DEBUG=1`` raises the exception instead;
+    - any other exception: its traceback in one process; on a rank of several, at most one line for
+      the job and status 2 on every rank (:func:`rank_fault_exit`).
+
+    On a rank of several a failure leaves the rank (:func:`leave_rank`) instead of returning."""
+    from mage_fast import parallel
     try:
-        code = main()
-    except (InputError, CheckpointError) as e:
+        code = call()
+    except bad_input as e:
         if os.environ.get("MAGE_FAST_DEBUG"):
             raise
-        error_line(" ".join(str(e).split()) or type(e).__name__)  # one line, as the CLI prints it
-        leave_rank(2)
+        return refuse(input_error_line(e))
     except SystemExit as e:
         if isinstance(e.code, str):
             if e.code.startswith("error: "):
-                error_line(e.code[len("error: "):])
-            elif parallel.claim_report():
+                return refuse(e.code[len("error: "):])
+            if parallel.claim_report():
                 print(e.code, file=sys.stderr)
             leave_rank(2)
         if parallel.active() and e.code not in (0, None):
@@ -45,8 +58,36 @@ def run_script(main: Callable[[], object]) -> None:
     except Exception as e:
         if not parallel.active() or os.environ.get("MAGE_FAST_DEBUG"):
             raise  # one process: a crash keeps its traceback
-        rank_fault_exit(e)
-    sys.exit(code if isinstance(code, int) else 0)
+        rank_fault_exit(e)  # a crash on one rank, or a collective broken by a failed peer
+    return code if isinstance(code, int) else 0
+
+
+def input_error_line(e: BaseException) -> str:
+    """The one line a bad-input exception ends with: the project's own errors (``InputError``,
+    ``CheckpointError``) with their whitespace folded, an ``OSError`` as ``<file>: <reason>``, any
+    other exception's first line; its type's name when it says nothing."""
+    from mage_fast.models.checks import InputError
+    from mage_fast.models.state_dict import CheckpointError
+    if isinstance(e, (InputError, CheckpointError)):
+        msg = " ".join(str(e).split())
+    elif isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
+        msg = f"{e.filename}: {e.strerror or e}"
+    else:
+        msg = str(e).strip()
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+def refuse(msg: str) -> int:
+    """Bad input: ``error: <msg>`` once for the job, then status 2. A rank of several says it only
+    when it is the first to fail, naming itself, and leaves (:func:`leave_rank`); before the process
+    group exists every rank meets the same input, so rank 0 alone says it. Returns 2 in one process."""
+    from mage_fast import parallel
+    if parallel.active():
+        error_line(msg)
+        leave_rank(2)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 2
 
 
 def leave_rank(code: int = 2) -> NoReturn:

@@ -378,24 +378,6 @@ def main(argv=None) -> int:
     itself. Any other exception keeps its traceback in one process, and on a rank of several ends
     every rank (:mod:`mage_fast.script_exit`)."""
     args = build_parser().parse_args(argv)
-    from mage_fast import parallel, script_exit
-    try:
-        return args.fn(args)
-    except (CLIError, ValueError, OSError, ImportError) as e:  # InputError, CheckpointError are ValueErrors
-        if os.environ.get("MAGE_FAST_DEBUG"):
-            raise
-        from mage_fast.models.checkpoint import CheckpointError
-        msg = " ".join(str(e).split()) if isinstance(e, CheckpointError) else str(e).strip()
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
-            msg = f"{e.filename}: {e.strerror or e}"
-        line = msg.splitlines()[0] if msg else type(e).__name__
-        if parallel.active():  # a rank of several: the first to fail says it, naming itself
-            script_exit.error_line(line)
-            script_exit.leave_rank(2)
-        elif os.environ.get("RANK", "0") == "0":  # before the process group, every rank fails alike
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if not parallel.active() or os.environ.get("MAGE_FAST_DEBUG"):
-            raise  # one process: a crash keeps its traceback
-        script_exit.rank_fault_exit(e)  # a crash on one rank, or a collective broken by a failed peer (never returns)
+    from mage_fast import script_exit
+    # InputError and CheckpointError are ValueErrors
+    return script_exit.guarded(lambda: args.fn(args), (CLIError, ValueError, OSError, ImportError))
