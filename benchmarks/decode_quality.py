@@ -22,7 +22,7 @@ class-balanced labels:
   ``--throughput-json``, the ViT-B speed-up from ``decode_throughput.py`` for the plot.
 
     python benchmarks/decode_quality.py --num-samples 2000 --throughput-json \\
-        benchmarks/results/decode_throughput_cpu_modes_b4.json
+        benchmarks/results/decode_throughput_cpu_xeon_amx.json
 """
 from __future__ import annotations
 
@@ -513,7 +513,7 @@ def _speedups(throughput_json) -> dict:
 
 def _speed_of(row: dict, speedup: dict):
     """A quality row's ViT-B speed-up: by what its spec computes where the throughput run recorded
-    that (names of presets change meaning between stops: no match, no speed), else by name or spec."""
+    that (a preset's name may mean other work in an older run: no match, no speed), else by name or spec."""
     described = any(isinstance(k, tuple) for k in speedup)
     if described and row.get("computes"):  # recorded when the row was measured
         return speedup.get(("described", row["computes"]))

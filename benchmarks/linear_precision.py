@@ -7,8 +7,8 @@ per-token int8 activations: the ``int8`` modes' layers) eager and under ``torch.
 The paths run one after another inside every repeat (outside load falls on all of them) and are
 timed in process CPU time; each path's speed-up is the median of its per-repeat ratios to fp32 in
 the same repeat. Error: relative Frobenius error of the block's output against fp32. It decides the
-CPU precision of the decoding modes: on a CPU with AMX or AVX512-BF16 the ``*_bf16`` modes, elsewhere int8
-(or fp32) - see docs/DECODING.md.
+CPU precision of the decoding modes: on a CPU with AMX or AVX512-BF16 the ``*_bf16`` modes, elsewhere fp32;
+int8 only where AMX or AVX512-VNNI multiply it (docs/DECODING.md, "Hardware: bf16 and int8").
 """
 import copy
 import os

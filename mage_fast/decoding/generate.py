@@ -138,7 +138,7 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
 
             ``"auto"``: ``fast_bf16`` where the model's device multiplies bf16 in hardware, else
             ``fast`` (never a precision slower than fp32 there); the run records the preset it chose.
-            See docs/DECODING.md for speed and quality.
+            How to choose: docs/DECODING.md; measured speed and quality: benchmarks/RESULTS.md.
         decode_chunk: decode the tokens to pixels this many images at a time (``1``: every image's
             pixels are the same in any batch, as sharded and resumed runs need; default: at once).
         config: all the sampling settings above (num_iter, temperature, seed, rng, schedule,

@@ -110,7 +110,8 @@ class DecodeMode:
 
 
 # The named modes: `generate(mode=...)`, the CLI's --mode (its help), `info`, the generate docstring and
-# the README's table are all made from this registry. Measured speed and quality: docs/DECODING.md.
+# the README's table are all made from this registry. How to choose: docs/DECODING.md; measured speed and
+# quality: benchmarks/RESULTS.md.
 MODES = ModeRegistry()
 MODES.register("exact", DecodeMode(), "the official pass (the default)")
 MODES.register("drop_train", DecodeMode(drop="train"), "the encoder drops masked tokens as MAGE trained")
@@ -145,7 +146,7 @@ def auto_mode(device=None) -> str:
     """The preset ``mode="auto"`` stands for on ``device`` (default: the CPU): ``fast_bf16`` where the
     device multiplies bf16 in hardware (CUDA; CPUs with AMX or AVX512-BF16), else ``fast`` (fp32), so
     it is never a precision the device runs slower than fp32. Both compute less than ``exact``; their
-    quality cost is measured in docs/DECODING.md."""
+    quality cost is in benchmarks/RESULTS.md (explained in docs/DECODING.md)."""
     dev = torch.device("cpu") if device is None else torch.device(device)
     return "fast_bf16" if bf16_native(dev) else "fast"
 

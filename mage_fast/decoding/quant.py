@@ -4,10 +4,11 @@ on GPUs).
 The copy holds only what a network pass reads (embeddings, encoder, decoder, MLM head), never
 the tokenizer. ``bf16``: the whole copy in bfloat16 (weights and activations; logits returned in
 fp32), fast where the hardware multiplies bf16 natively (CUDA GPUs; x86 CPUs with AMX or with
-AVX512-BF16, through oneDNN), slow elsewhere (see :func:`bf16_native`; measured speeds per CPU kind:
-docs/DECODING.md, "Hardware: bf16 and int8"). Its Linear layers quantized with torchao (PyTorch's quantization library): ``int8``: int8 weights
-(per output channel) and int8 activations with dynamic per-token scales
-(``Int8DynamicActivationInt8WeightConfig``; fast only with int8 hardware, see :func:`int8_native`); ``fp8``: fp8 e4m3 weights and dynamic activations
+AVX512-BF16, through oneDNN), slow elsewhere (see :func:`bf16_native` and docs/DECODING.md,
+"Hardware: bf16 and int8"; measured speeds per CPU kind: benchmarks/RESULTS.md). Its Linear layers
+quantized with torchao (PyTorch's quantization library): ``int8``: int8 weights (per output channel)
+and int8 activations with dynamic per-token scales (``Int8DynamicActivationInt8WeightConfig``; fast
+only with int8 hardware, see :func:`int8_native`); ``fp8``: fp8 e4m3 weights and dynamic activations
 (``Float8DynamicActivationFloat8WeightConfig``, CUDA compute capability >= 8.9 only).
 Copies are cached per model and rebuilt when a parameter changes in place.
 """
@@ -74,7 +75,7 @@ def cpu_int8_units() -> str | None:
 def int8_native(device: torch.device) -> bool:
     """Whether ``device`` multiplies int8 matrices in hardware: CUDA; a CPU with AMX or
     AVX512-VNNI. Without either, torchao's int8 Linear runs many times slower than fp32
-    (``benchmarks/linear_precision.py`` measures it; docs/DECODING.md has the numbers per CPU kind)."""
+    (``benchmarks/linear_precision.py`` measures it; benchmarks/RESULTS.md has the numbers per CPU kind)."""
     if device.type == "cuda":
         return True
     return device.type == "cpu" and cpu_int8_units() is not None
