@@ -32,6 +32,10 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, default=None, help="(default: the model card's)")
     ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model "
                                                                  "card's, else 0)")
+    ap.add_argument("--top-k", type=int, default=None, help="token filter: K most likely codes; 0: all (default: the "
+                                                            "model card's)")
+    ap.add_argument("--top-p", type=float, default=None, help="token filter: nucleus mass in (0, 1]; 1: all "
+                                                              "(default: the model card's)")
     ap.add_argument("--mode", default="exact", help="decoding mode (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=100, help="(default: %(default)s)")
@@ -48,6 +52,10 @@ def parse_args(argv=None):
         ap.error(f"--temperature must be >= 0, got {args.temperature}")
     if args.guidance is not None and not args.guidance >= 0:
         ap.error(f"--guidance must be >= 0, got {args.guidance}")
+    if args.top_k is not None and args.top_k < 0:
+        ap.error(f"--top-k must be >= 0 (0: all codes), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        ap.error(f"--top-p must be in (0, 1] (1: all codes), got {args.top_p}")
     if not 0 <= args.seed < 2 ** 31 or args.threads < 0:
         ap.error("--seed must be in [0, 2^31) and --threads >= 0")
     return args
@@ -80,14 +88,17 @@ def main(argv=None):
                          f"lists the 10 classes")
     # the card's defaults for what is unset, exactly as `generate --class-id all` takes them
     drawn = SimpleNamespace(num_iter=args.num_iter, temperature=args.temperature, guidance=args.guidance,
-                               class_id="all")
+                               class_id="all", top_k=args.top_k, top_p=args.top_p)
     sampling_defaults(ckpt, drawn)
     num_iter, temperature, guidance = drawn.num_iter, drawn.temperature, drawn.guidance
+    top_k = drawn.top_k or None  # 0: no filter
+    top_p = drawn.top_p if drawn.top_p is not None and drawn.top_p < 1 else None  # 1: no filter
 
     dev = next(model.parameters()).device
     env = environment(dev)
     print_header(f"class agreement: {os.path.basename(ckpt)}, {args.per_class} samples per class, T={num_iter}, "
-                 f"temperature {temperature}, guidance {guidance}, mode {args.mode}, seed {args.seed}", env)
+                 f"temperature {temperature}, guidance {guidance}, top-k {top_k or 'all'}, top-p {top_p or 'all'}, "
+                 f"mode {args.mode}, seed {args.seed}", env)
     classifier, scores = agreement.train_classifier()
     n = args.per_class * len(classes)
     labels = torch.arange(n) % len(classes)
@@ -98,7 +109,7 @@ def main(argv=None):
         with torch.inference_mode():
             x = mage_fast.generate(model.eval(), b, num_iter=num_iter, temperature=temperature, seed=args.seed,
                                    rng="torch", first_index=i, class_ids=labels[i:i + b].to(dev),
-                                   guidance_scale=guidance, mode=args.mode)
+                                   guidance_scale=guidance, mode=args.mode, top_k=top_k, top_p=top_p)
         images.append(x.float().cpu())
     seconds = time.perf_counter() - t0
     res = sample_agreement(classifier, torch.cat(images), labels)
@@ -108,7 +119,8 @@ def main(argv=None):
     print(f"  weakest: {FMNIST_CLASSES[weakest]} {res['per_class'][weakest]:.3f}; sampling {seconds:.0f} s")
     out = write_json({"env": env, "ckpt": os.path.relpath(ckpt, REPO) if ckpt.startswith(REPO) else ckpt,
                       "settings": {"num_iter": num_iter, "temperature": temperature, "guidance": guidance,
-                                   "mode": args.mode, "seed": args.seed, "per_class": args.per_class},
+                                   "top_k": top_k, "top_p": top_p, "mode": args.mode, "seed": args.seed,
+                                   "per_class": args.per_class},
                       "classifier": scores, "agreement": res,
                       "agreement_over_accuracy": res["mean"] / scores["test_accuracy"],
                       "sampling_seconds": seconds},

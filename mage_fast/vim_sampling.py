@@ -15,39 +15,10 @@ from typing import Optional
 
 import torch
 
+from .decoding.token_filter import filter_logits
 from .ops.decode_step import counter_uniform, gumbel_from_uniform, image_keys
 
 _STREAM_VIM = 0x3C6EF372
-
-
-def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
-    """Top-k then top-p (nucleus) filtering: excluded entries become ``-inf``.
-
-    Args:
-        logits: (B, K) float.
-        top_k: keep the ``top_k`` largest logits per row (entries tied with the k-th are kept);
-            ``None`` keeps all.
-        top_p: keep the smallest set of largest-probability entries whose mass reaches ``top_p``
-            (the most likely entry always stays); ``None`` or 1.0 keeps all.
-
-    Returns:
-        (B, K) logits with the excluded entries at ``-inf``.
-
-    Example:
-        >>> filter_logits(torch.tensor([[3.0, 1.0, 2.0]]), top_k=2)
-        tensor([[3., -inf, 2.]])
-    """
-    K = logits.shape[-1]
-    if top_k is not None and top_k < K:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # (B, K) mass of the entries ranked above
-        drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
 
 
 def sample_next(logits: torch.Tensor, keys: torch.Tensor, step: int, temperature: float = 1.0,

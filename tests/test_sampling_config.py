@@ -26,6 +26,11 @@ def tiny():
     (dict(temperature_annealing="fast", sampler="torch"), "unknown temperature annealing"),
     (dict(order="random", sampler="torch"), "order must be one of"),
     (dict(order="halton"), "orders"),  # the official sampler runs the official options only
+    (dict(top_k=0, sampler="torch"), "top_k must be an integer >= 1"),
+    (dict(top_k=2.5, sampler="torch"), "top_k must be an integer"),
+    (dict(top_p=0.0, sampler="torch"), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5, sampler="torch"), "top_p must be a finite number"),
+    (dict(top_p=0.9), "top-k / top-p"),  # the official sampler has no token filter
 ])
 def test_bad_settings_are_input_errors(kw, words):
     with pytest.raises(InputError, match=words):
@@ -69,3 +74,29 @@ def test_manifest_settings_keep_the_cli_names():
                                        "guidance_schedule": "constant", "mode": "fast", "order": "confidence"}
     assert cfg.manifest_settings(("seed", "guidance")) == {"seed": 0, "guidance": 1.5}
     assert cfg.replace(seed=3).seed == 3 and cfg.seed == 0
+
+
+def test_token_filter_keeps_the_tokens_it_should(tiny):
+    """top_k=1 draws every token as the argmax of the step's logits; a filter that keeps every code
+    (top_p=1, top_k = codebook size) changes nothing; a nucleus changes the draw."""
+    kw = dict(num_iter=4, temperature=3.0, seed=1, rng="torch", return_ids=True)
+    _, plain, trace = mage_fast.generate(tiny, 2, return_trace=True, **kw)
+    _, greedy, gtrace = mage_fast.generate(tiny, 2, return_trace=True, top_k=1, **kw)
+    state = torch.full_like(greedy, tiny.mask_token_label)
+    for step in range(4):  # the sampled ids of every unknown position are the argmax of its logits
+        unknown = state == tiny.mask_token_label
+        best = tiny.code_logits(state).argmax(-1)
+        assert torch.equal(gtrace["sampled"][step][unknown], best[unknown])
+        state = gtrace["ids"][step]
+    assert not torch.equal(plain, greedy)
+    for keep_all in (dict(top_p=1.0), dict(top_k=tiny.codebook_size)):
+        assert torch.equal(mage_fast.generate(tiny, 2, **keep_all, **kw)[1], plain)
+    assert not torch.equal(mage_fast.generate(tiny, 2, top_p=0.5, **kw)[1], plain)
+
+
+def test_token_filter_is_recorded_only_when_set():
+    """Runs without a filter keep the manifest keys they had (older run.json files resume)."""
+    cfg = SamplingConfig(sampler="torch")
+    assert "top_p" not in cfg.manifest_settings() and "top_k" not in cfg.manifest_settings()
+    assert cfg.replace(top_p=0.9, top_k=50).manifest_settings(("top_k", "top_p")) == {"top_k": 50, "top_p": 0.9}
+    assert cfg.replace(top_p=1.0).token_filter is None and cfg.replace(top_k=5).token_filter is not None

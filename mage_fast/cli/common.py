@@ -40,6 +40,8 @@ DEFAULT_CKPT = next((shipped_path(n) for n in SHIPPED if os.path.isfile(shipped_
 CKPT_HELP = f"a shipped model by name ({', '.join(SHIPPED)}); default: {os.path.basename(DEFAULT_CKPT)[:-3]}"
 SEED_MAX = 2 ** 31 - 1
 OFFICIAL_SAMPLING = {"num_iter": 20, "temperature": 6.0}
+# The token filter's flags (--top-k, --top-p): a model card may set them; the official sampler has none.
+TOKEN_FILTER_FLAGS = ("top_k", "top_p")
 
 
 class CLIError(Exception):
@@ -143,11 +145,15 @@ def class_names(model, ckpt: str) -> list[str]:
 def sampling_defaults(ckpt: str, args) -> None:
     """Fill --num-iter / --temperature left unset: from the checkpoint's model card (``<ckpt>.json``
     beside it, key ``sampling``) when there is one, else the official README setting (20, 6.0);
+    --top-k / --top-p left unset: the card's, else no filter (``args`` without them: not touched);
     --guidance left unset: the card's when a class is asked for (--class-id), else 0."""
     rec = model_card(ckpt).get("sampling", {})
     for key, official in OFFICIAL_SAMPLING.items():
         if getattr(args, key) is None:
             setattr(args, key, rec.get(key, official))
+    for key in TOKEN_FILTER_FLAGS:  # the official sampler has no token filter: --rng official takes none
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, rec.get(key) if getattr(args, "rng", "torch") != "official" else None)
     if getattr(args, "guidance", 0.0) is None:
         args.guidance = float(rec.get("guidance", 0.0)) if args.class_id is not None else 0.0
 
@@ -192,6 +198,12 @@ def check_sampling_args(args, count_flag: str) -> None:
         need(args.temperature, "--temperature", lo=0)
     if args.guidance is not None:
         need(args.guidance, "--guidance", lo=0)
+    if getattr(args, "top_k", None) is not None:
+        need(args.top_k, "--top-k", lo=0, integer=True)
+    if getattr(args, "top_p", None) is not None:
+        need(args.top_p, "--top-p", lo=0, hi=1)
+        if not args.top_p > 0:
+            raise CLIError(f"--top-p must be in (0, 1] (1 keeps every code), got {args.top_p}")
     need(args.seed, "--seed", lo=0, hi=SEED_MAX, integer=True)
     if args.guidance is not None and args.guidance > 0 and args.class_id is None:
         raise CLIError("--guidance needs --class-id: classifier-free guidance steers towards a class")
@@ -244,6 +256,9 @@ def sampling_config(args, **changes):
     for name in ("temperature_annealing", "guidance_schedule", "order", "mode"):
         if hasattr(args, name):
             kw[name] = getattr(args, name)
+    top_k, top_p = getattr(args, "top_k", None), getattr(args, "top_p", None)
+    kw["top_k"] = top_k or None  # --top-k 0: no filter
+    kw["top_p"] = top_p if top_p is not None and top_p < 1 else None  # --top-p 1: no filter
     kw.update(changes)
     return SamplingConfig(**kw)
 
@@ -316,6 +331,12 @@ def add_sampling_args(p, *, seed_help: str = GENERATE_SEED_HELP, rng_help: str =
                         "--class-id, else 0)")
     g.add_argument("--guidance-schedule", default="constant", choices=sorted(GUIDANCE_SCHEDULES),
                    help="constant: s at every step; linear: s (t+1)/T")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="draw each token from its K most likely codes only; 0: all (default: the model card's, "
+                        "else all; --rng torch)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus: draw each token from the most likely codes holding this much probability, in "
+                        "(0, 1]; 1: all (default: the model card's, else all; --rng torch)")
 
 
 def add_run_folder_args(p, out: str, resumable: bool) -> None:

@@ -21,12 +21,13 @@ from .quant import (QUANT_KINDS, SlowModeWarning, bf16_native, int8_native, quan
                     quantized_weights, slow_mode_message)
 from .registry import FactoryMode, ModeRegistry
 from .remask import ConfidenceRemask, HaltonRemask, OfficialRemask, Remask
+from .token_filter import filter_logits
 from .schedule import (GUIDANCE_SCHEDULES, SCHEDULES, TEMPERATURE_ANNEALING, MaskPlan, mask_schedule, run_counts,
                        schedule_from)
 
 __all__ = ["AUTO", "ConfidenceRemask", "auto_mode", "DROP_KINDS", "DecodeMode", "DecodingMode", "FactoryMode", "GUIDANCE_SCHEDULES",
            "HaltonRemask", "MODES", "MaskPlan", "ModePass", "ModeRegistry", "NetworkPass", "ORDERS", "OfficialRemask",
            "QUANT_KINDS", "Remask", "SAMPLERS", "SCHEDULES", "SPEC_HELP", "SamplingConfig", "SlowModeWarning",
-           "TEMPERATURE_ANNEALING", "bf16_native", "cfg_logits", "decode_run", "encode_dropped", "generate",
+           "TEMPERATURE_ANNEALING", "bf16_native", "cfg_logits", "decode_run", "encode_dropped", "filter_logits", "generate",
            "int8_native", "mask_schedule", "mode_name", "official_gen_image", "official_remask", "quant_slow_reason",
            "quant_support", "quantized_weights", "resolve_mode", "run_counts", "schedule_from", "slow_mode_message"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from ..models.checks import InputError, check_number
 from .modes import mode_name, resolve_mode
@@ -20,12 +20,14 @@ RNG_MODES = SAMPLERS
 # Which masked tokens each step fixes: the most confident (official), or a fixed Halton order.
 ORDERS = ("confidence", "halton")
 OFFICIAL_ONLY = ("rng='official' reproduces the official unconditional sampler only; use rng='torch' for "
-                 "other schedules, annealing, orders, class conditioning or partial starts")
+                 "other schedules, annealing, orders, top-k / top-p, class conditioning or partial starts")
 # The run manifest's names for the settings (as the CLI's flags; run.json of earlier runs uses them).
 _MANIFEST_NAMES = {"num_iter": "num_iter", "temperature": "temperature", "seed": "seed", "sampler": "rng",
                    "schedule": "schedule", "temperature_annealing": "temperature_annealing",
                    "guidance_scale": "guidance", "guidance_schedule": "guidance_schedule", "mode": "mode",
-                   "order": "order"}
+                   "order": "order", "top_k": "top_k", "top_p": "top_p"}
+# Recorded only when set, so the manifests of runs without a token filter read as before.
+_MANIFEST_WHEN_SET = ("top_k", "top_p")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class SamplingConfig:
         order: ``"confidence"`` or ``"halton"`` (``sampler="torch"`` only).
         mode: the network pass: a name in :data:`mage_fast.decoding.MODES`, a spec, or a
             :class:`.protocol.DecodingMode`.
+        top_k: draw each token from the ``top_k`` most likely codes only (``None``: all).
+        top_p: draw each token from the smallest set of most likely codes whose probability reaches
+            ``top_p`` (nucleus; ``None`` or 1.0: all). Both filter the logits after guidance, before
+            the draw and the confidence (:mod:`.token_filter`); ``sampler="torch"`` only.
     """
     num_iter: int = 12
     temperature: float = 4.5
@@ -57,6 +63,8 @@ class SamplingConfig:
     guidance_schedule: str = "constant"
     order: str = "confidence"
     mode: Any = "exact"
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -68,6 +76,14 @@ class SamplingConfig:
         check_number(self.guidance_scale, "guidance_scale", lo=0)
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "num_iter", int(self.num_iter))
+        if self.top_k is not None:
+            check_number(self.top_k, "top_k", lo=1, integer=True)
+            object.__setattr__(self, "top_k", int(self.top_k))
+        if self.top_p is not None:
+            check_number(self.top_p, "top_p", lo=0, hi=1)
+            if not self.top_p > 0:
+                raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+            object.__setattr__(self, "top_p", float(self.top_p))
         lookup(TEMPERATURE_ANNEALING, self.temperature_annealing, "temperature annealing")
         lookup(GUIDANCE_SCHEDULES, self.guidance_schedule, "guidance schedule")
         lookup(SCHEDULES, self.schedule, "mask schedule")
@@ -80,7 +96,14 @@ class SamplingConfig:
     @property
     def official_options(self) -> bool:
         """Whether the settings are the official sampler's (the only ones ``sampler="official"`` runs)."""
-        return self.schedule == "cosine" and self.temperature_annealing == "linear" and self.order == "confidence"
+        return (self.schedule == "cosine" and self.temperature_annealing == "linear" and self.order == "confidence"
+                and self.token_filter is None)
+
+    @property
+    def token_filter(self):
+        """``logits -> logits`` applying ``top_k`` / ``top_p``, or None when they keep every code."""
+        from .token_filter import token_filter
+        return token_filter(self.top_k, self.top_p)
 
     @property
     def decoding_mode(self):
@@ -107,6 +130,8 @@ class SamplingConfig:
             value = getattr(self, field)
             if field == "mode" and not isinstance(value, str):
                 value = mode_name(self._mode)
+            if field in _MANIFEST_WHEN_SET and value is None:
+                continue
             if names is None or key in names:
                 out[key] = value
         return out

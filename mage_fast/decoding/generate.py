@@ -26,7 +26,7 @@ from .schedule import MaskPlan
 
 _SAMPLING_KEYWORDS = dict(num_iter=12, temperature=4.5, seed=0, rng="official", schedule="cosine",
                           temperature_annealing="linear", guidance_scale=0.0, guidance_schedule="constant",
-                          order="confidence", mode="exact")
+                          order="confidence", mode="exact", top_k=None, top_p=None)
 
 
 def modes_doc(indent: str = "            ") -> str:
@@ -90,7 +90,7 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
              guidance_scale: float = 0.0, guidance_schedule: str = "constant",
              init_ids: Optional[torch.Tensor] = None, return_trace: bool = False, mode="exact",
              decode_chunk: Optional[int] = None, order: str = "confidence", cuda_graph: bool = False,
-             config: Optional[SamplingConfig] = None):
+             top_k: Optional[int] = None, top_p: Optional[float] = None, config: Optional[SamplingConfig] = None):
     """MAGE generation by iterative decoding: unconditional, class-conditional, or from partly
     known tokens (inpainting, outpainting, editing).
 
@@ -141,8 +141,13 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
             How to choose: docs/DECODING.md; measured speed and quality: benchmarks/RESULTS.md.
         decode_chunk: decode the tokens to pixels this many images at a time (``1``: every image's
             pixels are the same in any batch, as sharded and resumed runs need; default: at once).
+        top_k: draw each token from its ``top_k`` most likely codes only (default: all).
+        top_p: draw each token from the smallest set of most likely codes whose probability
+            reaches ``top_p`` (nucleus sampling; default: all). Both filter the (guided) logits
+            before the draw and its confidence; ``rng="torch"`` only. A model trained with label
+            smoothing spreads that mass over every code: a filter keeps tokens from its flat tail.
         config: all the sampling settings above (num_iter, temperature, seed, rng, schedule,
-            temperature_annealing, guidance_scale, guidance_schedule, order, mode) as one
+            temperature_annealing, guidance_scale, guidance_schedule, order, mode, top_k, top_p) as one
             :class:`mage_fast.decoding.SamplingConfig`; those keywords are then left unset.
 
     Returns:
@@ -155,7 +160,7 @@ def generate(model, batch_size: int, *, num_iter: int = 12, temperature: float =
     check_model(model)
     given = dict(num_iter=num_iter, temperature=temperature, seed=seed, rng=rng, schedule=schedule,
                  temperature_annealing=temperature_annealing, guidance_scale=guidance_scale,
-                 guidance_schedule=guidance_schedule, order=order, mode=mode)
+                 guidance_schedule=guidance_schedule, order=order, mode=mode, top_k=top_k, top_p=top_p)
     if config is None:
         sampler = given.pop("rng")
         config = SamplingConfig(sampler=sampler, **given)
@@ -235,15 +240,17 @@ def _generate(model, batch_size: int, cfg: SamplingConfig, *, return_ids, first_
                               num_iter=cfg.num_iter,
                               autocast=torch.autocast(dev.type, dtype=autocast_dtype,
                                                       enabled=autocast_dtype is not None, cache_enabled=False),
-                              class_tokens=class_tokens, guidance=cfg.guidance)
+                              class_tokens=class_tokens, guidance=cfg.guidance, token_filter=cfg.token_filter)
         settings = (the_mode, cfg.num_iter, plan.start, tuple(plan.after), cfg.temperature, cfg.temperature_annealing,
-                    cfg.schedule, cfg.guidance_scale, cfg.guidance_schedule, cfg.order, autocast_dtype)
+                    cfg.schedule, cfg.guidance_scale, cfg.guidance_schedule, cfg.order, cfg.top_k, cfg.top_p,
+                    autocast_dtype)
         sampled, ids = graph.run_captured(model, settings, loop, dict(ids=ids, keys=keys, class_tokens=class_tokens),
                                           dev)
     else:
         autocast = torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
         sampled, ids = decode_run(model, network_pass, ids, steps, remask, num_iter=cfg.num_iter, autocast=autocast,
-                                  class_tokens=class_tokens, guidance=cfg.guidance, record=record)
+                                  class_tokens=class_tokens, guidance=cfg.guidance, record=record,
+                                  token_filter=cfg.token_filter)
     imgs = network_pass.decode_images(sampled, decode_chunk)
     out = (imgs,)
     if return_ids:

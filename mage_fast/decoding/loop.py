@@ -29,11 +29,13 @@ def cfg_logits(model, ids, class_tokens, scale: float, code_logits=None):
 
 def decode_run(model, network_pass: NetworkPass, ids: torch.Tensor, steps: Iterable[int], remask: Remask, *,
                num_iter: int, autocast, class_tokens: Optional[torch.Tensor] = None,
-               guidance: Callable[[float], float] = lambda r: 0.0, record: Optional[list] = None):
+               guidance: Callable[[float], float] = lambda r: 0.0, record: Optional[list] = None,
+               token_filter: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
     """Decode from ``ids`` (B, L) over the schedule ``steps``: at run step i (schedule step t) the
     pass ``network_pass(ids, class_tokens, i)`` under ``autocast`` (with classifier-free guidance
-    ``guidance((t+1)/T)`` when ``class_tokens`` is given), then ``remask.step``. Returns (sampled,
-    ids); ``record`` collects (ids, sampled) after each step."""
+    ``guidance((t+1)/T)`` when ``class_tokens`` is given), then ``token_filter`` (top-k / top-p,
+    :mod:`.token_filter`) when given, then ``remask.step``. Returns (sampled, ids); ``record``
+    collects (ids, sampled) after each step."""
     sampled = ids
     for i, t in enumerate(steps):
         with autocast:
@@ -42,6 +44,8 @@ def decode_run(model, network_pass: NetworkPass, ids: torch.Tensor, steps: Itera
             else:
                 logits = cfg_logits(model, ids, class_tokens, guidance((t + 1) / num_iter),
                                     lambda x, c, i=i: network_pass(x, c, i))
+        if token_filter is not None:
+            logits = token_filter(logits)
         sampled, ids = remask.step(logits, ids, t, i)
         if record is not None:
             record.append((ids, sampled))

@@ -98,6 +98,23 @@ def test_sampling_defaults_from_model_card(tmp_path):
         sampling_defaults(str(ckpt), args)
         assert args.guidance == want, (class_id, flag)
 
+    # the token filter: the card's unless a flag is given; none with the official sampler, which has none
+    (tmp_path / "m.json").write_text(json.dumps({"sampling": {"top_p": 0.9, "top_k": 100}}))
+    for rng, flags, want in (("torch", (None, None), (100, 0.9)), ("torch", (0, 1.0), (0, 1.0)),
+                             ("official", (None, None), (None, None))):
+        args = argparse.Namespace(num_iter=None, temperature=None, top_k=flags[0], top_p=flags[1], rng=rng)
+        sampling_defaults(str(ckpt), args)
+        assert (args.top_k, args.top_p) == want, (rng, flags)
+
+
+def test_generate_records_the_token_filter(tiny_ckpt, tmp_path):
+    import json
+    out = tmp_path / "gen"
+    assert main(["generate", "--ckpt", tiny_ckpt, "--num-images", "2", "--num-iter", "2", "--top-p", "0.8",
+                 "--top-k", "0", "--out", str(out)]) == 0
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["top_p"] == 0.8 and "top_k" not in settings  # --top-k 0: no filter, not recorded
+
 
 def test_class_id_by_name_number_and_all(tiny_ckpt, tmp_path):
     import json
