@@ -8,7 +8,10 @@ accuracy on the real test split.
 Samples are drawn as ``python -m mage_fast generate --class-id all`` draws them (image i has class
 i mod 10, ``rng="torch"``, so image i is the same in any batch), decoded, rounded to 8 bits as the
 PNGs are, and classified in memory. The classifier (mage_fast.eval.agreement) is trained once per
-machine (a few CPU-minutes) and cached. JSON to benchmarks/results/ (``--out``).
+machine (a few CPU-minutes) and cached. ``--frechet N`` also gives the Frechet distance of the same
+samples to N seeded test images, in the decoding yardstick's features (EfficientNet-Lite0 at 224
+px, ``benchmarks/decode_quality.py``; N = 1 000 and seed 0 are its reference set). JSON to
+benchmarks/results/ (``--out``).
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=100, help="(default: %(default)s)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--frechet", type=int, default=0, metavar="N",
+                    help="also the Frechet distance to N seeded test images (0: not measured)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default: benchmarks/results/class_agreement_<ckpt>_<device>_<kind>.json, "
                          "<kind> the machine kind: benchmarks/results/README.md)")
@@ -56,6 +61,8 @@ def parse_args(argv=None):
         ap.error(f"--top-k must be >= 0 (0: all codes), got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         ap.error(f"--top-p must be in (0, 1] (1: all codes), got {args.top_p}")
+    if args.frechet < 0:
+        ap.error(f"--frechet must be >= 0 (0: not measured), got {args.frechet}")
     if not 0 <= args.seed < 2 ** 31 or args.threads < 0:
         ap.error("--seed must be in [0, 2^31) and --threads >= 0")
     return args
@@ -112,9 +119,17 @@ def main(argv=None):
                                    guidance_scale=guidance, mode=args.mode, top_k=top_k, top_p=top_p)
         images.append(x.float().cpu())
     seconds = time.perf_counter() - t0
-    res = sample_agreement(classifier, torch.cat(images), labels)
+    images = torch.cat(images)
+    res = sample_agreement(classifier, images, labels)
     for line in agreement_summary(res, scores):
         print(line)
+    frechet = None
+    if args.frechet:
+        import decode_quality as dq  # the yardstick's features and reference images
+        net = dq._efficientnet()
+        ref = dq.features(net, dq.load_test_images(args.frechet, 0, model.img_size), 224)
+        frechet = dq.fd(dq.features(net, dq.to_8bit(images), 224), ref)
+        print(f"  Frechet distance (EfficientNet-Lite0, 224 px) to {args.frechet} test images: {frechet:.2f}")
     weakest = min(range(len(classes)), key=lambda c: res["per_class"][c])
     print(f"  weakest: {FMNIST_CLASSES[weakest]} {res['per_class'][weakest]:.3f}; sampling {seconds:.0f} s")
     out = write_json({"env": env, "ckpt": os.path.relpath(ckpt, REPO) if ckpt.startswith(REPO) else ckpt,
@@ -123,6 +138,8 @@ def main(argv=None):
                                    "per_class": args.per_class},
                       "classifier": scores, "agreement": res,
                       "agreement_over_accuracy": res["mean"] / scores["test_accuracy"],
+                      "frechet": None if frechet is None else {"value": frechet, "test_images": args.frechet,
+                                                               "test_seed": 0, "feature_size": 224},
                       "sampling_seconds": seconds},
                      args.out, result_name("class_agreement", dev, os.path.basename(ckpt).rsplit('.', 1)[0]))
     print(f"wrote {out}")
