@@ -360,7 +360,7 @@ def test_cli_mask_reader(data):
 
 # -------------------------------------------------------------------------------------- model cards
 CARD = {"description": "x", "class_conditional": True, "classes": ["a", "b", "c"],
-        "sampling": {"num_iter": 4, "temperature": 1.0, "guidance": 2.0}}
+        "sampling": {"num_iter": 4, "temperature": 1.0, "guidance": 2.0, "top_k": 50, "top_p": 0.9}}
 
 
 def _read_card_all_ways(ckpt, card_path):
@@ -377,12 +377,15 @@ def _read_card_all_ways(ckpt, card_path):
         return
     assert isinstance(model, mage_fast.MAGE)
     for class_id in (None, "1"):
-        args = argparse.Namespace(num_iter=None, temperature=None, guidance=None, class_id=class_id)
+        args = argparse.Namespace(num_iter=None, temperature=None, guidance=None, class_id=class_id, top_k=None,
+                                  top_p=None)
         if _expect(allowed, sampling_defaults, ckpt, args) is None and args.num_iter is None:
             continue  # refused
         assert type(args.num_iter) is int and args.num_iter >= 1, card_path
         assert isinstance(args.temperature, (int, float)) and np.isfinite(args.temperature)
         assert isinstance(args.guidance, (int, float)) and np.isfinite(args.guidance)
+        assert args.top_k is None or (type(args.top_k) is int and args.top_k >= 0)
+        assert args.top_p is None or (isinstance(args.top_p, (int, float)) and 0 < args.top_p <= 1)
     for spec in ("0", "b", "all"):
         _expect(allowed, resolve_class, spec, ckpt, model)
     names = _expect(allowed, class_names, model, ckpt)

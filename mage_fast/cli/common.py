@@ -256,7 +256,7 @@ def sampling_config(args, **changes):
     for name in ("temperature_annealing", "guidance_schedule", "order", "mode"):
         if hasattr(args, name):
             kw[name] = getattr(args, name)
-    top_k, top_p = getattr(args, "top_k", None), getattr(args, "top_p", None)
+    top_k, top_p = getattr(args, "top_k", None), getattr(args, "top_p", None)  # checked flags or card values
     kw["top_k"] = top_k or None  # --top-k 0: no filter
     kw["top_p"] = top_p if top_p is not None and top_p < 1 else None  # --top-p 1: no filter
     kw.update(changes)

@@ -120,8 +120,9 @@ def read_json_object(path, what: str, error=InputError) -> dict:
 def check_model_card(card: dict, path, error=InputError) -> dict:
     """The fields of a model card (the JSON beside a checkpoint) that the readers use, checked:
     ``classes`` a list of distinct names, ``class_conditional`` true or false, ``sampling`` an object
-    whose ``num_iter`` is an integer 1..10000 and whose ``temperature`` / ``guidance`` are finite
-    numbers >= 0. Other keys (description, measurements) are free. Returns ``card``; raises
+    whose ``num_iter`` is an integer 1..10000, whose ``temperature`` / ``guidance`` are finite
+    numbers >= 0, whose ``top_k`` (if any) is an integer >= 0 (0: no filter) and whose ``top_p``
+    (if any) is a number in (0, 1] (1: no filter). Other keys (description, measurements) are free. Returns ``card``; raises
     ``error`` naming the file and the field otherwise."""
     import math
 
@@ -144,4 +145,10 @@ def check_model_card(card: dict, path, error=InputError) -> dict:
         v = rec.get(key, 0.0)
         if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
             raise bad(f"'sampling.{key}'", "a finite number >= 0", v)
+    k = rec.get("top_k", 0)
+    if type(k) is not int or k < 0:
+        raise bad("'sampling.top_k'", "an integer >= 0 (0: every code)", k)
+    p = rec.get("top_p", 1.0)
+    if type(p) not in (int, float) or not 0 < p <= 1:
+        raise bad("'sampling.top_p'", "a number in (0, 1] (1: every code)", p)
     return card

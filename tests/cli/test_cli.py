@@ -105,6 +105,11 @@ def test_sampling_defaults_from_model_card(tmp_path):
         args = argparse.Namespace(num_iter=None, temperature=None, top_k=flags[0], top_p=flags[1], rng=rng)
         sampling_defaults(str(ckpt), args)
         assert (args.top_k, args.top_p) == want, (rng, flags)
+    from mage_fast.models.state_dict import CheckpointError
+    for bad in ({"top_p": 1.5}, {"top_p": 0}, {"top_k": -1}, {"top_k": 2.5}):
+        (tmp_path / "m.json").write_text(json.dumps({"sampling": bad}))
+        with pytest.raises(CheckpointError, match=f"'sampling.{next(iter(bad))}' must be"):
+            sampling_defaults(str(ckpt), argparse.Namespace(num_iter=None, temperature=None, top_k=None, top_p=None))
 
 
 def test_generate_records_the_token_filter(tiny_ckpt, tmp_path):
