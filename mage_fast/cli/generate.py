@@ -183,7 +183,10 @@ def _run(args, dev, rank: int, world: int, ref_set=None) -> int:
     t0, made = time.perf_counter(), 0
     say(f"generating {args.num_images} images with {ckpt} on {dev}"
         + (f" x {world} processes" if world > 1 else "") + f" (T={args.num_iter}, temperature={args.temperature}, "
-        f"rng={args.rng}" + (f", class {label}" if label is not None else "") + ")")
+        f"rng={args.rng}" + (f", class {label}" if label is not None else "")
+        + (f", guidance {sampling.guidance_scale:g}" if sampling.guidance_scale else "")
+        + (f", top-k {sampling.top_k}" if sampling.top_k else "")
+        + (f", top-p {sampling.top_p:g}" if sampling.top_p else "") + ")")
     if done:
         say(f"resuming: {len(done)} of {args.num_images} images are already written and readable")
     bar = tqdm(total=args.num_images, initial=len(done), desc="images", unit="img", disable=not main)

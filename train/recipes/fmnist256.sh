@@ -53,8 +53,11 @@ M_DHEADS=${M_DHEADS:-4}
 M_BATCH=${M_BATCH:-32}          # pairs of augmented views per step (lr = blr x 32 / 256 = 1e-3)
 M_STEPS=${M_STEPS:-3500}        # 112 000 pairs, 1.9 epochs: 85 min at 2 threads with the machine to itself
                                 # (bf16 on AMX: 1.3-1.6 s a step). The committed export is this run
-                                # (mage_fmnist256.stage1.*) continued for 5000 steps from its export:
-                                # M_INIT=<stage-1 export> MAGE_DIR=$RUNS/mage2 M_STEPS=5000 M_SAVE=200 SAVED= (docs/TRAINING.md)
+                                # (mage_fmnist256.stage1.*) continued twice, 5000 steps each from the
+                                # previous export with a fresh cosine (docs/TRAINING.md): stage 2
+                                # M_INIT=<stage-1 export> MAGE_DIR=$RUNS/mage2 M_STEPS=5000 M_SAVE=200 SAVED=
+                                # (mage_fmnist256.stage2.*), then M_INIT=<stage-2 export> MAGE_DIR=$RUNS/mage3
+                                # M_STEPS=5000 M_SAVE=250 M_WARMUP=200 M_BLR=6e-3 SAVED= (mage_fmnist256.*)
 M_WARMUP=${M_WARMUP:-100}
 M_BLR=${M_BLR:-8e-3}
 M_DROPOUT=${M_DROPOUT:-0}       # the official 0.1 regularises a model that sees ImageNet 1600 times; this
