@@ -75,7 +75,7 @@ def main(argv=None):
 
     import mage_fast
     from common import environment, print_header, result_name, write_json
-    from mage_fast.cli import CLIError, load_model, model_card, sampling_defaults
+    from mage_fast.cli import CLIError, load_model, model_card, sampling_defaults, token_filter_settings
     from mage_fast.eval import agreement
     from mage_fast.eval.agreement import FMNIST_CLASSES, agreement_summary, sample_agreement
     if args.threads:
@@ -98,8 +98,7 @@ def main(argv=None):
                                class_id="all", top_k=args.top_k, top_p=args.top_p)
     sampling_defaults(ckpt, drawn)
     num_iter, temperature, guidance = drawn.num_iter, drawn.temperature, drawn.guidance
-    top_k = drawn.top_k or None  # 0: no filter
-    top_p = drawn.top_p if drawn.top_p is not None and drawn.top_p < 1 else None  # 1: no filter
+    top_k, top_p = token_filter_settings(drawn.top_k, drawn.top_p)
 
     dev = next(model.parameters()).device
     env = environment(dev)

@@ -8,7 +8,7 @@ here; modules whose names start with ``_`` (``_editing``, what the three editing
 are not commands.
 """
 from .common import (CLIError, DEFAULT_CKPT, build_parser, class_names, command_modules, load_model, main, model_card,
-                     resolve_class, sampling_defaults)
+                     resolve_class, sampling_defaults, token_filter_settings)
 
 __all__ = ["CLIError", "DEFAULT_CKPT", "build_parser", "class_names", "command_modules", "load_model", "main",
-           "model_card", "resolve_class", "sampling_defaults"]
+           "model_card", "resolve_class", "sampling_defaults", "token_filter_settings"]

@@ -256,11 +256,15 @@ def sampling_config(args, **changes):
     for name in ("temperature_annealing", "guidance_schedule", "order", "mode"):
         if hasattr(args, name):
             kw[name] = getattr(args, name)
-    top_k, top_p = getattr(args, "top_k", None), getattr(args, "top_p", None)  # checked flags or card values
-    kw["top_k"] = top_k or None  # --top-k 0: no filter
-    kw["top_p"] = top_p if top_p is not None and top_p < 1 else None  # --top-p 1: no filter
+    kw["top_k"], kw["top_p"] = token_filter_settings(getattr(args, "top_k", None), getattr(args, "top_p", None))
     kw.update(changes)
     return SamplingConfig(**kw)
+
+
+def token_filter_settings(top_k, top_p) -> tuple:
+    """--top-k / --top-p (checked flags or a card's values, where 0 and 1 keep every code) as
+    ``SamplingConfig``'s ``top_k`` / ``top_p`` (``None`` keeps every code)."""
+    return top_k or None, top_p if top_p is not None and top_p < 1 else None
 
 
 def mode_help() -> str:
