@@ -25,6 +25,15 @@ are compared and the largest differences reported. (With dropout on, the referen
 dropout numbers and the fast paths the hashed ones of mage_fast.ops.dropout.) Peak memory: the peak resident set (CPU) or CUDA max allocated
 of a fresh subprocess running warm-up + one step of that path alone (VmHWM on Linux). The output names each path's
 speed against the reference as ``<path> <ratio>x``; JSON to benchmarks/results/.
+
+Products floor (``--no_floor`` skips it): every matrix product, convolution and fused attention of one
+step from token ids is recorded with every op on its plain-torch reference (the products the step's
+mathematics needs, without a fast backend's recomputation), then each distinct one is replayed alone
+on fresh tensors of the same shapes, strides and dtype (best of 3) and the times are summed. The
+step's time above the floor is everything else (norms, GELU, softmax, dropout, casts, copies, the
+optimizer); the reference's median over the floor (plus the measured tokenizer time of a path from
+images) bounds the speed-up that any step running the same products in the same precision can reach
+with this machine's matrix libraries.
 """
 from __future__ import annotations
 
@@ -217,6 +226,100 @@ def memory_only(args) -> None:
     print(json.dumps({"peak_mb": peak / 2 ** 20}))
 
 
+PRODUCT_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward",
+               "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def _record_products(path, imgs, ids) -> list:
+    """Every matrix product (and convolution, fused attention) that one forward + backward of
+    ``path`` runs from token ids, as (op, argument specs), with every op on its plain-torch
+    reference: the products the step's mathematics needs, without any recomputation a fast
+    backend adds."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from mage_fast.ops.dispatch import force_backend
+
+    calls = []
+
+    def spec(a):
+        return (("T", tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor)
+                else [spec(x) for x in a] if isinstance(a, (list, tuple)) else a)
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in PRODUCT_OPS:
+                calls.append((func, spec(args), spec(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    from_ids = path.from_ids
+    path.from_ids = True
+    try:
+        with force_backend("torch"), Record():
+            loss = path.loss(imgs, ids)
+            loss.backward()
+    finally:
+        path.from_ids = from_ids
+        path.model.zero_grad(set_to_none=True)
+    return calls
+
+
+def _sdpa_flops(func, args) -> int:
+    """The CPU flash attention's products (torch's FLOP counter has no entry for the CPU op):
+    forward Q K^T and P V, backward dV, dP, dQ, dK; 2 FLOPs a multiply-add."""
+    (_, (b, h, n, d), _, _), (_, (_, _, s, _), _, _) = (args[1], args[2]) if func.__name__.endswith("backward") \
+        else (args[0], args[1])
+    return (8 if func.__name__.endswith("backward") else 4) * b * h * n * s * d
+
+
+def products_floor(path, imgs, ids, reps: int = 3) -> dict:
+    """The time the products of one step of ``path`` (tokenizer and optimizer excluded) take on
+    their own: each distinct product is replayed on fresh tensors of the same shapes, strides and
+    dtype, back to back (best of ``reps``), times how often the step runs it. No implementation of
+    the same mathematics in the same precision runs its products faster with this CPU's libraries:
+    the step's time above this floor is the part that other work (norms, GELU, softmax, dropout,
+    adds, copies, the optimizer) costs."""
+    import collections
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = _record_products(path, imgs, ids)
+    counts = collections.Counter((f, repr(a), repr(k)) for f, a, k in calls)
+    first = {(f, repr(a), repr(k)): (f, a, k) for f, a, k in calls}
+
+    def make(a):
+        if isinstance(a, tuple) and len(a) == 4 and a[0] == "T":
+            _, shape, stride, dtype = a
+            t = torch.empty_strided(shape, stride, dtype=dtype, device=imgs.device)
+            return t.normal_() if dtype.is_floating_point else t.zero_()
+        return [make(x) for x in a] if isinstance(a, list) else a
+
+    seconds, flops, by_op = 0.0, 0, {}
+    for key, n in counts.items():
+        func, a, k = first[key]
+        args, kwargs = make(a), {name: make(v) for name, v in k.items()}
+        if func.overloadpacket.__name__.startswith("_scaled_dot_product"):
+            f = _sdpa_flops(func, a)
+        else:
+            with FlopCounterMode(display=False) as fc:
+                func(*args, **kwargs)
+            f = fc.get_total_flops()
+        func(*args, **kwargs)  # warm
+        best = float("inf")
+        for _ in range(reps):
+            t0 = _now(imgs.device)
+            func(*args, **kwargs)
+            best = min(best, _now(imgs.device) - t0)
+        seconds += n * best
+        flops += n * f
+        op = by_op.setdefault(func.overloadpacket.__name__, {"calls": 0, "gflop": 0.0, "seconds": 0.0})
+        op["calls"] += n
+        op["gflop"] += n * f / 1e9
+        op["seconds"] += n * best
+    return {"products": len(calls), "distinct": len(counts), "gflop": flops / 1e9, "seconds": seconds,
+            "gflop_per_s": flops / 1e9 / seconds if seconds else None, "by_op": by_op}
+
+
 def _peak_rss() -> int:
     """This process's peak resident set in bytes: VmHWM (Linux; ru_maxrss would also count the
     parent's peak, which a forked child inherits), else ru_maxrss."""
@@ -245,6 +348,8 @@ def parse_args(argv=None):
                     help="paths to time (default: the fp32 ones, and the bf16 ones where bf16 is native)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--no_memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--no_floor", action="store_true",
+                    help="skip the products floor (each path's matrix products replayed alone)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default: benchmarks/results/train_throughput_<tag>_<device>_<kind>.json, "
                          "<kind> the machine kind: benchmarks/results/README.md)")
@@ -296,6 +401,13 @@ def main(argv=None):
         print(f"  round {i + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]['total']:.2f} s" for n, t in times.items()),
               flush=True)
 
+    floors = {}
+    if not args.no_floor:  # from token ids: a path from images shares its -ids sibling's products
+        for r in runners:
+            key = r.name if r.name == "reference" else ("bf16" if r.bf16 else "fp32")
+            if key not in floors:
+                floors[key] = products_floor(r, imgs, ids)
+            floors[r.name] = floors[key]
     results = []
     ref = None
     for name, ts in times.items():
@@ -304,6 +416,8 @@ def main(argv=None):
                "iqr_s": float(np.percentile(tot, 75) - np.percentile(tot, 25)), "all_s": tot.tolist(),
                "images_per_s": args.batch_size / float(np.median(tot)),
                "sections_median_s": {s: float(np.median([t[s] for t in ts])) for s in SECTIONS}}
+        if name in floors:
+            row["products_floor"] = floors[name]
         if name == "reference":
             ref = row
         results.append(row)
@@ -327,10 +441,32 @@ def main(argv=None):
             row["speedup_range"] = [ref["median_s"] / row["max_s"], ref["median_s"] / row["min_s"]]
         print("speed-up vs reference: " + ", ".join(f"{r['path']} {r['speedup_vs_reference']:.2f}x"
                                                       for r in results))
+        if floors:
+            print_floors(results, ref)
     tag = args.model if args.model == "shipped" else f"{args.model}_{model_px(args)}px"
     out = write_json({"env": env, "args": vars(args), "check_fp32_vs_reference": check, "results": results},
                      args.out, result_name("train_throughput", dev, tag))
     print(f"wrote {out}")
+
+
+def print_floors(results: list, ref: dict) -> None:
+    """Each path's products floor and the speed-up over the reference that it leaves room for;
+    adds ``speedup_bound`` (reference median over the floor, plus the path's measured tokenizer
+    time when it starts from images) to the rows."""
+    print("\n  products floor (every matrix product of one step from token ids replayed alone, best of 3; "
+          "tokenizer and optimizer not included):")
+    print(f"  {'path':14s} {'GFLOP':>8s} {'floor s':>8s} {'GFLOP/s':>8s} {'step s':>7s} {'rest s':>7s} "
+          f"{'bound':>7s}")
+    for row in results:
+        fl = row.get("products_floor")
+        if fl is None:
+            continue
+        tok = 0.0 if row["path"].endswith("-ids") else row["sections_median_s"]["tokenizer"]
+        row["speedup_bound"] = ref["median_s"] / (fl["seconds"] + tok)
+        print(f"  {row['path']:14s} {fl['gflop']:8.1f} {fl['seconds']:8.2f} {fl['gflop_per_s']:8.1f} "
+              f"{row['median_s']:7.2f} {row['median_s'] - fl['seconds'] - tok:7.2f} {row['speedup_bound']:6.2f}x")
+    print("  bound: the reference's median over the floor (plus the path's measured tokenizer time when it "
+          "starts from images): no step that runs these products at this CPU's library speed gets further")
 
 
 def model_px(args) -> int:

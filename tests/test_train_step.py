@@ -102,3 +102,31 @@ def test_benchmark_refuses_bad_flags_in_one_line(argv, word):
     p = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "train_throughput.py"), *argv],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and word in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("name", ["reference", "fast-ids"])
+def test_products_floor_replays_exactly_the_products_of_the_step(name):
+    """The benchmark's products floor records every product of one step and replays it: the FLOPs of
+    the replay equal torch's FLOP counter over the real step (every op on its plain-torch reference),
+    so no product is missed, doubled or replayed at another shape; the reference, with its MLM head over
+    every position and vocabulary column, has more of them than the fast step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mage_fast.ops.dispatch import force_backend
+    bench = _bench()
+    args = bench.parse_args(["--model", "tiny", "--img_size", "32", "--ch_mult", "1,2", "--batch_size", "3"])
+    model, dev = bench.build(args)
+    imgs, ids = bench.inputs(model, dev, 3)
+    p = bench.Path(name, model, dev)
+    p.from_ids = True
+    with force_backend("torch"), FlopCounterMode(display=False) as fc:
+        p.loss(imgs, ids).backward()
+    p.from_ids = name.endswith("-ids")
+    floor = bench.products_floor(p, imgs, ids, reps=1)
+    assert floor["gflop"] * 1e9 == pytest.approx(fc.get_total_flops(), rel=1e-9)
+    assert floor["seconds"] > 0 and floor["distinct"] <= floor["products"]
+    layers = len(model.blocks) + len(model.decoder_blocks)
+    assert floor["by_op"]["bmm"]["calls"] == 6 * layers  # attention: two products forward, four backward
+    if name == "reference":
+        fast = bench.products_floor(bench.Path("fast-ids", model, dev), imgs, ids, reps=1)
+        assert floor["gflop"] > fast["gflop"]
