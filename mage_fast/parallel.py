@@ -21,10 +21,13 @@ whole job.
   launcher), the others leave with status 2 without a word: rank 0 said why, or the launcher
   reports how it ended. Where it has gone with another machine (torchrun's rendezvous host node, or
   rank 0's node under a multi-node deepspeed launch), nobody there can say why: the first local rank
-  of each remaining node says that it lost that machine (:func:`lost_store_line`).
-- The process group has a timeout (``MAGE_FAST_DIST_TIMEOUT`` seconds, default
-  :data:`DEFAULT_TIMEOUT_S`), so a peer that vanishes without closing its connections cannot hang
-  the others for longer.
+  of each remaining node says that it lost that machine (:func:`lost_store_line`), and, under
+  torchrun, makes sure the node's agent ends, which could otherwise wait for that store for ever
+  (:func:`stop_stranded_launcher`).
+- Every process group has a timeout (``MAGE_FAST_DIST_TIMEOUT`` seconds, default
+  :data:`DEFAULT_TIMEOUT_S`), the groups DeepSpeed makes too (:func:`groups_inherit_timeout`), so a
+  peer that vanishes without closing its connections (a node cut off the network) cannot hang the
+  others for longer.
 """
 from __future__ import annotations
 
@@ -71,6 +74,21 @@ def timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+def groups_inherit_timeout() -> datetime.timedelta:
+    """Make every process group made from now on get :func:`timeout` too, and return it.
+
+    ``torch.distributed.new_group`` without a timeout gives a new group torch's module default
+    (30 minutes for gloo), not the default group's; DeepSpeed makes its data-parallel groups that
+    way, and ZeRO reduces gradients in them. A peer that vanishes from the network closes no
+    connection, so only the timeout ends such a collective: set it for every group."""
+    import torch.distributed.distributed_c10d as c10d
+    t = timeout()
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), datetime.timedelta):
+            setattr(c10d, name, t)
+    return t
+
+
 def init(device_type: str) -> bool:
     """Join the process group the launcher describes (nccl on GPUs, gloo on the CPU), with
     :func:`timeout`, and :func:`watch_peers`; False for one process."""
@@ -79,7 +97,7 @@ def init(device_type: str) -> bool:
         return False
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout())
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=groups_inherit_timeout())
     watch_peers()
     return True
 
@@ -235,6 +253,36 @@ def _store():
     return dist.distributed_c10d._get_default_store()
 
 
+STORE_ANSWER_S = 15.0  # the longest a leaving rank waits for the job's store (it answers in milliseconds)
+_store_lost = False  # the store did not answer once: a leaving rank does not ask it again
+
+
+def _ask_store(key: str, amount: int) -> int:
+    """``store.add(key, amount)`` within :data:`STORE_ANSWER_S` (or the process group's timeout, if
+    shorter). A store on a machine cut off the network can leave c10d's client waiting far past its
+    own timeout; the call runs in a thread, and a store that does not answer in time counts as lost
+    (raises ``TimeoutError``) for the rest of this process."""
+    global _store_lost
+    import threading
+    if _store_lost:
+        raise TimeoutError("the job's store did not answer before")
+    box: dict = {}
+
+    def call():
+        try:
+            box["value"] = _store().add(key, amount)
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=call, daemon=True, name="mage_fast-store")
+    t.start()
+    t.join(min(STORE_ANSWER_S, timeout().total_seconds()))
+    if "value" in box:
+        return box["value"]
+    _store_lost = True
+    raise box.get("error") or TimeoutError("the job's store did not answer")
+
+
 def peer_failed() -> Optional[bool]:
     """Whether a rank of this job has claimed the report of a failure (:func:`claim_report`); None
     when the job's store cannot be reached: its host has stopped (rank 0's process under the deepspeed
@@ -243,7 +291,7 @@ def peer_failed() -> Optional[bool]:
         return False
     try:
         with _quiet_stderr():
-            return _store().add(_FAILED_KEY, 0) > 0
+            return _ask_store(_FAILED_KEY, 0) > 0
     except Exception:
         return None
 
@@ -282,6 +330,46 @@ def lost_store_line() -> Optional[str]:
             f"(its own log says why if it failed); resume the run with --resume when every node is back")
 
 
+STRANDED_GRACE_S = 10.0  # how long a stranded launcher gets to end on its own, then after SIGTERM
+_STOP_LAUNCHER = """
+import os, signal, sys, time
+pid, grace = int(sys.argv[1]), float(sys.argv[2])
+def gone():
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        if gone():
+            sys.exit(0)
+        time.sleep(0.2)
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        sys.exit(0)
+"""
+
+
+def stop_stranded_launcher() -> None:
+    """Called by a rank leaving because the job's store on another machine cannot be reached. Under
+    torchrun, this node's agent asks the same store for the rendezvous state, and where that machine
+    was cut off the network (no connection closed), torch's client waits for it past every timeout
+    and no signal handler runs: the agent would never notice that its ranks have left, and the node
+    would never end. A detached watcher gives the agent :data:`STRANDED_GRACE_S` to end on its own,
+    then sends SIGTERM, and SIGKILL after as long again. Nothing is started under another launcher,
+    or where the store is on this machine."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") is None or not store_is_remote():
+        return
+    import subprocess
+    with contextlib.suppress(OSError):
+        subprocess.Popen([sys.executable, "-c", _STOP_LAUNCHER, str(os.getppid()), str(STRANDED_GRACE_S)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True)
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """File descriptor 2 to /dev/null for a moment: a store whose host has gone makes c10d print a
@@ -306,7 +394,7 @@ def claim_report() -> bool:
         return True
     try:
         with _quiet_stderr():
-            first = _store().add(_FAILED_KEY, 1) == 1
+            first = _ask_store(_FAILED_KEY, 1) == 1
     except Exception:
         return True
     if first:

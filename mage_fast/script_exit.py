@@ -118,6 +118,7 @@ def rank_fault_exit(e: BaseException) -> NoReturn:
         parallel.claim_report()
         if line:
             print(f"error: {parallel.error_prefix()}{line}", file=sys.stderr, flush=True)
+        parallel.stop_stranded_launcher()
     else:
         error_line(_rank_fault(e))
     leave_rank(2)

@@ -195,3 +195,47 @@ def test_claim_files_of_ended_jobs_are_swept(tmp_path, monkeypatch):
     assert alive.exists() and foreign.exists()
     assert (tmp_path / f"mage_fast-{os.getppid()}-29502.said").exists()
     assert parallel.claim_locally() is False  # claimed already: a second rank stays quiet
+
+
+def test_groups_made_after_setup_get_the_runs_timeout(monkeypatch):
+    """DeepSpeed makes its data-parallel groups with ``new_group`` and no timeout, which torch gives
+    its module default (30 minutes for gloo): after setup every new group gets
+    ``MAGE_FAST_DIST_TIMEOUT`` instead, so a collective across a cut network ends in that time."""
+    import datetime
+
+    import torch.distributed.distributed_c10d as c10d
+
+    from mage_fast import parallel
+    monkeypatch.setattr(c10d, "default_pg_timeout", c10d.default_pg_timeout)  # restored after the test
+    monkeypatch.setenv(parallel.TIMEOUT_ENV, "12.5")
+    assert parallel.groups_inherit_timeout() == datetime.timedelta(seconds=12.5)
+    assert c10d._get_default_timeout(c10d.Backend("gloo")) == datetime.timedelta(seconds=12.5)
+
+
+def test_a_store_that_does_not_answer_counts_as_lost_in_bounded_time(monkeypatch):
+    """A rank on its way out asks the job's store who reports; a store cut off the network can hold
+    c10d's client past its own timeout, so the question is bounded (``STORE_ANSWER_S``) and the store
+    is not asked again."""
+    import threading
+    import time
+
+    from mage_fast import parallel
+    release = threading.Event()
+
+    class Silent:
+        def add(self, key, amount):
+            release.wait(60)
+            return 1
+
+    monkeypatch.setattr(parallel, "_store", lambda: Silent())
+    monkeypatch.setattr(parallel, "STORE_ANSWER_S", 0.5)
+    monkeypatch.setattr(parallel, "_store_lost", False)
+    monkeypatch.setattr(parallel, "active", lambda: True)
+    monkeypatch.setattr(parallel, "_leaving", False)  # claim_report marks this process as leaving
+    t0 = time.monotonic()
+    try:
+        assert parallel.peer_failed() is None  # unreachable: the caller says it lost the store
+        assert parallel.claim_report() is True  # not asked again: this rank speaks
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        release.set()

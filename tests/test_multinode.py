@@ -12,6 +12,8 @@ project's own entry points.
   :data:`DEADLINE_S` with one ``error:`` line and a non-zero status; both directions are tried, the
   node that hosts the rendezvous store and the other one. The same command (``--resume auto``) then
   completes with the parameters of an uninterrupted run.
+- A network cut (a blackhole route on each host: nothing is closed or refused) mid-training ends both
+  nodes with one ``error:`` line each, within the process group's timeout and the stated margins.
 
 Every launch runs inside the namespaces (the one-node references too), so teardown can
 end every process it started and remove both namespaces, whatever happened. Without the right to
@@ -157,14 +159,15 @@ def _torchrun(host: Host, nodes: Hosts, argv, port, job):
 class Job:
     """Both nodes of one launch, each writing its output to a log file."""
 
-    def __init__(self, nodes: Hosts, argv, cwd, name):
+    def __init__(self, nodes: Hosts, argv, cwd, name, extra_env=None):
         port = nodes.next_port()
         self.logs, self.procs = {}, {}
         for key, host in (("a", nodes.a), ("b", nodes.b)):
             self.logs[key] = cwd / f"{name}.{key}.log"
             with open(self.logs[key], "w") as f:
                 self.procs[key] = subprocess.Popen(_torchrun(host, nodes, argv, port, name), cwd=cwd,
-                                                   env=_env(host), stdout=f, stderr=subprocess.STDOUT)
+                                                   env={**_env(host), **(extra_env or {})}, stdout=f,
+                                                   stderr=subprocess.STDOUT)
 
     def log(self, key):
         return self.logs[key].read_text(errors="replace")
@@ -302,6 +305,60 @@ def test_losing_either_node_ends_the_other_then_resume_completes_exactly(hosts, 
     third.finish()
     assert f"step {saved_again}, epoch 0" in third.log("a") + third.log("b")
     _same_params(out / "mage.pt", reference / "mage.pt")
+
+
+CUT_TIMEOUT_S = 10  # MAGE_FAST_DIST_TIMEOUT of the network-cut test
+
+
+def _cut_network_mid_training(nodes, tmp_path, name):
+    """Train across both nodes; once a checkpoint exists, cut the network between them: each host
+    drops what it sends to the other (a blackhole route), as when a switch or cable fails, so no
+    connection is closed or refused. Returns {node: (exit status, seconds from the cut, log)}; the
+    routes go whatever happens."""
+    from mage_fast import parallel
+    out = tmp_path / name
+    job = Job(nodes, _train(name), tmp_path, name, extra_env={parallel.TIMEOUT_ENV: str(CUT_TIMEOUT_S)})
+    t0 = time.time()
+    while (_latest(out) or 0) <= 0:
+        for k, p in job.procs.items():
+            if p.poll() is not None:
+                raise AssertionError(f"node {k} ended (exit {p.returncode}) before the cut:\n{job.log(k)[-4000:]}")
+        assert time.time() - t0 < RUN_S, "no checkpoint appeared"
+        time.sleep(0.02)
+
+    def blackhole(op):  # each host drops what it sends to the other: no link goes down, nothing is refused
+        for h, other in ((nodes.a, nodes.b), (nodes.b, nodes.a)):
+            _ip("-n", h.ns, "route", op, "blackhole", f"{other.addr}/32")
+    blackhole("add")
+    cut_at, ended = time.time(), {}
+    deadline = CUT_TIMEOUT_S + parallel.STORE_ANSWER_S + 2 * parallel.STRANDED_GRACE_S + 15
+    try:
+        for k in ("a", "b"):
+            rc = job.wait(k, timeout=max(1.0, deadline - (time.time() - cut_at)))
+            ended[k] = (rc, time.time() - cut_at, job.log(k))
+    finally:
+        blackhole("del")
+        for k in ("a", "b"):
+            if job.procs[k].poll() is None:
+                _kill_all(getattr(nodes, k).ns)
+    assert _latest(out) < 12 and not (out / "mage.pt").exists(), "the run finished before the cut"
+    return ended
+
+
+def test_a_network_cut_ends_both_nodes_within_the_timeout(hosts, tmp_path):
+    """The network between the nodes is cut mid-training: both nodes end, non-zero, within the
+    process group's timeout (``MAGE_FAST_DIST_TIMEOUT``), the wait for the store
+    (``STORE_ANSWER_S``), the stranded agent's two grace periods (``STRANDED_GRACE_S``) and a
+    margin, each with one ``error:`` line. The node holding the rendezvous store (a) says a
+    collective failed; the other says it lost the store on the other machine, and its torchrun agent,
+    which waits for that store past every timeout, is stopped."""
+    ended = _cut_network_mid_training(hosts, tmp_path, "cut")
+    for k, (rc, took, log) in ended.items():
+        assert rc != 0, log[-4000:]
+        if k == "a":
+            _one_clear_error_line(log, "a collective operation failed: another rank stopped or cannot be reached")
+        else:
+            _one_clear_error_line(log, f"lost the job's store at {hosts.a.addr}:")
 
 
 # ---------------------------------------------------------------- the lost-store line, without namespaces

@@ -27,7 +27,7 @@ def setup_distributed():
 
     Under the ``deepspeed`` launcher the rank variables are set; a plain ``python script.py`` gets a
     single-process group. On the CPU the backend is gloo and DeepSpeed's shared-memory op (a
-    ~76 s first-use compile) is disabled. The group has :func:`mage_fast.parallel.timeout`.
+    ~76 s first-use compile) is disabled. Every group, DeepSpeed's too, has :func:`mage_fast.parallel.timeout`.
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -40,8 +40,9 @@ def setup_distributed():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         backend = "gloo"
     from .. import parallel
+    limit = parallel.groups_inherit_timeout()  # before DeepSpeed makes its data-parallel groups
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=parallel.timeout())
+        deepspeed.init_distributed(dist_backend=backend, timeout=limit)
     if dist.get_world_size() > 1:
         parallel.watch_peers()  # a rank stopped by the launcher because a peer failed exits 2
     return deepspeed
