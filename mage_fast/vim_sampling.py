@@ -51,12 +51,11 @@ def sample_next(logits: torch.Tensor, keys: torch.Tensor, step: int, temperature
 
 
 def _check_options(temperature, top_k, top_p):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    """InputError (a ValueError) naming the setting, as MAGE's ``SamplingConfig`` does."""
+    from .decoding.token_filter import checked_settings
+    from .models.checks import check_number
+    check_number(temperature, "temperature", lo=0)
+    return checked_settings(top_k, top_p)
 
 
 @torch.no_grad()
@@ -84,7 +83,7 @@ def sample_tokens(model, batch_size: int, *, labels: Optional[torch.Tensor] = No
     Example:
         >>> ids = sample_tokens(vim.eval(), 4, labels=torch.tensor([0, 1, 2, 3]), top_k=100)  # doctest: +SKIP
     """
-    _check_options(temperature, top_k, top_p)
+    top_k, top_p = _check_options(temperature, top_k, top_p)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = model.head.weight.device

@@ -174,6 +174,10 @@ def test_bad_inputs(vim):
         sample_tokens(vim, 1, temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
         sample_tokens(vim, 1, top_k=0)
+    from mage_fast import InputError  # MAGE's sampler's error type, never a float rounded into top_k
+    for bad in ({"top_k": 1.5}, {"top_p": float("nan")}, {"top_p": True}, {"temperature": float("inf")}):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            sample_tokens(vim, 1, **bad)
     with pytest.raises(ValueError, match="labels"):
         sample_tokens(vim, 2, labels=torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="seq_len and codebook_size"):

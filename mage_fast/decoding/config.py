@@ -76,14 +76,10 @@ class SamplingConfig:
         check_number(self.guidance_scale, "guidance_scale", lo=0)
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "num_iter", int(self.num_iter))
-        if self.top_k is not None:
-            check_number(self.top_k, "top_k", lo=1, integer=True)
-            object.__setattr__(self, "top_k", int(self.top_k))
-        if self.top_p is not None:
-            check_number(self.top_p, "top_p", lo=0, hi=1)
-            if not self.top_p > 0:
-                raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-            object.__setattr__(self, "top_p", float(self.top_p))
+        from .token_filter import checked_settings
+        top_k, top_p = checked_settings(self.top_k, self.top_p)
+        object.__setattr__(self, "top_k", top_k)
+        object.__setattr__(self, "top_p", top_p)
         lookup(TEMPERATURE_ANNEALING, self.temperature_annealing, "temperature annealing")
         lookup(GUIDANCE_SCHEDULES, self.guidance_schedule, "guidance schedule")
         lookup(SCHEDULES, self.schedule, "mask schedule")

@@ -12,6 +12,23 @@ from typing import Optional
 import torch
 
 
+def checked_settings(top_k, top_p) -> tuple[Optional[int], Optional[float]]:
+    """``(top_k, top_p)`` checked and normalised: ``top_k`` an integer >= 1, ``top_p`` a number in
+    (0, 1], each or both None; anything else raises :class:`~mage_fast.models.checks.InputError`
+    naming it (a float is never rounded into ``top_k``)."""
+    import numbers
+
+    from ..models.checks import InputError, check_number
+    if top_k is not None:
+        check_number(top_k, "top_k", lo=1, integer=True)
+        top_k = int(top_k)
+    if top_p is not None:
+        if not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and 0 < top_p <= 1):
+            raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+        top_p = float(top_p)
+    return top_k, top_p
+
+
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
     """Top-k then top-p (nucleus) filtering: excluded entries become ``-inf``.
 
