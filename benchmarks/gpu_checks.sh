@@ -84,7 +84,7 @@ bench)
     check kernels $PY benchmarks/kernels.py --device cuda --out "$OUT/kernels_cuda.json"
     check decode $PY benchmarks/decode_throughput.py --device cuda --out "$OUT/decode_throughput_cuda.json"
     check train_throughput_vitb $PY benchmarks/train_throughput.py --model vit_base --img_size 256 --ch_mult '' \
-        --batch_size 64 --bf16 --steps 10 --out "$OUT/train_throughput_vitb.json"
+        --batch_size 64 --rounds 5 --warmup 2 --out "$OUT/train_throughput_vitb.json"
     ;;
 train)
     use_wheels

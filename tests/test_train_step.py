@@ -130,3 +130,15 @@ def test_products_floor_replays_exactly_the_products_of_the_step(name):
     if name == "reference":
         fast = bench.products_floor(bench.Path("fast-ids", model, dev), imgs, ids, reps=1)
         assert floor["gflop"] > fast["gflop"]
+
+
+def test_gpu_checks_train_throughput_flags_are_the_benchmarks():
+    """benchmarks/gpu_checks.sh runs train_throughput.py on a GPU machine, where a flag the benchmark
+    does not have would end the check: its arguments must parse here."""
+    import re
+    import shlex
+    text = open(os.path.join(REPO, "benchmarks", "gpu_checks.sh")).read().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if "benchmarks/train_throughput.py" in ln)
+    argv = shlex.split(re.sub(r"\$\w+", "X", line.split("benchmarks/train_throughput.py", 1)[1]))
+    args = _bench().parse_args(argv)
+    assert args.model == "vit_base" and args.batch_size == 64
