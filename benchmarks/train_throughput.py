@@ -278,14 +278,13 @@ def products_floor(path, imgs, ids, reps: int = 3) -> dict:
     the same mathematics in the same precision runs its products faster with this CPU's libraries:
     the step's time above this floor is the part that other work (norms, GELU, softmax, dropout,
     adds, copies, the optimizer) costs."""
-    import collections
-
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     calls = _record_products(path, imgs, ids)
-    counts = collections.Counter((f, repr(a), repr(k)) for f, a, k in calls)
-    first = {(f, repr(a), repr(k)): (f, a, k) for f, a, k in calls}
+    distinct: dict = {}  # (op, argument specs) -> [the specs, how often the step runs it]
+    for f, a, k in calls:
+        distinct.setdefault((f, repr(a), repr(k)), [a, k, 0])[2] += 1
 
     def make(a):
         if isinstance(a, tuple) and len(a) == 4 and a[0] == "T":
@@ -294,9 +293,8 @@ def products_floor(path, imgs, ids, reps: int = 3) -> dict:
             return t.normal_() if dtype.is_floating_point else t.zero_()
         return [make(x) for x in a] if isinstance(a, list) else a
 
-    seconds, flops, by_op = 0.0, 0, {}
-    for key, n in counts.items():
-        func, a, k = first[key]
+    by_op: dict = {}
+    for (func, _, _), (a, k, n) in distinct.items():
         args, kwargs = make(a), {name: make(v) for name, v in k.items()}
         if func.overloadpacket.__name__.startswith("_scaled_dot_product"):
             f = _sdpa_flops(func, a)
@@ -310,14 +308,13 @@ def products_floor(path, imgs, ids, reps: int = 3) -> dict:
             t0 = _now(imgs.device)
             func(*args, **kwargs)
             best = min(best, _now(imgs.device) - t0)
-        seconds += n * best
-        flops += n * f
         op = by_op.setdefault(func.overloadpacket.__name__, {"calls": 0, "gflop": 0.0, "seconds": 0.0})
         op["calls"] += n
         op["gflop"] += n * f / 1e9
         op["seconds"] += n * best
-    return {"products": len(calls), "distinct": len(counts), "gflop": flops / 1e9, "seconds": seconds,
-            "gflop_per_s": flops / 1e9 / seconds if seconds else None, "by_op": by_op}
+    gflop, seconds = (sum(op[q] for op in by_op.values()) for q in ("gflop", "seconds"))
+    return {"products": len(calls), "distinct": len(distinct), "gflop": gflop, "seconds": seconds,
+            "gflop_per_s": gflop / seconds if seconds else None, "by_op": by_op}
 
 
 def _peak_rss() -> int:
@@ -401,13 +398,13 @@ def main(argv=None):
         print(f"  round {i + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]['total']:.2f} s" for n, t in times.items()),
               flush=True)
 
-    floors = {}
+    floors, measured = {}, {}  # path -> floor; the reference's, fp32's and bf16's, each measured once
     if not args.no_floor:  # from token ids: a path from images shares its -ids sibling's products
         for r in runners:
-            key = r.name if r.name == "reference" else ("bf16" if r.bf16 else "fp32")
-            if key not in floors:
-                floors[key] = products_floor(r, imgs, ids)
-            floors[r.name] = floors[key]
+            kind = r.name if r.name == "reference" else ("bf16" if r.bf16 else "fp32")
+            if kind not in measured:
+                measured[kind] = products_floor(r, imgs, ids)
+            floors[r.name] = measured[kind]
     results = []
     ref = None
     for name, ts in times.items():
@@ -439,20 +436,26 @@ def main(argv=None):
             row["speedup_vs_reference"] = ref["median_s"] / row["median_s"]
             # the ratio's spread: each path's fastest and slowest step against the reference median
             row["speedup_range"] = [ref["median_s"] / row["max_s"], ref["median_s"] / row["min_s"]]
+            if "products_floor" in row:  # the floor, plus the measured tokenizer time of a path from images
+                row["speedup_bound"] = ref["median_s"] / (row["products_floor"]["seconds"] + _tokenizer_s(row))
         print("speed-up vs reference: " + ", ".join(f"{r['path']} {r['speedup_vs_reference']:.2f}x"
                                                       for r in results))
         if floors:
-            print_floors(results, ref)
+            print_floors(results)
     tag = args.model if args.model == "shipped" else f"{args.model}_{model_px(args)}px"
     out = write_json({"env": env, "args": vars(args), "check_fp32_vs_reference": check, "results": results},
                      args.out, result_name("train_throughput", dev, tag))
     print(f"wrote {out}")
 
 
-def print_floors(results: list, ref: dict) -> None:
-    """Each path's products floor and the speed-up over the reference that it leaves room for;
-    adds ``speedup_bound`` (reference median over the floor, plus the path's measured tokenizer
-    time when it starts from images) to the rows."""
+def _tokenizer_s(row: dict) -> float:
+    """The tokenizer's median seconds in a path's step: none from token ids."""
+    return 0.0 if row["path"].endswith("-ids") else row["sections_median_s"]["tokenizer"]
+
+
+def print_floors(results: list) -> None:
+    """Each path's products floor and the speed-up over the reference that it leaves room for
+    (``speedup_bound``)."""
     print("\n  products floor (every matrix product of one step from token ids replayed alone, best of 3; "
           "tokenizer and optimizer not included):")
     print(f"  {'path':14s} {'GFLOP':>8s} {'floor s':>8s} {'GFLOP/s':>8s} {'step s':>7s} {'rest s':>7s} "
@@ -461,8 +464,7 @@ def print_floors(results: list, ref: dict) -> None:
         fl = row.get("products_floor")
         if fl is None:
             continue
-        tok = 0.0 if row["path"].endswith("-ids") else row["sections_median_s"]["tokenizer"]
-        row["speedup_bound"] = ref["median_s"] / (fl["seconds"] + tok)
+        tok = _tokenizer_s(row)
         print(f"  {row['path']:14s} {fl['gflop']:8.1f} {fl['seconds']:8.2f} {fl['gflop_per_s']:8.1f} "
               f"{row['median_s']:7.2f} {row['median_s'] - fl['seconds'] - tok:7.2f} {row['speedup_bound']:6.2f}x")
     print("  bound: the reference's median over the floor (plus the path's measured tokenizer time when it "

@@ -331,6 +331,8 @@ def lost_store_line() -> Optional[str]:
 
 
 STRANDED_GRACE_S = 10.0  # how long a stranded launcher gets to end on its own, then after SIGTERM
+# the watcher runs as ``python -c``: importing mage_fast there would import torch, so its gone() is
+# :func:`_alive`'s test written again
 _STOP_LAUNCHER = """
 import os, signal, sys, time
 pid, grace = int(sys.argv[1]), float(sys.argv[2])

@@ -253,16 +253,23 @@ def _latest(out):
     return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
 
 
-def _lose_node_after_checkpoint(job, nodes, victim, out, after_step):
-    """Wait for a checkpoint past ``after_step``, SIGKILL every process of host ``victim``; the other
-    node must exit within DEADLINE_S. Returns (survivor's exit status, its log, the step saved)."""
+def _wait_for_checkpoint(job, out, after_step, before):
+    """Until a checkpoint past ``after_step`` exists, with both nodes running; ``before`` names what
+    comes next, for the message when a node ended first."""
     t0 = time.time()
     while (_latest(out) or 0) <= after_step:
         for k, p in job.procs.items():
             if p.poll() is not None:
-                raise AssertionError(f"node {k} ended (exit {p.returncode}) before the kill:\n{job.log(k)[-4000:]}")
+                raise AssertionError(f"node {k} ended (exit {p.returncode}) before the {before}:\n"
+                                     f"{job.log(k)[-4000:]}")
         assert time.time() - t0 < RUN_S, "no checkpoint appeared"
         time.sleep(0.02)
+
+
+def _lose_node_after_checkpoint(job, nodes, victim, out, after_step):
+    """Wait for a checkpoint past ``after_step``, SIGKILL every process of host ``victim``; the other
+    node must exit within DEADLINE_S. Returns (survivor's exit status, its log, the step saved)."""
+    _wait_for_checkpoint(job, out, after_step, "kill")
     _kill_all(getattr(nodes, victim).ns)
     killed_at = time.time()
     job.wait(victim, timeout=10)
@@ -318,13 +325,7 @@ def _cut_network_mid_training(nodes, tmp_path, name):
     from mage_fast import parallel
     out = tmp_path / name
     job = Job(nodes, _train(name), tmp_path, name, extra_env={parallel.TIMEOUT_ENV: str(CUT_TIMEOUT_S)})
-    t0 = time.time()
-    while (_latest(out) or 0) <= 0:
-        for k, p in job.procs.items():
-            if p.poll() is not None:
-                raise AssertionError(f"node {k} ended (exit {p.returncode}) before the cut:\n{job.log(k)[-4000:]}")
-        assert time.time() - t0 < RUN_S, "no checkpoint appeared"
-        time.sleep(0.02)
+    _wait_for_checkpoint(job, out, 0, "cut")
 
     def blackhole(op):  # each host drops what it sends to the other: no link goes down, nothing is refused
         for h, other in ((nodes.a, nodes.b), (nodes.b, nodes.a)):
